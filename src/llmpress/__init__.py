@@ -1,0 +1,16 @@
+"""llmpress: compress Hugging Face causal LMs after training.
+
+Quantization, pruning and low-rank factorization behind one block-by-block pipeline, driven by a
+Plan (plain data: pattern -> method config). Importing this package loads no model, touches no GPU
+and imports no evaluation harness.
+"""
+from llmpress.errors import LLMPressError
+from llmpress.config import MethodConfig, config_from_dict
+from llmpress.plan import Plan
+from llmpress import methods as _methods  # registers the built-in methods  # noqa: F401
+from llmpress.methods.rtn import RTN
+from llmpress.methods.magnitude import Magnitude
+from llmpress.methods.lowrank import SVD
+
+__version__ = "0.1.0"
+__all__ = ["LLMPressError", "MethodConfig", "config_from_dict", "Plan", "RTN", "Magnitude", "SVD"]

@@ -1,0 +1,64 @@
+"""Architecture adapters: where the decoder blocks are, which linears they hold, which of those
+read the same input (and so share one calibration statistic) and which serving engines fuse."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from llmpress.errors import LLMPressError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    blocks_path: str                 # attribute path from the CausalLM to the ModuleList of blocks
+    # Linears inside one block, grouped by the tensor they read: members of a group see the same
+    # input, so one Hessian serves them all; these are also the groups engines fuse (q/k/v, gate/up).
+    input_groups: tuple[tuple[str, ...], ...]
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        obj = model
+        for name in self.blocks_path.split("."):
+            obj = getattr(obj, name)
+        return obj
+
+    def linear_names(self, model: nn.Module) -> list[str]:
+        """Fully qualified names of every compressible linear, in block order."""
+        return [f"{self.blocks_path}.{i}.{name}" for i in range(len(self.blocks(model)))
+                for group in self.input_groups for name in group]
+
+
+_LLAMA_LIKE = Adapter(
+    blocks_path="model.layers",
+    input_groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+)
+
+# model_type (from config.json) -> adapter. SmolLM uses the llama model_type.
+ADAPTERS: dict[str, Adapter] = {
+    t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text")
+}
+
+
+def check_supported(model_type: str | None) -> Adapter:
+    if model_type not in ADAPTERS:
+        raise LLMPressError(
+            f"unsupported architecture {model_type!r}; llmpress supports: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type]
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    adapter = check_supported(getattr(model.config, "model_type", None))
+    blocks = adapter.blocks(model)
+    for name in adapter.linear_names(model)[: sum(len(g) for g in adapter.input_groups)]:
+        module = model.get_submodule(name)
+        if not (isinstance(module, nn.Linear) or hasattr(module, "dense_weight")):
+            raise LLMPressError(f"{model.config.model_type}: expected {name} to be a linear layer")
+    if len(blocks) == 0:
+        raise LLMPressError("model has no decoder blocks")
+    return adapter

@@ -1,0 +1,107 @@
+"""Method configs: one frozen dataclass per method, mapped to its handler by `register`.
+
+A config is plain data (JSON round-trip, versioned); the handler turns (nn.Linear, config, stats)
+into a compressed module. The pipeline only ever sees this registry, never a method's internals.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from llmpress.errors import LLMPressError
+
+CONFIG_VERSION = 1
+
+# method name -> (config class, handler). Filled by @register at import of llmpress.methods.
+_REGISTRY: dict[str, tuple[type["MethodConfig"], Callable]] = {}
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method config. Subclasses set `method` (its name) and `stat`: the calibration
+    statistic the handler needs (None for data-free methods, "hessian" for the input Gram matrix
+    X^T X and the input abs-sum)."""
+
+    method: ClassVar[str] = ""
+    stat: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # overridden: raise LLMPressError on bad settings
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    def label(self) -> str:
+        """Short human label, e.g. `rtn:bits=4,group_size=128`."""
+        args = ",".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items() if v is not None)
+        return f"{self.method}:{args}" if args else self.method
+
+
+def register(config_cls: type[MethodConfig]) -> Callable[[Callable], Callable]:
+    """Decorator: `@register(RTN)` over `def apply(linear, config, stats) -> (module, info)`."""
+
+    def wrap(handler: Callable) -> Callable:
+        if config_cls.method in _REGISTRY:
+            raise ValueError(f"method {config_cls.method!r} registered twice")
+        _REGISTRY[config_cls.method] = (config_cls, handler)
+        return handler
+
+    return wrap
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def config_class(name: str) -> type[MethodConfig]:
+    if name not in _REGISTRY:
+        raise LLMPressError(f"unknown method {name!r}; known methods: {', '.join(method_names())}")
+    return _REGISTRY[name][0]
+
+
+def handler_for(config: MethodConfig) -> Callable:
+    return _REGISTRY[config.method][1]
+
+
+def config_from_dict(d: dict[str, Any]) -> MethodConfig:
+    d = dict(d)
+    name = d.pop("method", None)
+    version = d.pop("version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise LLMPressError(f"config version {version} is not supported (this llmpress reads {CONFIG_VERSION})")
+    cls = config_class(name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - fields
+    if unknown:
+        raise LLMPressError(f"method {name!r} has no option(s) {sorted(unknown)}; options: {sorted(fields)}")
+    return cls(**d)
+
+
+def parse_method_spec(spec: str) -> MethodConfig:
+    """`"rtn:bits=4,group_size=128"` -> RTN(bits=4, group_size=128). Values parsed as int, float,
+    bool or str; `nm=2:4` stays a string."""
+    name, _, args = spec.strip().partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise LLMPressError(f"bad option {item!r} in {spec!r}: expected key=value")
+        kwargs[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return config_from_dict({"method": name, **kwargs})
+
+
+def _parse_value(v: str) -> Any:
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    if v.lower() == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v

