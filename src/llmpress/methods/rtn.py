@@ -29,11 +29,18 @@ def quant_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tenso
         lo = w.amin(dim=1).clamp(max=0)
         hi = w.amax(dim=1).clamp(min=0)
         scale = (hi - lo) / qmax
-    scale = scale.to(STORAGE_DTYPE).float()
+    scale = _round_up_to_storage(scale)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group
     if not symmetric:
         zero = torch.round(-lo / scale).clamp(0, qmax)
     return scale, zero
+
+
+def _round_up_to_storage(scale: torch.Tensor) -> torch.Tensor:
+    """The scale as stored (fp16), rounded up so the grid still spans the group's range."""
+    s16 = scale.to(STORAGE_DTYPE)
+    up = torch.nextafter(s16, torch.full_like(s16, float("inf")))
+    return torch.where(s16.float() < scale, up, s16).float()
 
 
 def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:

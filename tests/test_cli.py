@@ -1,0 +1,94 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmpress.cli import main
+from llmpress.plan import Plan
+from llmpress import RTN
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "text.txt"
+    p.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    return p
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_compress_then_eval_end_to_end(tiny_hf_dir, tmp_path, text_file, capsys):
+    out, js = tmp_path / "rtn4", tmp_path / "c.json"
+    code, _, err = _run(capsys, "compress", "--model", tiny_hf_dir, "--method", "rtn", "--bits", "4",
+                        "--group-size", "48", "--out", out, "--json", js)
+    assert code == 0, err
+    result = json.loads(js.read_text())
+    assert result["compress_seconds"] > 0 and result["bits_per_weight"] < 5
+    manifest = json.loads((out / "llmpress.json").read_text())
+    assert set(manifest["files"]) >= {"model.safetensors", "config.json"}
+    assert manifest["layers"]["model.layers.0.mlp.down_proj"]["bits"] == 4
+    assert manifest["versions"]["torch"] == torch.__version__
+
+    ej = tmp_path / "e.json"
+    code, stdout, err = _run(capsys, "eval", "--model", out, "--dataset", text_file, "--seq-len", "32",
+                             "--max-windows", "3", "--json", ej)
+    assert code == 0, err
+    ev = json.loads(ej.read_text())
+    for key in ("perplexity", "seq_len", "windows", "params", "bytes", "bits_per_weight"):
+        assert key in ev
+    assert ev["windows"] == 3 and ev["bytes"] == result["bytes"]
+    assert "perplexity" in stdout
+
+
+def test_plan_file_and_unmatched_rule(tiny_hf_dir, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    Plan([("*.mlp.*", RTN(bits=3)), ("*", None)]).save(plan)
+    code, _, err = _run(capsys, "compress", "--model", tiny_hf_dir, "--plan", plan, "--out", tmp_path / "o")
+    assert code == 0, err
+    Plan([("*.gate_projection", RTN(bits=3))]).save(plan)
+    code, _, err = _run(capsys, "compress", "--model", tiny_hf_dir, "--plan", plan, "--out", tmp_path / "o2")
+    assert code == 2 and "match no compressible layer" in err
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--method", "rtn", "--bits", "9"], "bits must be"),
+    (["--method", "rtn", "--bits", "1"], "bits must be"),
+    (["--method", "magnitude", "--sparsity", "1.0"], "sparsity must be"),
+    (["--method", "magnitude", "--nm", "4:4"], "0 < N < M"),
+    (["--method", "svd", "--param-ratio", "1.5"], "param_ratio"),
+    (["--method", "bogus"], "unknown method"),
+])
+def test_bad_options_fail_before_loading(args, message, tmp_path, capsys):
+    code, _, err = _run(capsys, "compress", "--model", tmp_path / "does-not-matter", *args, "--out", tmp_path / "o")
+    assert code == 2 and message in err
+
+
+def test_bad_models(tmp_path, capsys):
+    code, _, err = _run(capsys, "eval", "--model", tmp_path / "missing")
+    assert code == 2 and "not a model folder" in err
+    from transformers import GPT2Config
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    code, _, err = _run(capsys, "eval", "--model", tmp_path / "gpt2")
+    assert code == 2 and "unsupported architecture 'gpt2'" in err and "llama" in err
+
+
+def test_existing_output_refused(tiny_hf_dir, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    code, _, err = _run(capsys, "compress", "--model", tiny_hf_dir, "--method", "rtn", "--out", tmp_path / "o")
+    assert code == 2 and "already exists" in err
+
+
+def test_unreachable_hub_id_is_a_clear_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "llmpress.cli", "eval", "--model", "someorg/some-model"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "Hugging Face Hub" in proc.stderr and "Traceback" not in proc.stderr

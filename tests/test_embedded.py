@@ -1,0 +1,77 @@
+"""Tests on the embedded SmolLM2-135M. The `slow` ones run with `make test-slow` (minutes each)."""
+import math
+
+import pytest
+import torch
+
+from conftest import needs_embedded
+from llmpress import Magnitude, Plan, RTN, SVD
+from llmpress.arch import adapter_for
+
+pytestmark = needs_embedded
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from llmpress.models import load_model
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def wikitext_ids(smollm):
+    from llmpress.data import eval_tokens
+    return eval_tokens(smollm[1], "wikitext2")
+
+
+@pytest.mark.model
+def test_embedded_model_loads_as_float32_llama(smollm):
+    model, tokenizer = smollm
+    assert model.config.model_type == "llama" and model.dtype == torch.float32
+    names = adapter_for(model).linear_names(model)
+    assert len(names) == 30 * 7 and names[0] == "model.layers.0.self_attn.q_proj"
+    assert tokenizer("Hello world").input_ids
+
+
+@pytest.mark.model
+def test_rtn_group_128_on_576_columns(smollm):
+    """576 input columns are not a multiple of 128: the last group holds 64 columns."""
+    from llmpress.methods.rtn import apply_rtn
+    linear = smollm[0].model.layers[0].self_attn.q_proj
+    q, _ = apply_rtn(linear, RTN(bits=4, group_size=128), None)
+    assert q.scale.shape == (576, 5)
+    rel = (q.dense_weight() - linear.weight).norm() / linear.weight.norm()
+    assert 0 < rel < 0.2
+
+
+@pytest.mark.slow
+def test_dense_perplexity_matches_reference(smollm, wikitext_ids):
+    from llmpress.eval import perplexity
+    res = perplexity(smollm[0], wikitext_ids, 2048, 20)
+    assert res["windows"] == 20
+    assert res["perplexity"] == pytest.approx(20.97, abs=0.02)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [RTN(bits=4, group_size=128), RTN(bits=4, group_size=64),
+                                    Magnitude(sparsity=0.5), Magnitude(sparsity=None, nm="2:4"),
+                                    SVD(param_ratio=0.8), RTN(bits=8, group_size=128)],
+                         ids=lambda c: c.label())
+def test_compress_save_reload_on_embedded(smollm, wikitext_ids, config, tmp_path):
+    import copy
+    from llmpress.eval import model_size, perplexity
+    from llmpress.export import load_compressed, save_compressed
+    from llmpress.pipeline import compress
+
+    dense, tokenizer = smollm
+    model = copy.deepcopy(dense)
+    compress(model, Plan.uniform(config).resolve(adapter_for(model).linear_names(model)), progress=False)
+    out = save_compressed(model, tokenizer, tmp_path / "out", {})
+    reloaded, _ = load_compressed(out)
+    probe = wikitext_ids[:256][None]
+    assert torch.equal(reloaded(probe).logits, model(probe).logits)
+    assert model_size(reloaded)["bytes"] < model_size(dense)["bytes"]
+    dense_ppl = perplexity(dense, wikitext_ids, 2048, 20, progress=False)["perplexity"]
+    ppl = perplexity(reloaded, wikitext_ids, 2048, 20, progress=False)["perplexity"]
+    assert math.isfinite(ppl) and ppl > dense_ppl
+    if config == RTN(bits=8, group_size=128):
+        assert ppl <= 1.01 * dense_ppl

@@ -1,0 +1,84 @@
+import math
+
+import pytest
+import torch
+
+from llmpress.methods.lowrank import rank_for_ratio, svd_factors
+from llmpress.methods.magnitude import magnitude_mask, nm_mask
+from llmpress.methods.rtn import rtn_quantize
+from llmpress.modules import QuantLinear, SparseLinear, pack_bits, unpack_bits
+from llmpress import LLMPressError
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_unpack_round_trip(bits):
+    q = torch.randint(0, 2 ** bits, (37, 11), dtype=torch.uint8)
+    packed = pack_bits(q, bits)
+    assert packed.numel() == math.ceil(q.numel() * bits / 8)
+    assert torch.equal(unpack_bits(packed, bits, q.numel()).view_as(q), q)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (3, 64), (8, 128), (2, 32)])
+def test_rtn_weights_lie_on_the_grid(bits, group_size, symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(16, 576)              # 576 = 4 * 128 + 64: the last group is shorter
+    q, scale, zero = rtn_quantize(w, bits, group_size, symmetric)
+    assert scale.shape == (16, math.ceil(576 / group_size))
+    assert q.min() >= 0 and q.max() <= 2 ** bits - 1 and torch.equal(q, q.round())
+    g = torch.arange(576) // group_size
+    deq = (q - zero[:, g]) * scale[:, g]
+    # rounding error: half a step; an asymmetric grid's rounded zero point can push an extreme
+    # weight up to one step past the clamped range
+    err = (deq - w).abs() / scale[:, g]
+    assert err.max() <= (0.5 + 1e-4 if symmetric else 1.0)
+    assert (err <= 0.5 + 1e-4).float().mean() > 0.99
+    # more bits, less error
+    if bits < 8:
+        q8, s8, z8 = rtn_quantize(w, 8, group_size, symmetric)
+        assert ((q8 - z8[:, g]) * s8[:, g] - w).square().sum() < (deq - w).square().sum()
+
+
+def test_quantlinear_dequant_matches_codes():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 8, bias=False)
+    q, scale, zero = rtn_quantize(lin.weight.detach(), 4, 128, False)
+    from llmpress.methods.rtn import quant_linear_from_codes
+    ql = quant_linear_from_codes(lin, q, scale, zero, 4, 128, False)
+    g = torch.arange(576) // 128
+    expected = (q - zero[:, g]) * scale.half().float()[:, g]
+    assert torch.equal(ql.dense_weight(), expected)
+    assert ql.stored_bytes() == 8 * 576 // 2 + 8 * 5 * 2 + math.ceil(8 * 5 * 4 / 8)
+
+
+def test_magnitude_exact_sparsity_and_choice():
+    torch.manual_seed(0)
+    w = torch.randn(64, 96)
+    mask = magnitude_mask(w, 0.5, None)
+    assert (~mask).sum().item() == 64 * 96 // 2
+    assert w.abs()[mask].min() >= w.abs()[~mask].max()     # the smallest are the ones dropped
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_structure(n, m):
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    mask = nm_mask(w.abs(), n, m)
+    assert torch.all(mask.view(32, -1, m).sum(-1) == n)
+    sl = SparseLinear.from_dense(w, mask)
+    assert torch.equal(sl.dense_weight() != 0, mask)
+    with pytest.raises(LLMPressError, match="divisible"):
+        nm_mask(torch.randn(4, 30), n, m)
+
+
+def test_svd_exact_rank_and_error_is_discarded_energy():
+    torch.manual_seed(0)
+    w = torch.randn(48, 80, dtype=torch.float64).float()
+    r = rank_for_ratio(48, 80, 0.5)
+    assert r == int(0.5 * 48 * 80 // (48 + 80))
+    up, down = svd_factors(w, r)
+    assert up.shape == (48, r) and down.shape == (r, 80)
+    approx = up.double() @ down.double()
+    assert torch.linalg.matrix_rank(approx).item() == r
+    s = torch.linalg.svdvals(w.double())
+    assert torch.allclose((approx - w.double()).square().sum(), s[r:].square().sum(), rtol=1e-4)

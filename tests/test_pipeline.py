@@ -1,0 +1,122 @@
+import copy
+
+import pytest
+import torch
+
+from llmpress import LLMPressError, Magnitude, Plan, RTN, SVD
+from llmpress.arch import adapter_for
+from llmpress.eval import model_size
+from llmpress.export import load_compressed, save_compressed, verify
+from llmpress.pipeline import compress
+
+CONFIGS = [RTN(bits=4, group_size=48), RTN(bits=3, group_size=128, symmetric=False),
+           Magnitude(sparsity=0.5), Magnitude(sparsity=None, nm="2:4"), SVD(param_ratio=0.5)]
+
+
+def _resolve(model, plan):
+    return plan.resolve(adapter_for(model).linear_names(model))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label())
+def test_compress_save_load_identical_logits_and_smaller(tiny_model, config, tmp_path):
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    dense_logits = tiny_model(ids).logits
+    dense_size = model_size(tiny_model)
+    compress(tiny_model, _resolve(tiny_model, Plan.uniform(config)), progress=False)
+    logits = tiny_model(ids).logits
+    assert not torch.allclose(logits, dense_logits)                # the method changed the model
+    size = model_size(tiny_model)
+    assert size["bytes"] < dense_size["bytes"] and size["params"] == dense_size["params"]
+
+    out = save_compressed(tiny_model, None, tmp_path / "out", {"plan": None})
+    reloaded, _ = load_compressed(out)
+    assert torch.equal(reloaded(ids).logits, logits)
+    assert model_size(reloaded) == size
+    # stored bytes on disk cover the reported size (plus embeddings, norms, header)
+    assert (out / "model.safetensors").stat().st_size >= size["bytes"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())   # no temporary left behind
+
+
+def test_identity_plan_leaves_logits_bit_identical(tiny_model, calib_tokens):
+    ids = calib_tokens[:2]
+    before = tiny_model(ids).logits
+    layer_configs = _resolve(tiny_model, Plan([("*", None)]))
+    assert layer_configs == {}
+    compress(tiny_model, layer_configs, progress=False)
+    assert torch.equal(tiny_model(ids).logits, before)
+
+
+def test_mixed_plan_applies_each_rule(tiny_model):
+    plan = Plan([("*.mlp.*", Magnitude(sparsity=None, nm="2:4")), ("*.o_proj", None), ("*", RTN(bits=8))])
+    report = compress(tiny_model, _resolve(tiny_model, plan), progress=False)
+    names = type(tiny_model.model.layers[0].mlp.down_proj).__name__, type(tiny_model.model.layers[1].self_attn.q_proj).__name__
+    assert names == ("SparseLinear", "QuantLinear")
+    assert isinstance(tiny_model.model.layers[0].self_attn.o_proj, torch.nn.Linear)
+    assert len(report.layers) == 2 * 6
+
+
+def test_nan_weights_refused_before_work(tiny_model):
+    with torch.no_grad():
+        tiny_model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    first = tiny_model.model.layers[0].self_attn.q_proj
+    with pytest.raises(LLMPressError, match="NaN"):
+        compress(tiny_model, _resolve(tiny_model, Plan.uniform(RTN())), progress=False)
+    assert tiny_model.model.layers[0].self_attn.q_proj is first        # nothing was touched
+
+
+def test_a_method_that_changes_nothing_is_caught(tiny_model, monkeypatch):
+    from llmpress import config as config_mod
+    from llmpress.modules import SparseLinear
+
+    def noop(linear, config, stats):   # "prunes" nothing and keeps every weight exactly
+        w = linear.weight.detach().float()
+        w16 = w.half().float()
+        with torch.no_grad():
+            linear.weight.copy_(w16)
+        return SparseLinear.from_dense(w16, torch.ones_like(w16, dtype=torch.bool)), {}
+
+    monkeypatch.setitem(config_mod._REGISTRY, "magnitude", (Magnitude, noop))
+    with pytest.raises(LLMPressError, match="unchanged"):
+        compress(tiny_model, _resolve(tiny_model, Plan.uniform(Magnitude(sparsity=0.5))), progress=False)
+
+
+def test_calibration_stats_are_collected_per_input_group(tiny_model, calib_tokens):
+    """The pipeline hands calibrated methods the Gram matrix of the layer's real inputs."""
+    from llmpress.pipeline import _collect_block_stats, capture_block_inputs
+    adapter = adapter_for(tiny_model)
+    blocks = adapter.blocks(tiny_model)
+    hidden, kwargs = capture_block_inputs(tiny_model, blocks, calib_tokens, batch_size=3)
+    assert hidden.shape == (8, 32, 64)
+
+    class NeedsH(RTN):
+        stat = "hessian"
+    todo = {f"model.layers.0.{n}": NeedsH() for n in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    stats = _collect_block_stats(blocks[0], adapter, "model.layers", 0, todo, hidden, kwargs, 4)
+    assert stats["self_attn.q_proj"] is stats["self_attn.v_proj"]       # shared input, one statistic
+    seen = []
+    h = blocks[0].mlp.down_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, 128)))
+    with torch.inference_mode():
+        blocks[0](hidden, **kwargs)
+    h.remove()
+    x = torch.cat(seen)
+    assert stats["mlp.down_proj"].count == x.shape[0]
+    assert torch.allclose(stats["mlp.down_proj"].hessian(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+
+
+def test_corrupt_file_is_detected(tiny_model, tmp_path):
+    compress(tiny_model, _resolve(tiny_model, Plan.uniform(RTN())), progress=False)
+    out = save_compressed(tiny_model, None, tmp_path / "out", {})
+    verify(out)
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(LLMPressError, match="corrupt"):
+        load_compressed(out)
+
+
+def test_existing_output_refused_without_overwrite(tiny_model, tmp_path):
+    out = save_compressed(copy.deepcopy(tiny_model), None, tmp_path / "out", {})
+    with pytest.raises(LLMPressError, match="already exists"):
+        save_compressed(tiny_model, None, out, {})
+    save_compressed(tiny_model, None, out, {}, overwrite=True)
+    verify(out)
