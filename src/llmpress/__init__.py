@@ -10,7 +10,11 @@ from llmpress.plan import Plan
 from llmpress import methods as _methods  # registers the built-in methods  # noqa: F401
 from llmpress.methods.rtn import RTN
 from llmpress.methods.magnitude import Magnitude
-from llmpress.methods.lowrank import SVD
+from llmpress.methods.lowrank import SVD, ASVD, SVDLLM
+from llmpress.methods.gptq import GPTQ
+from llmpress.methods.sparsegpt import SparseGPT
+from llmpress.methods.wanda import Wanda
 
 __version__ = "0.1.0"
-__all__ = ["LLMPressError", "MethodConfig", "config_from_dict", "Plan", "RTN", "Magnitude", "SVD"]
+__all__ = ["LLMPressError", "MethodConfig", "config_from_dict", "Plan", "RTN", "GPTQ", "Magnitude", "Wanda",
+           "SparseGPT", "SVD", "ASVD", "SVDLLM"]

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sparsity", type=float)
     c.add_argument("--nm", help="N:M structured sparsity, e.g. 2:4")
     c.add_argument("--param-ratio", type=float)
+    c.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
+    c.add_argument("--damp", type=float, help="GPTQ / SparseGPT: relative Hessian damping (default 0.01)")
+    c.add_argument("--alpha", type=float, help="ASVD: activation scaling exponent (default 0.5)")
     c.add_argument("--calib", default="wikipedia", help="calibration source: wikipedia, c4, wikitext2-train or a file")
     c.add_argument("--num-samples", type=int, default=128)
     c.add_argument("--seq-len", type=int, default=2048, help="calibration window length")
@@ -54,10 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 def _config_from_args(a):
     from llmpress.config import config_from_dict
     opts = {"bits": a.bits, "group_size": a.group_size, "sparsity": a.sparsity, "nm": a.nm,
-            "param_ratio": a.param_ratio}
+            "param_ratio": a.param_ratio, "damp": a.damp, "alpha": a.alpha}
     kwargs = {k: v for k, v in opts.items() if v is not None}
     if a.asymmetric:
         kwargs["symmetric"] = False
+    if a.act_order:
+        kwargs["act_order"] = True
     if a.nm is not None:
         kwargs.setdefault("sparsity", None)
     return config_from_dict({"method": a.method, **kwargs})
@@ -90,12 +95,16 @@ def cmd_compress(a) -> dict:
         tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
         calib = {"source": a.calib, "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed}
     report = compress(model, layer_configs, tokens)
+    fallbacks = {k: v for k, v in report.layers.items() if "fallback" in v}
+    for fqn, info in fallbacks.items():
+        print(f"warning: {fqn}: fell back to {info['fallback']} ({info['reason']})", file=sys.stderr)
     size = model_size(model)
     manifest = {"source_model": a.model, "plan": plan.to_dict(),
                 "layers": {k: v.to_dict() for k, v in layer_configs.items()},
                 "calibration": calib, "seed": a.seed, "report": report.layers, "size": size}
     out = save_compressed(model, tokenizer, a.out, manifest, overwrite=a.overwrite)
-    result = {"out": str(out), "compress_seconds": report.seconds, **size, "calibration": calib}
+    result = {"out": str(out), "compress_seconds": report.seconds, **size, "calibration": calib,
+              "fallbacks": fallbacks}
     print(f"compressed {len(layer_configs)} layers in {report.seconds:.1f}s: {size['bytes']:,} bytes, "
           f"{size['bits_per_weight']:.3f} bits/weight -> {out}")
     _write_json(a.json, result)

@@ -20,8 +20,8 @@ _REGISTRY: dict[str, tuple[type["MethodConfig"], Callable]] = {}
 @dataclass(frozen=True)
 class MethodConfig:
     """Base of every method config. Subclasses set `method` (its name) and `stat`: the calibration
-    statistic the handler needs (None for data-free methods, "hessian" for the input Gram matrix
-    X^T X and the input abs-sum)."""
+    statistic the handler needs: None for data-free methods, "norms" for per-input-channel norms and
+    mean magnitudes, "hessian" for those plus the input Gram matrix X^T X (see llmpress.stats)."""
 
     method: ClassVar[str] = ""
     stat: ClassVar[str | None] = None

@@ -64,7 +64,10 @@ class CompressedLinear(nn.Module):
 
     def weight_for_forward(self) -> torch.Tensor:
         if self._weight_cache is None:
-            self._weight_cache = self.dense_weight()
+            # a plain tensor even when first built under inference_mode (eval), so later
+            # autograd-tracked forwards can still use it
+            with torch.inference_mode(False), torch.no_grad():
+                self._weight_cache = self.dense_weight()
         return self._weight_cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ class _StopForward(Exception):
     pass
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int):
     """Run the model up to block 0. Returns (hidden (N, T, C), kwargs block 0 was called with:
     position embeddings, masks... identical for every batch of the same shape)."""
@@ -103,7 +103,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
             setattr(block.get_submodule(parent), attr, new)
             report.layers[fqn] = {"method": config.label(), "seconds": time.perf_counter() - t, **info}
         if needs_data and i + 1 < len(blocks):
-            with torch.inference_mode():
+            with torch.no_grad():
                 hidden = _run_block(block, hidden, kwargs, batch_size)   # (N, T, C) into block i+1
     report.seconds = time.perf_counter() - t0
     return report
@@ -112,13 +112,15 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
 def _collect_block_stats(block, adapter, prefix, i, todo, hidden, kwargs, batch_size):
     """One forward of the block with hooks on the first linear of every input group that needs a
     statistic; the group's members share it (same input tensor)."""
-    hooked, members = {}, {}
+    hooked, members, gram = {}, {}, {}
     for group in adapter.input_groups:
         needing = [n for n in group if f"{prefix}.{i}.{n}" in todo and todo[f"{prefix}.{i}.{n}"].stat]
         if needing:
             hooked[group[0]] = block.get_submodule(group[0])
             members[group[0]] = needing
-    with collect_inputs(hooked, {n: True for n in hooked}) as stats, torch.inference_mode():
+            # the (in, in) Gram matrix only when a member needs it; norms come with every statistic
+            gram[group[0]] = any(todo[f"{prefix}.{i}.{n}"].stat == "hessian" for n in needing)
+    with collect_inputs(hooked, gram) as stats, torch.no_grad():
         _run_block(block, hidden, kwargs, batch_size)
     return {m: stats[head] for head, ms in members.items() for m in ms}
 

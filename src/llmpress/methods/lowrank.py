@@ -47,3 +47,77 @@ def apply_svd(linear, config: SVD, stats):
     w = linear.weight.detach().float()
     up, down = svd_factors(w, rank_for_ratio(*w.shape, config.param_ratio))
     return LowRankLinear(up, down, linear.bias), {"rank": up.shape[1]}
+
+
+def asvd_factors(w: torch.Tensor, abs_mean: torch.Tensor, rank: int, alpha: float):
+    """ASVD: Yuan et al. 2023, "ASVD: Activation-aware Singular Value Decomposition for Compressing
+    Large Language Models" (arXiv:2312.05821). Scale input channel j by s_j = mean|X_j|^alpha so the
+    SVD truncates where activations are small: W ~= (W S)_r S^-1. w (out, in), abs_mean (in,)."""
+    s = abs_mean.double().clamp(min=1e-6 * abs_mean.max().item() + 1e-12) ** alpha   # (in,)
+    up, down = svd_factors((w.double() * s[None, :]).float(), rank)
+    return up, (down.double() / s[None, :]).float()
+
+
+def whitened_svd_factors(w: torch.Tensor, gram: torch.Tensor, rank: int, damp: float = 0.0):
+    """SVD-LLM: Wang et al. 2024, "SVD-LLM: Truncation-aware Singular Value Decomposition for Large
+    Language Model Compression" (arXiv:2403.07378). With the Cholesky factor L of the input Gram
+    matrix (L L^T = X^T X), SVD(W L) = U S V^T and W' = U_r S_r V_r^T L^-1, the output error
+    ||(W - W') X||_F^2 equals the sum of the discarded s_i^2: truncation maps directly to loss.
+
+    w (out, in), gram (in, in). A Gram matrix that is not positive definite (dead or collinear
+    inputs) is damped by multiples of its mean diagonal until Cholesky succeeds; returns the
+    damping used."""
+    g = gram.double()
+    mean_diag = torch.diagonal(g).mean().clamp(min=1e-12)
+    eye = torch.eye(g.shape[0], dtype=g.dtype)
+    for rel in (damp, 1e-6, 1e-4, 1e-2, 1e-1):
+        if rel < damp:
+            continue
+        lower, info = torch.linalg.cholesky_ex(g + rel * mean_diag * eye)
+        if info.item() == 0:
+            break
+    else:
+        raise LLMPressError("SVD-LLM: the input Gram matrix is not positive definite even with damping 0.1")
+    u, s, vh = torch.linalg.svd(w.double() @ lower, full_matrices=False)
+    root = s[:rank].sqrt()
+    up = u[:, :rank] * root                                            # (out, r)
+    # down = root * Vh_r @ L^-1, i.e. solve  down @ L = root * Vh_r  (L lower triangular)
+    down = torch.linalg.solve_triangular(lower, (root[:, None] * vh[:rank]), upper=False, left=False)
+    return up.float(), down.float(), rel
+
+
+@dataclass(frozen=True)
+class ASVD(MethodConfig):
+    method = "asvd"
+    stat = "norms"
+    param_ratio: float = 0.8
+    alpha: float = 0.5
+
+    def validate(self) -> None:
+        check_ratio(self.param_ratio)
+        if not 0 <= self.alpha <= 2:
+            raise LLMPressError(f"alpha must be in [0, 2], got {self.alpha!r}")
+
+
+@register(ASVD)
+def apply_asvd(linear, config: ASVD, stats):
+    w = linear.weight.detach().float()
+    up, down = asvd_factors(w, stats.abs_mean(), rank_for_ratio(*w.shape, config.param_ratio), config.alpha)
+    return LowRankLinear(up, down, linear.bias), {"rank": up.shape[1]}
+
+
+@dataclass(frozen=True)
+class SVDLLM(MethodConfig):
+    method = "svd-llm"
+    stat = "hessian"
+    param_ratio: float = 0.8
+
+    def validate(self) -> None:
+        check_ratio(self.param_ratio)
+
+
+@register(SVDLLM)
+def apply_svd_llm(linear, config: SVDLLM, stats):
+    w = linear.weight.detach().float()
+    up, down, damp = whitened_svd_factors(w, stats.hessian(), rank_for_ratio(*w.shape, config.param_ratio))
+    return LowRankLinear(up, down, linear.bias), {"rank": up.shape[1], "damp": damp}

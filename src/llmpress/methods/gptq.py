@@ -1,0 +1,98 @@
+"""GPTQ: Frantar, Ashkboos, Hoefler & Alistarh 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers" (arXiv:2210.17323).
+
+Columns are quantized left to right; each column's rounding error is spread over the columns not yet
+quantized through the inverse Hessian H^-1 of the layer's inputs (H = X^T X / n), which minimizes
+||W X - Q X||^2 greedily. Updates are applied lazily in blocks of columns (Algorithm 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmpress.config import MethodConfig, register
+from llmpress.methods import hessian
+from llmpress.methods.hessian import check_damp
+from llmpress.methods.rtn import check_quant_options, quant_grid, quant_linear_from_codes, quantize_to_grid, rtn_quantize
+
+
+def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+               act_order: bool = False, damp: float = 0.01):
+    """w (out, in), h (in, in) -> (codes (out, in), scale (out, G), zero (out, G), info).
+
+    Groups are runs of `group_size` input columns in the original order (the last may be shorter).
+    Without act_order a group's grid is fitted when the sweep reaches it (on the error-updated
+    weights); with act_order (columns visited by decreasing h_jj) grids are fitted up front from the
+    original weights ("static groups"), so the stored layout needs no permutation index.
+    If the damped Hessian cannot be inverted even at DAMP_STEPS x damp, falls back to RTN (info says so).
+    """
+    out_f, in_f = w.shape
+    w, h, dead = hessian.prepare(w, h)
+    n_groups = -(-in_f // group_size)
+    upper, used = hessian.inverse_cholesky(h, damp)
+    if upper is None:
+        q, scale, zero = rtn_quantize(w, bits, group_size, symmetric)
+        return q, scale, zero, {"fallback": "rtn", "reason": "Cholesky failed at every damping"}
+
+    scale = torch.empty(out_f, n_groups)
+    zero = torch.empty(out_f, n_groups)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(in_f)
+    if act_order:
+        for g in range(n_groups):
+            scale[:, g], zero[:, g] = quant_grid(w[:, g * group_size:(g + 1) * group_size], bits, symmetric)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+        upper, used = hessian.inverse_cholesky(h, damp)
+        if upper is None:
+            q, scale, zero = rtn_quantize(w[:, torch.argsort(perm)], bits, group_size, symmetric)
+            return q, scale, zero, {"fallback": "rtn", "reason": "Cholesky failed at every damping"}
+    group_of = perm // group_size                     # (in,) group of each visited column
+    codes = torch.zeros(out_f, in_f)
+    # Block width: a multiple of group_size near 128, so a group never straddles two blocks.
+    block = group_size * max(1, 128 // group_size) if not act_order else 128
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        w1 = w[:, i1:i2].clone()                      # (out, B) updated in place
+        err1 = torch.zeros_like(w1)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = group_of[col].item()
+            if not act_order and col % group_size == 0:
+                scale[:, g], zero[:, g] = quant_grid(w1[:, i:i + group_size], bits, symmetric)
+            s, z = scale[:, g], zero[:, g]
+            q = quantize_to_grid(w1[:, i], s, z, bits)
+            codes[:, col] = q
+            e = (w1[:, i] - (q - z) * s) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    if act_order:
+        codes = codes[:, torch.argsort(perm)]
+    info = {"damp": used}
+    if dead.any():
+        info["dead_columns"] = int(dead.sum())
+    return codes, scale, zero, info
+
+
+@dataclass(frozen=True)
+class GPTQ(MethodConfig):
+    method = "gptq"
+    stat = "hessian"
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    act_order: bool = False
+    damp: float = 0.01
+
+    def validate(self) -> None:
+        check_quant_options(self.bits, self.group_size)
+        check_damp(self.damp)
+
+
+@register(GPTQ)
+def apply_gptq(linear, config: GPTQ, stats):
+    codes, scale, zero, info = gptq_solve(linear.weight.detach(), stats.hessian(), config.bits,
+                                          config.group_size, config.symmetric, config.act_order, config.damp)
+    return quant_linear_from_codes(linear, codes, scale, zero, config.bits, config.group_size, config.symmetric), info
