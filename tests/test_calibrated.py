@@ -136,3 +136,46 @@ def test_calibrated_pipeline_on_tiny_model(tiny_model, calib_tokens):
     assert not torch.allclose(tiny_model(ids).logits, before)
     with pytest.raises(LLMPressError, match="calibration tokens"):
         compress(tiny_model, {"model.layers.0.mlp.down_proj": GPTQ()}, None, progress=False)
+
+
+def test_awq_fold_preserves_the_function_and_beats_rtn(tiny_model, calib_tokens):
+    import copy
+    from llmpress import AWQ
+    from llmpress.arch import adapter_for
+    from llmpress.methods.awq import awq_group_transform
+    from llmpress.pipeline import _collect_block_stats, capture_block_inputs, compress
+
+    adapter = adapter_for(tiny_model)
+    blocks = adapter.blocks(tiny_model)
+    # loud input channels, as in real LLMs: AWQ's scales then matter
+    with torch.no_grad():
+        blocks[0].input_layernorm.weight.mul_(torch.exp(torch.randn(64, generator=torch.Generator().manual_seed(0))))
+    reference = copy.deepcopy(tiny_model)
+    hidden, kwargs = capture_block_inputs(tiny_model, blocks, calib_tokens, 4)
+    block = blocks[0]
+    before = block(hidden, **kwargs)[0]
+    todo = {f"model.layers.0.{n}": AWQ(bits=3, group_size=16) for g in adapter.input_groups for n in g}
+    stats = _collect_block_stats(block, adapter, "model.layers", 0, todo, hidden, kwargs, 4)
+    norm_before = block.input_layernorm.weight.clone()
+    info = awq_group_transform(block, adapter, "self_attn.q_proj", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                               [AWQ(bits=3, group_size=16)] * 3, stats["self_attn.q_proj"])
+    assert info["awq_alpha"] > 0 and info["awq_folded_into"] == "input_layernorm"
+    assert not torch.equal(block.input_layernorm.weight, norm_before)
+    assert torch.allclose(block(hidden, **kwargs)[0], before, atol=1e-5)     # same function
+
+    def model_error(config):
+        m = copy.deepcopy(reference)
+        compress(m, Plan.uniform(config).resolve(adapter.linear_names(m)), calib_tokens, progress=False)
+        return (m(calib_tokens).logits - reference(calib_tokens).logits).square().mean().item()
+    assert model_error(AWQ(bits=3, group_size=16)) < model_error(RTN(bits=3, group_size=16))
+
+
+def test_awq_under_gqa_reports_plain_rtn_for_o_proj(tiny_model, calib_tokens):
+    from llmpress import AWQ
+    from llmpress.arch import adapter_for
+    from llmpress.pipeline import compress
+    report = compress(tiny_model, Plan.uniform(AWQ(bits=4, group_size=16)).resolve(adapter_for(tiny_model).linear_names(tiny_model)),
+                      calib_tokens, progress=False)
+    o = report.layers["model.layers.0.self_attn.o_proj"]
+    assert "plain RTN" in o.get("awq", "") or o.get("awq_alpha") == 0.0
+    assert report.layers["model.layers.0.mlp.down_proj"].get("awq_folded_into") in ("mlp.up_proj", None)

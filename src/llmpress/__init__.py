@@ -12,9 +12,10 @@ from llmpress.methods.rtn import RTN
 from llmpress.methods.magnitude import Magnitude
 from llmpress.methods.lowrank import SVD, ASVD, SVDLLM
 from llmpress.methods.gptq import GPTQ
+from llmpress.methods.awq import AWQ
 from llmpress.methods.sparsegpt import SparseGPT
 from llmpress.methods.wanda import Wanda
 
 __version__ = "0.1.0"
-__all__ = ["LLMPressError", "MethodConfig", "config_from_dict", "Plan", "RTN", "GPTQ", "Magnitude", "Wanda",
+__all__ = ["LLMPressError", "MethodConfig", "config_from_dict", "Plan", "RTN", "GPTQ", "AWQ", "Magnitude", "Wanda",
            "SparseGPT", "SVD", "ASVD", "SVDLLM"]

@@ -15,6 +15,13 @@ class Adapter:
     # Linears inside one block, grouped by the tensor they read: members of a group see the same
     # input, so one Hessian serves them all; these are also the groups engines fuse (q/k/v, gate/up).
     input_groups: tuple[tuple[str, ...], ...]
+    # What produces each group's input, keyed by the group's first member: an RMSNorm (whose
+    # weight can absorb a per-channel scale) or a linear (whose output rows can). Used by AWQ.
+    input_source: tuple[tuple[str, str], ...] = ()
+    norm_offset: float = 0.0          # RMSNorm multiplies by (offset + weight): 1 for Gemma
+
+    def source_of(self, head: str) -> str | None:
+        return dict(self.input_source).get(head)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         obj = model
@@ -28,19 +35,30 @@ class Adapter:
                 for group in self.input_groups for name in group]
 
 
-_LLAMA_LIKE = Adapter(
-    blocks_path="model.layers",
-    input_groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
+_LLAMA_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
 )
+_LLAMA_SOURCES = (
+    ("self_attn.q_proj", "input_layernorm"),
+    ("self_attn.o_proj", "self_attn.v_proj"),       # foldable only without grouped-query attention
+    ("mlp.gate_proj", "post_attention_layernorm"),
+    ("mlp.down_proj", "mlp.up_proj"),
+)
+_LLAMA_LIKE = Adapter("model.layers", _LLAMA_GROUPS, _LLAMA_SOURCES)
+# Gemma 2/3 put a second norm after attention / MLP: the MLP's input comes from
+# pre_feedforward_layernorm, and every RMSNorm scales by (1 + weight).
+_GEMMA = Adapter("model.layers", _LLAMA_GROUPS,
+                 (("self_attn.q_proj", "input_layernorm"), ("self_attn.o_proj", "self_attn.v_proj"),
+                  ("mlp.gate_proj", "pre_feedforward_layernorm"), ("mlp.down_proj", "mlp.up_proj")),
+                 norm_offset=1.0)
 
 # model_type (from config.json) -> adapter. SmolLM uses the llama model_type.
 ADAPTERS: dict[str, Adapter] = {
-    t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text")
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3")},
+    **{t: _GEMMA for t in ("gemma2", "gemma3", "gemma3_text")},
 }
 
 

@@ -15,6 +15,8 @@ CONFIG_VERSION = 1
 
 # method name -> (config class, handler). Filled by @register at import of llmpress.methods.
 _REGISTRY: dict[str, tuple[type["MethodConfig"], Callable]] = {}
+# method name -> group transform, run on a whole input group before the per-layer handlers (AWQ).
+_GROUP_TRANSFORMS: dict[str, Callable] = {}
 
 
 @dataclass(frozen=True)
@@ -41,16 +43,26 @@ class MethodConfig:
         return f"{self.method}:{args}" if args else self.method
 
 
-def register(config_cls: type[MethodConfig]) -> Callable[[Callable], Callable]:
-    """Decorator: `@register(RTN)` over `def apply(linear, config, stats) -> (module, info)`."""
+def register(config_cls: type[MethodConfig], group_transform: Callable | None = None) -> Callable[[Callable], Callable]:
+    """Decorator: `@register(RTN)` over `def apply(linear, config, stats) -> (module, info)`.
+
+    `group_transform(block, adapter, head, members, configs, stats) -> info` (optional) runs once per
+    input group whose members all use this method, before their handlers: an equivalence transform
+    across layers, such as AWQ's scales folded into the preceding norm."""
 
     def wrap(handler: Callable) -> Callable:
         if config_cls.method in _REGISTRY:
             raise ValueError(f"method {config_cls.method!r} registered twice")
         _REGISTRY[config_cls.method] = (config_cls, handler)
+        if group_transform is not None:
+            _GROUP_TRANSFORMS[config_cls.method] = group_transform
         return handler
 
     return wrap
+
+
+def group_transform_for(config: MethodConfig) -> Callable | None:
+    return _GROUP_TRANSFORMS.get(config.method)
 
 
 def method_names() -> list[str]:

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress.arch import adapter_for
-from llmpress.config import MethodConfig, handler_for
+from llmpress.config import MethodConfig, group_transform_for, handler_for
 from llmpress.errors import LLMPressError
 from llmpress.stats import collect_inputs
 
@@ -93,6 +93,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         stats = {}
         if needs_data and any(c.stat for c in todo.values()):
             stats = _collect_block_stats(block, adapter, prefix, i, todo, hidden, kwargs, batch_size)
+        group_info = _group_transforms(block, adapter, f"{prefix}.{i}.", todo, stats)
         for fqn, config in todo.items():
             local = names[fqn]
             linear = block.get_submodule(local)
@@ -101,12 +102,30 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
             _check_changed(fqn, linear, new)
             parent, _, attr = local.rpartition(".")
             setattr(block.get_submodule(parent), attr, new)
-            report.layers[fqn] = {"method": config.label(), "seconds": time.perf_counter() - t, **info}
+            report.layers[fqn] = {"method": config.label(), "seconds": time.perf_counter() - t,
+                                  **group_info.get(local, {}), **info}
         if needs_data and i + 1 < len(blocks):
             with torch.no_grad():
                 hidden = _run_block(block, hidden, kwargs, batch_size)   # (N, T, C) into block i+1
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _group_transforms(block, adapter, prefix, todo, stats) -> dict[str, dict]:
+    """Run each method's group transform on input groups whose members all use that method."""
+    infos = {}
+    for group in adapter.input_groups:
+        configs = [todo.get(prefix + n) for n in group]
+        if configs[0] is None or any(c is None or c.method != configs[0].method for c in configs):
+            for n, c in zip(group, configs):   # a transform needs the whole group: say it was skipped
+                if c is not None and group_transform_for(c) is not None:
+                    infos[n] = {c.method: "input group not uniformly this method: no group transform"}
+            continue
+        transform = group_transform_for(configs[0])
+        if transform is not None:
+            info = transform(block, adapter, group[0], list(group), configs, stats.get(group[0]))
+            infos.update({n: info for n in group})
+    return infos
 
 
 def _collect_block_stats(block, adapter, prefix, i, todo, hidden, kwargs, batch_size):

@@ -1,0 +1,102 @@
+"""AWQ: Lin, Tang, Tang, Yang, Dang, Gan & Han 2023, "AWQ: Activation-aware Weight Quantization for
+LLM Compression and Acceleration" (arXiv:2306.00978).
+
+Salient input channels (large mean |x|) are protected by scaling them up before round-to-nearest:
+W' = Q(W diag(s)) diag(s)^-1 with s = mean|x|^alpha, alpha searched on a grid. The inverse scale is
+folded into whatever produces the input (the preceding RMSNorm's weight, or the preceding linear's
+output rows), so the stored layer is a plain QuantLinear and the model computes the same function.
+
+Differences from the reference implementation, by design: the search minimizes each input group's
+own output error sum_k ||(W_k - W'_k) X||^2, computed exactly from the shared Gram matrix X^T X (the
+reference runs the enclosing attention / MLP module); weight clipping search is not done. A group
+with nothing to fold into (o_proj under grouped-query attention) is quantized with plain RTN, and
+the report says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmpress.config import MethodConfig, register
+from llmpress.methods.rtn import RTN, apply_rtn, check_quant_options, rtn_quantize
+
+N_GRID = 20
+
+
+def awq_search(weights: list[torch.Tensor], gram: torch.Tensor, abs_mean: torch.Tensor, bits: int,
+               group_size: int, symmetric: bool) -> tuple[torch.Tensor, float, float]:
+    """weights: the group's (out_k, in) matrices; gram (in, in) = X^T X / n; abs_mean (in,).
+    Returns (scale s (in,), best alpha, relative output error at it)."""
+    w = torch.cat(weights).float()                              # (sum out_k, in)
+    x_mean = abs_mean.float().clamp(min=1e-8)
+    ref = torch.einsum("oi,ij,oj->", w, gram, w)
+    best = (torch.ones_like(x_mean), 0.0, float("inf"))
+    for k in range(N_GRID):
+        alpha = k / N_GRID
+        s = x_mean ** alpha
+        s = s / (s.max() * s.min()).sqrt()                      # keep the scaled weights' range sane
+        q, scale, zero = rtn_quantize(w * s[None, :], bits, group_size, symmetric)
+        g = torch.arange(w.shape[1]) // group_size
+        delta = (q - zero[:, g]) * scale[:, g] / s[None, :] - w   # (sum out_k, in)
+        err = torch.einsum("oi,ij,oj->", delta, gram, delta).item()
+        if err < best[2]:
+            best = (s, alpha, err)
+    return best[0], best[1], best[2] / max(ref.item(), 1e-30)
+
+
+def _fold(block, adapter, head: str, s: torch.Tensor) -> str | None:
+    """Divide the producer of the group's input by s; returns its name, or None if impossible."""
+    source = adapter.source_of(head)
+    if source is None:
+        return None
+    producer = block.get_submodule(source)
+    with torch.no_grad():
+        if isinstance(producer, torch.nn.Linear):
+            if producer.out_features != s.numel():
+                return None                                       # e.g. v_proj -> o_proj under GQA
+            producer.weight.div_(s[:, None].to(producer.weight.dtype))
+            if producer.bias is not None:
+                producer.bias.div_(s.to(producer.bias.dtype))
+        elif hasattr(producer, "weight") and producer.weight.shape == s.shape:
+            off = adapter.norm_offset                             # RMSNorm: y = x_hat * (off + weight)
+            producer.weight.copy_(((off + producer.weight.float()) / s - off).to(producer.weight.dtype))
+        else:
+            return None
+    return source
+
+
+def awq_group_transform(block, adapter, head, members, configs, stats) -> dict:
+    config = configs[0]
+    if any(c != config for c in configs):
+        return {"awq": "group members have different settings: plain RTN"}
+    linears = [block.get_submodule(n) for n in members]
+    s, alpha, rel_err = awq_search([m.weight.detach() for m in linears], stats.hessian(), stats.abs_mean(),
+                                   config.bits, config.group_size, config.symmetric)
+    if alpha == 0.0:
+        return {"awq_alpha": 0.0, "awq_output_error": rel_err}
+    folded = _fold(block, adapter, head, s)
+    if folded is None:
+        return {"awq": f"nothing to fold the scales into before {head}: plain RTN"}
+    with torch.no_grad():
+        for m in linears:
+            m.weight.mul_(s[None, :].to(m.weight.dtype))
+    return {"awq_alpha": alpha, "awq_output_error": rel_err, "awq_folded_into": folded}
+
+
+@dataclass(frozen=True)
+class AWQ(MethodConfig):
+    method = "awq"
+    stat = "hessian"
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+
+    def validate(self) -> None:
+        check_quant_options(self.bits, self.group_size)
+
+
+@register(AWQ, group_transform=awq_group_transform)
+def apply_awq(linear, config: AWQ, stats):
+    # the scales are already folded in by the group transform: what is left is round-to-nearest
+    return apply_rtn(linear, RTN(config.bits, config.group_size, config.symmetric), None)
