@@ -155,7 +155,7 @@ def test_awq_fold_preserves_the_function_and_beats_rtn(tiny_model, calib_tokens)
     block = blocks[0]
     before = block(hidden, **kwargs)[0]
     todo = {f"model.layers.0.{n}": AWQ(bits=3, group_size=16) for g in adapter.input_groups for n in g}
-    stats = _collect_block_stats(block, adapter, "model.layers", 0, todo, hidden, kwargs, 4)
+    _, stats = _collect_block_stats(block, adapter, "model.layers", 0, todo, hidden, kwargs, 4)
     norm_before = block.input_layernorm.weight.clone()
     info = awq_group_transform(block, adapter, "self_attn.q_proj", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                                [AWQ(bits=3, group_size=16)] * 3, stats["self_attn.q_proj"])

@@ -91,7 +91,7 @@ def test_calibration_stats_are_collected_per_input_group(tiny_model, calib_token
     class NeedsH(RTN):
         stat = "hessian"
     todo = {f"model.layers.0.{n}": NeedsH() for n in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
-    stats = _collect_block_stats(blocks[0], adapter, "model.layers", 0, todo, hidden, kwargs, 4)
+    _, stats = _collect_block_stats(blocks[0], adapter, "model.layers", 0, todo, hidden, kwargs, 4)
     assert stats["self_attn.q_proj"] is stats["self_attn.v_proj"]       # shared input, one statistic
     seen = []
     h = blocks[0].mlp.down_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, 128)))
@@ -120,3 +120,57 @@ def test_existing_output_refused_without_overwrite(tiny_model, tmp_path):
         save_compressed(tiny_model, None, out, {})
     save_compressed(tiny_model, None, out, {}, overwrite=True)
     verify(out)
+
+
+def test_one_pass_statistics_are_cached_and_reused(tiny_model, calib_tokens, tmp_path, monkeypatch):
+    from llmpress import GPTQ, SparseGPT
+    from llmpress import pipeline
+    reference = copy.deepcopy(tiny_model)
+    plan = Plan.uniform(GPTQ(bits=4, group_size=32))
+    first = copy.deepcopy(reference)
+    compress(first, _resolve(first, plan), calib_tokens, progress=False, propagate=False, stats_cache=tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 2          # one file per block
+
+    def no_forward(*a, **k):
+        raise AssertionError("calibration forward ran despite a full cache")
+    monkeypatch.setattr(pipeline, "capture_block_inputs", no_forward)
+    second = copy.deepcopy(reference)
+    compress(second, _resolve(second, plan), calib_tokens, progress=False, propagate=False, stats_cache=tmp_path / "c")
+    ids = calib_tokens[:2]
+    assert torch.equal(first(ids).logits, second(ids).logits)
+    # another method family reuses the same statistics
+    third = copy.deepcopy(reference)
+    compress(third, _resolve(third, Plan.uniform(SparseGPT(sparsity=0.5))), calib_tokens, progress=False,
+             propagate=False, stats_cache=tmp_path / "c")
+    monkeypatch.undo()
+    # other tokens: a different key, so the cache is not used
+    other = copy.deepcopy(reference)
+    compress(other, _resolve(other, plan), calib_tokens.flip(0)[:, :16], progress=False, propagate=False,
+             stats_cache=tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 4
+
+
+def test_cache_key_is_verified(tiny_model, calib_tokens, tmp_path):
+    from llmpress.stats import InputStats, StatsCache
+    cache = StatsCache(tmp_path)
+    s = InputStats(4)
+    s.add(torch.randn(3, 4))
+    cache.save("a" * 64, {"x": s})
+    cache.path("a" * 64).rename(cache.path("b" * 64))                  # a stale / renamed file
+    with pytest.raises(LLMPressError, match="key mismatch"):
+        cache.load("b" * 64)
+    loaded = StatsCache(tmp_path)
+    cache.save("c" * 64, {"x": s})
+    got = loaded.load("c" * 64)["x"]
+    assert torch.equal(got.gram, s.gram) and got.count == 3
+
+
+def test_one_pass_differs_from_propagated_but_both_work(tiny_model, calib_tokens):
+    from llmpress import GPTQ
+    a, b = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    plan = Plan.uniform(GPTQ(bits=3, group_size=32))
+    compress(a, _resolve(a, plan), calib_tokens, progress=False)
+    compress(b, _resolve(b, plan), calib_tokens, progress=False, propagate=False)
+    # block 0 sees the same inputs either way; block 1 does not
+    assert torch.equal(a.model.layers[0].mlp.down_proj.qweight, b.model.layers[0].mlp.down_proj.qweight)
+    assert not torch.equal(a.model.layers[1].mlp.down_proj.qweight, b.model.layers[1].mlp.down_proj.qweight)

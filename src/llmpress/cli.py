@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--num-samples", type=int, default=128)
     c.add_argument("--seq-len", type=int, default=2048, help="calibration window length")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--one-pass", action="store_true",
+                   help="statistics from the dense model in one forward per block (faster, no error propagation)")
+    c.add_argument("--stats-cache", help="folder caching one-pass statistics for reuse (implies --one-pass)")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--json", help="write the run's results here")
@@ -94,7 +97,10 @@ def cmd_compress(a) -> dict:
     if any(c.stat for c in layer_configs.values()):
         tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
         calib = {"source": a.calib, "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed}
-    report = compress(model, layer_configs, tokens)
+    one_pass = a.one_pass or a.stats_cache is not None
+    report = compress(model, layer_configs, tokens, propagate=not one_pass, stats_cache=a.stats_cache)
+    if calib:
+        calib["propagate"] = not one_pass
     fallbacks = {k: v for k, v in report.layers.items() if "fallback" in v}
     for fqn, info in fallbacks.items():
         print(f"warning: {fqn}: fell back to {info['fallback']} ({info['reason']})", file=sys.stderr)

@@ -7,6 +7,7 @@ Only one block's activations are held at a time.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from llmpress.arch import adapter_for
 from llmpress.config import MethodConfig, group_transform_for, handler_for
 from llmpress.errors import LLMPressError
-from llmpress.stats import collect_inputs
+from llmpress.stats import StatsCache, block_key, collect_inputs, tokens_digest
 
 
 @dataclass
@@ -64,9 +65,16 @@ def _run_block(block, hidden, kwargs, batch_size):
 
 
 def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: torch.Tensor | None = None,
-             batch_size: int = 8, progress: bool = True) -> CompressReport:
+             batch_size: int = 8, progress: bool = True, propagate: bool = True,
+             stats_cache: str | Path | None = None) -> CompressReport:
     """Compress `model` in place. layer_configs: {fqn: config} (a resolved Plan); tokens: (N, T)
-    calibration token ids, needed when any config declares a statistic."""
+    calibration token ids, needed when any config declares a statistic.
+
+    propagate=True (default, as GPTQ / SparseGPT): block i's statistics are measured on the outputs
+    of the already-compressed blocks 0..i-1, at the cost of a second forward per block.
+    propagate=False: one forward per block through the dense model; its statistics do not depend
+    on the methods, so they can be cached on disk (`stats_cache`) and reused across a sweep.
+    """
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     unknown = set(layer_configs) - set(adapter.linear_names(model))
@@ -75,24 +83,40 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     needs_data = any(c.stat is not None for c in layer_configs.values())
     if needs_data and (tokens is None or tokens.numel() == 0):
         raise LLMPressError("the plan uses calibrated methods but no calibration tokens were given")
-
+    if stats_cache is not None and propagate:
+        raise LLMPressError("a statistics cache needs propagate=False (propagated statistics depend on the methods)")
     for fqn in layer_configs:
         if not torch.isfinite(model.get_submodule(fqn).weight).all():
             raise LLMPressError(f"{fqn} has NaN or infinite weights; refusing to compress")
 
     report = CompressReport()
     t0 = time.perf_counter()
+    prefix = adapter.blocks_path
+    cache = StatsCache(stats_cache) if stats_cache is not None else None
+    keys = cached = None
+    if cache is not None and needs_data:
+        digest = tokens_digest(tokens)
+        keys = [block_key(b, digest, i) for i, b in enumerate(blocks)]
+        cached = all(cache.has(k) for k in keys)
     hidden = kwargs = None
-    if needs_data:
+    if needs_data and not cached:
         hidden, kwargs = capture_block_inputs(model, blocks, tokens, batch_size)
 
-    prefix = adapter.blocks_path
     for i, block in enumerate(tqdm(blocks, desc="compress", unit="block", disable=not progress)):
         names = {f"{prefix}.{i}.{n}": n for group in adapter.input_groups for n in group}
         todo = {fqn: layer_configs[fqn] for fqn in names if fqn in layer_configs}
         stats = {}
-        if needs_data and any(c.stat for c in todo.values()):
-            stats = _collect_block_stats(block, adapter, prefix, i, todo, hidden, kwargs, batch_size)
+        if needs_data and cached:
+            stats = _share(cache.load(keys[i]), adapter)
+        elif needs_data and (any(c.stat for c in todo.values()) or not propagate):
+            # one forward with hooks; without propagation its outputs feed the next block
+            all_groups = cache is not None       # a cache entry serves any later method
+            hidden_out, stats = _collect_block_stats(block, adapter, prefix, i, todo, hidden, kwargs,
+                                                     batch_size, all_groups=all_groups)
+            if cache is not None:
+                cache.save(keys[i], {g[0]: stats[g[0]] for g in adapter.input_groups if g[0] in stats})
+            if not propagate:
+                hidden = hidden_out
         group_info = _group_transforms(block, adapter, f"{prefix}.{i}.", todo, stats)
         for fqn, config in todo.items():
             local = names[fqn]
@@ -104,11 +128,16 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
             setattr(block.get_submodule(parent), attr, new)
             report.layers[fqn] = {"method": config.label(), "seconds": time.perf_counter() - t,
                                   **group_info.get(local, {}), **info}
-        if needs_data and i + 1 < len(blocks):
+        if needs_data and propagate and i + 1 < len(blocks):
             with torch.no_grad():
                 hidden = _run_block(block, hidden, kwargs, batch_size)   # (N, T, C) into block i+1
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _share(stats_by_head: dict, adapter) -> dict:
+    """Statistics keyed by each group's first member -> keyed by every member of the group."""
+    return {n: stats_by_head[g[0]] for g in adapter.input_groups if g[0] in stats_by_head for n in g}
 
 
 def _group_transforms(block, adapter, prefix, todo, stats) -> dict[str, dict]:
@@ -128,20 +157,21 @@ def _group_transforms(block, adapter, prefix, todo, stats) -> dict[str, dict]:
     return infos
 
 
-def _collect_block_stats(block, adapter, prefix, i, todo, hidden, kwargs, batch_size):
+def _collect_block_stats(block, adapter, prefix, i, todo, hidden, kwargs, batch_size, all_groups=False):
     """One forward of the block with hooks on the first linear of every input group that needs a
-    statistic; the group's members share it (same input tensor)."""
-    hooked, members, gram = {}, {}, {}
+    statistic (every group with all_groups); members share it (same input tensor).
+    Returns (block outputs (N, T, C), {member: InputStats})."""
+    hooked, gram = {}, {}
     for group in adapter.input_groups:
-        needing = [n for n in group if f"{prefix}.{i}.{n}" in todo and todo[f"{prefix}.{i}.{n}"].stat]
-        if needing:
+        configs = [todo.get(f"{prefix}.{i}.{n}") for n in group]
+        stats_needed = {c.stat for c in configs if c is not None and c.stat}
+        if stats_needed or all_groups:
             hooked[group[0]] = block.get_submodule(group[0])
-            members[group[0]] = needing
-            # the (in, in) Gram matrix only when a member needs it; norms come with every statistic
-            gram[group[0]] = any(todo[f"{prefix}.{i}.{n}"].stat == "hessian" for n in needing)
+            # the (in, in) Gram matrix only when needed; norms come with every statistic
+            gram[group[0]] = all_groups or "hessian" in stats_needed
     with collect_inputs(hooked, gram) as stats, torch.no_grad():
-        _run_block(block, hidden, kwargs, batch_size)
-    return {m: stats[head] for head, ms in members.items() for m in ms}
+        out = _run_block(block, hidden, kwargs, batch_size)
+    return out, _share(stats, adapter)
 
 
 def _check_changed(fqn, old, new) -> None:

@@ -2,10 +2,16 @@
 batches, shards and devices combine by addition."""
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+
+from llmpress.errors import LLMPressError
 
 
 class InputStats:
@@ -59,3 +65,60 @@ def collect_inputs(modules: dict[str, nn.Module], gram: dict[str, bool]):
     finally:
         for h in handles:
             h.remove()
+
+
+STATS_FORMAT = 1
+
+
+def block_key(block: nn.Module, tokens_digest: str, index: int) -> str:
+    """Cache key of a block's input statistics: its dense weights, the calibration tokens, its index."""
+    h = hashlib.sha256(f"llmpress-stats-{STATS_FORMAT}:{index}:{tokens_digest}".encode())
+    for name, t in sorted(block.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokens_digest(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+class StatsCache:
+    """Per-block input statistics on disk (safetensors), one file per block key. The key is stored
+    inside the file and checked on load, so a renamed or stale file is never used."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key[:32]}.safetensors"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def save(self, key: str, stats: dict[str, InputStats]) -> None:
+        tensors = {}
+        for head, s in stats.items():
+            tensors[f"{head}/sq_sum"], tensors[f"{head}/abs_sum"] = s.sq_sum, s.abs_sum
+            tensors[f"{head}/count"] = torch.tensor([s.count], dtype=torch.int64)
+            if s.gram is not None:
+                tensors[f"{head}/gram"] = s.gram
+        tmp = self.path(key).with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"key": key})
+        tmp.replace(self.path(key))
+
+    def load(self, key: str) -> dict[str, InputStats]:
+        path = self.path(key)
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                raise LLMPressError(f"{path}: statistics cache key mismatch; delete the file")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        out: dict[str, InputStats] = {}
+        for head in {k.rsplit("/", 1)[0] for k in tensors}:
+            s = InputStats(tensors[f"{head}/sq_sum"].numel(), gram=False)
+            s.gram = tensors.get(f"{head}/gram")
+            s.sq_sum, s.abs_sum = tensors[f"{head}/sq_sum"], tensors[f"{head}/abs_sum"]
+            s.count = int(tensors[f"{head}/count"].item())
+            out[head] = s
+        return out
