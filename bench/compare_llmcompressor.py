@@ -48,8 +48,9 @@ def prepare() -> tuple[Path, Path]:
     model_dir, tokens = CACHE / "smollm2-135m-dense", CACHE / "calib-wikipedia-64x512-seed0.safetensors"
     if not (model_dir / "config.json").exists() or not tokens.exists():
         model, tokenizer = load_model("smollm2-135m")
-        if hasattr(model.config, "quantization_config"):
+        if hasattr(model.config, "quantization_config"):   # the GGUF source's: weights are float now
             del model.config.quantization_config
+        model.hf_quantizer = None
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         save_file({"ids": calibration_tokens(tokenizer, "wikipedia", 64, 512, seed=0).contiguous()}, str(tokens))

@@ -90,7 +90,7 @@ def test_svd_llm_lt_asvd_lt_svd(ratio, seed):
 def test_whitened_svd_error_is_discarded_energy():
     from llmpress.methods.lowrank import whitened_svd_factors
     linear, x, stats = correlated_layer()
-    w, gram = linear.weight.detach(), stats.gram.double()
+    w, gram = linear.weight.detach(), stats.gram_matrix().double()
     up, down, damp = whitened_svd_factors(w, gram, 20)
     lower = torch.linalg.cholesky(gram)
     s = torch.linalg.svdvals(w.double() @ lower)
@@ -179,3 +179,14 @@ def test_awq_under_gqa_reports_plain_rtn_for_o_proj(tiny_model, calib_tokens):
     o = report.layers["model.layers.0.self_attn.o_proj"]
     assert "plain RTN" in o.get("awq", "") or o.get("awq_alpha") == 0.0
     assert report.layers["model.layers.0.mlp.down_proj"].get("awq_folded_into") in ("mlp.up_proj", None)
+
+
+def test_gptq_group_solve_equals_per_layer_solve():
+    from llmpress.methods.gptq import solve_group
+    linear, x, stats = correlated_layer()
+    other = torch.nn.Linear(128, 32, bias=False)
+    config = GPTQ(bits=3, group_size=32, act_order=True)
+    joint = solve_group([linear, other], config, stats)
+    alone = [handler_for(config)(m, config, stats)[0] for m in (linear, other)]
+    for (j, _), a in zip(joint, alone):
+        assert torch.allclose(j.dense_weight(), a.dense_weight(), atol=1e-6)

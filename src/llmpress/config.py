@@ -17,6 +17,8 @@ CONFIG_VERSION = 1
 _REGISTRY: dict[str, tuple[type["MethodConfig"], Callable]] = {}
 # method name -> group transform, run on a whole input group before the per-layer handlers (AWQ).
 _GROUP_TRANSFORMS: dict[str, Callable] = {}
+# method name -> group solver, solving every member of an input group in one call (GPTQ).
+_GROUP_SOLVERS: dict[str, Callable] = {}
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,16 @@ class MethodConfig:
         return f"{self.method}:{args}" if args else self.method
 
 
-def register(config_cls: type[MethodConfig], group_transform: Callable | None = None) -> Callable[[Callable], Callable]:
+def register(config_cls: type[MethodConfig], group_transform: Callable | None = None,
+             group_solver: Callable | None = None) -> Callable[[Callable], Callable]:
     """Decorator: `@register(RTN)` over `def apply(linear, config, stats) -> (module, info)`.
 
     `group_transform(block, adapter, head, members, configs, stats) -> info` (optional) runs once per
     input group whose members all use this method, before their handlers: an equivalence transform
-    across layers, such as AWQ's scales folded into the preceding norm."""
+    across layers, such as AWQ's scales folded into the preceding norm.
+    `group_solver(linears, config, stats) -> [(module, info)]` (optional) replaces the handler for an
+    input group whose members share one config: the same result, computed in one call (GPTQ's rows
+    are independent given the shared Hessian, so q/k/v are solved as one stacked matrix)."""
 
     def wrap(handler: Callable) -> Callable:
         if config_cls.method in _REGISTRY:
@@ -56,6 +62,8 @@ def register(config_cls: type[MethodConfig], group_transform: Callable | None = 
         _REGISTRY[config_cls.method] = (config_cls, handler)
         if group_transform is not None:
             _GROUP_TRANSFORMS[config_cls.method] = group_transform
+        if group_solver is not None:
+            _GROUP_SOLVERS[config_cls.method] = group_solver
         return handler
 
     return wrap
@@ -63,6 +71,10 @@ def register(config_cls: type[MethodConfig], group_transform: Callable | None = 
 
 def group_transform_for(config: MethodConfig) -> Callable | None:
     return _GROUP_TRANSFORMS.get(config.method)
+
+
+def group_solver_for(config: MethodConfig) -> Callable | None:
+    return _GROUP_SOLVERS.get(config.method)
 
 
 def method_names() -> list[str]:

@@ -15,8 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress.arch import adapter_for
-from llmpress.config import MethodConfig, group_transform_for, handler_for
+from llmpress.config import MethodConfig, group_solver_for, group_transform_for, handler_for
 from llmpress.errors import LLMPressError
+from llmpress.modules import CompressedLinear
 from llmpress.stats import StatsCache, block_key, collect_inputs, tokens_digest
 
 
@@ -118,16 +119,14 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
             if not propagate:
                 hidden = hidden_out
         group_info = _group_transforms(block, adapter, f"{prefix}.{i}.", todo, stats)
-        for fqn, config in todo.items():
-            local = names[fqn]
-            linear = block.get_submodule(local)
-            t = time.perf_counter()
-            new, info = handler_for(config)(linear, config, stats.get(local))
-            _check_changed(fqn, linear, new)
-            parent, _, attr = local.rpartition(".")
-            setattr(block.get_submodule(parent), attr, new)
-            report.layers[fqn] = {"method": config.label(), "seconds": time.perf_counter() - t,
-                                  **group_info.get(local, {}), **info}
+        for members, config, t, results in _solve(block, adapter, f"{prefix}.{i}.", todo, stats):
+            for local, (new, info) in zip(members, results):
+                fqn = f"{prefix}.{i}.{local}"
+                _check_changed(fqn, block.get_submodule(local), new)
+                parent, _, attr = local.rpartition(".")
+                setattr(block.get_submodule(parent), attr, new)
+                report.layers[fqn] = {"method": config.label(), "seconds": t / len(members),
+                                      **group_info.get(local, {}), **info}
         if needs_data and propagate and i + 1 < len(blocks):
             with torch.no_grad():
                 hidden = _run_block(block, hidden, kwargs, batch_size)   # (N, T, C) into block i+1
@@ -138,6 +137,24 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
 def _share(stats_by_head: dict, adapter) -> dict:
     """Statistics keyed by each group's first member -> keyed by every member of the group."""
     return {n: stats_by_head[g[0]] for g in adapter.input_groups if g[0] in stats_by_head for n in g}
+
+
+def _solve(block, adapter, prefix, todo, stats):
+    """Yields (members, config, seconds, [(module, info)]): one call per input group whose members
+    share a config and whose method has a group solver, one call per layer otherwise."""
+    for group in adapter.input_groups:
+        present = [n for n in group if prefix + n in todo]
+        configs = [todo[prefix + n] for n in present]
+        solver = group_solver_for(configs[0]) if configs else None
+        if solver is not None and len(present) > 1 and all(c == configs[0] for c in configs):
+            t = time.perf_counter()
+            results = solver([block.get_submodule(n) for n in present], configs[0], stats.get(present[0]))
+            yield present, configs[0], time.perf_counter() - t, results
+            continue
+        for n, config in zip(present, configs):
+            t = time.perf_counter()
+            result = handler_for(config)(block.get_submodule(n), config, stats.get(n))
+            yield [n], config, time.perf_counter() - t, [result]
 
 
 def _group_transforms(block, adapter, prefix, todo, stats) -> dict[str, dict]:
@@ -182,4 +199,6 @@ def _check_changed(fqn, old, new) -> None:
         raise LLMPressError(f"{fqn}: compression produced non-finite weights")
     if torch.equal(w_old, w_new):
         raise LLMPressError(f"{fqn}: the method left the weights unchanged")
+    if new._weight_cache is None and type(new).forward is CompressedLinear.forward:
+        new._weight_cache = w_new            # built anyway: spare the first forward rebuilding it
 

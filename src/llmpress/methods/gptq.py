@@ -30,24 +30,19 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     out_f, in_f = w.shape
     w, h, dead = hessian.prepare(w, h)
     n_groups = -(-in_f // group_size)
-    upper, used = hessian.inverse_cholesky(h, damp)
-    if upper is None:
-        q, scale, zero = rtn_quantize(w, bits, group_size, symmetric)
-        return q, scale, zero, {"fallback": "rtn", "reason": "Cholesky failed at every damping"}
-
-    scale = torch.empty(out_f, n_groups)
-    zero = torch.empty(out_f, n_groups)
+    scale_t = torch.empty(n_groups, out_f)           # transposed: one contiguous row per group
+    zero_t = torch.empty(n_groups, out_f)
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(in_f)
     if act_order:
         for g in range(n_groups):
-            scale[:, g], zero[:, g] = quant_grid(w[:, g * group_size:(g + 1) * group_size], bits, symmetric)
+            scale_t[g], zero_t[g] = quant_grid(w[:, g * group_size:(g + 1) * group_size], bits, symmetric)
         w = w[:, perm]
         h = h[perm][:, perm]
-        upper, used = hessian.inverse_cholesky(h, damp)
-        if upper is None:
-            q, scale, zero = rtn_quantize(w[:, torch.argsort(perm)], bits, group_size, symmetric)
-            return q, scale, zero, {"fallback": "rtn", "reason": "Cholesky failed at every damping"}
-    group_of = perm // group_size                     # (in,) group of each visited column
+    upper, used = hessian.inverse_cholesky(h, damp)
+    if upper is None:
+        q, scale, zero = rtn_quantize(w[:, torch.argsort(perm)], bits, group_size, symmetric)
+        return q, scale, zero, {"fallback": "rtn", "reason": "Cholesky failed at every damping"}
+    group_of = (perm // group_size).tolist()          # group of each visited column
     codes = torch.zeros(out_f, in_f)
     # Block width: a multiple of group_size near 128, so a group never straddles two blocks.
     block = group_size * max(1, 128 // group_size) if not act_order else 128
@@ -58,14 +53,14 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
         u1 = upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            g = group_of[col].item()
+            g = group_of[col]
             if not act_order and col % group_size == 0:
-                scale[:, g], zero[:, g] = quant_grid(w1[:, i:i + group_size], bits, symmetric)
-            s, z = scale[:, g], zero[:, g]
+                scale_t[g], zero_t[g] = quant_grid(w1[:, i:i + group_size], bits, symmetric)
+            s, z = scale_t[g], zero_t[g]
             q = quantize_to_grid(w1[:, i], s, z, bits)
             codes[:, col] = q
             e = (w1[:, i] - (q - z) * s) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)    # spread the error over later columns
             err1[:, i] = e
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]
     if act_order:
@@ -73,7 +68,7 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     info = {"damp": used}
     if dead.any():
         info["dead_columns"] = int(dead.sum())
-    return codes, scale, zero, info
+    return codes, scale_t.T.contiguous(), zero_t.T.contiguous(), info
 
 
 @dataclass(frozen=True)
@@ -83,7 +78,9 @@ class GPTQ(MethodConfig):
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
-    act_order: bool = False
+    # static act-order: the default of llm-compressor ("static") and GPTQModel (desc_act); free at
+    # inference since the groups keep their original column layout
+    act_order: bool = True
     damp: float = 0.01
 
     def validate(self) -> None:
@@ -91,8 +88,20 @@ class GPTQ(MethodConfig):
         check_damp(self.damp)
 
 
-@register(GPTQ)
+def solve_group(linears, config: GPTQ, stats):
+    """Members of an input group share H, and GPTQ treats rows independently given H: stack them."""
+    w = torch.cat([m.weight.detach() for m in linears])              # (sum out_k, in)
+    codes, scale, zero, info = gptq_solve(w, stats.hessian(), config.bits, config.group_size,
+                                          config.symmetric, config.act_order, config.damp)
+    out, start = [], 0
+    for m in linears:
+        rows = slice(start, start + m.out_features)
+        start += m.out_features
+        out.append((quant_linear_from_codes(m, codes[rows], scale[rows], zero[rows], config.bits,
+                                            config.group_size, config.symmetric), dict(info)))
+    return out
+
+
+@register(GPTQ, group_solver=solve_group)
 def apply_gptq(linear, config: GPTQ, stats):
-    codes, scale, zero, info = gptq_solve(linear.weight.detach(), stats.hessian(), config.bits,
-                                          config.group_size, config.symmetric, config.act_order, config.damp)
-    return quant_linear_from_codes(linear, codes, scale, zero, config.bits, config.group_size, config.symmetric), info
+    return solve_group([linear], config, stats)[0]
