@@ -10,8 +10,8 @@ from pathlib import Path
 from llmpress.errors import LLMPressError
 
 
-def _add_eval_args(p):
-    p.add_argument("--dataset", default="wikitext2", help="wikitext2 or a local UTF-8 text file")
+def _add_eval_args(p, dataset_default="wikitext2"):
+    p.add_argument("--dataset", default=dataset_default, help="wikitext2 or a local UTF-8 text file")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
 
@@ -37,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--num-samples", type=int, default=128)
     c.add_argument("--seq-len", type=int, default=2048, help="calibration window length")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--budget", help="one global budget: params=F (fraction kept), bits=F (average) or bytes=N")
+    c.add_argument("--menu", help="methods the allocator may mix, e.g. gptq,sparsegpt,svd-llm "
+                                  "(default: sparsegpt,svd-llm for params, gptq,sparsegpt,svd-llm otherwise)")
+    c.add_argument("--allocator", default="knapsack", choices=["knapsack", "lagrange", "search"])
+    c.add_argument("--sensitivity", help="sensitivity table JSON: read if it exists for this model, data and "
+                                         "menu; written otherwise (default: under $LLMPRESS_CACHE or ~/.cache/llmpress)")
+    c.add_argument("--sample-windows", type=int, default=4, help="calibration windows the sensitivity is measured on")
+    c.add_argument("--search-steps", type=int, default=40)
     c.add_argument("--one-pass", action="store_true",
                    help="statistics from the dense model in one forward per block (faster, no error propagation)")
     c.add_argument("--stats-cache", help="folder caching one-pass statistics for reuse (implies --one-pass)")
@@ -45,11 +53,35 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", help="write the run's results here")
     c.add_argument("--trust-remote-code", action="store_true")
 
-    e = sub.add_parser("eval", help="evaluate a model")
+    e = sub.add_parser("eval", help="evaluate a model (perplexity unless only other evaluations are asked for)")
     e.add_argument("--model", required=True)
-    _add_eval_args(e)
+    _add_eval_args(e, dataset_default=None)
+    e.add_argument("--tasks", help="zero-shot tasks, e.g. arc_easy,piqa (scored by lm-eval)")
+    e.add_argument("--limit", type=int, help="first N documents per task")
+    e.add_argument("--kl-base", help="base model to measure KL divergence and top-1 agreement against")
+    e.add_argument("--kl-windows", type=int, default=4, help="windows of --seq-len tokens for KL (default 4)")
+    e.add_argument("--speed", action="store_true", help="prefill / decode tokens/s, peak memory, layer timings")
+    e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json")
     e.add_argument("--trust-remote-code", action="store_true")
+
+    w = sub.add_parser("sweep", help="methods x budgets on one model, evaluated, with report.md and plots")
+    w.add_argument("--model", required=True)
+    w.add_argument("--methods", required=True, help='e.g. "rtn:bits=4,magnitude:sparsity=0.5,svd:param_ratio=0.8"')
+    _add_eval_args(w)
+    w.add_argument("--tasks")
+    w.add_argument("--limit", type=int)
+    w.add_argument("--calib", default="wikipedia")
+    w.add_argument("--num-samples", type=int, default=64)
+    w.add_argument("--calib-seq-len", type=int, default=512)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--propagate", action="store_true",
+                   help="re-collect statistics per run through the compressed blocks (slower)")
+    w.add_argument("--out", required=True)
+    w.add_argument("--overwrite", action="store_true")
+
+    r = sub.add_parser("report", help="re-render report.md and plots from DIR/report.json")
+    r.add_argument("dir")
 
     d = sub.add_parser("demo", help="one method of each family on the embedded model, at ~8 bits per weight")
     d.add_argument("--model", default="smollm2-135m")
@@ -81,9 +113,16 @@ def cmd_compress(a) -> dict:
     from llmpress.export import check_out_dir, save_compressed
     from llmpress.plan import Plan
 
-    if (a.method is None) == (a.plan is None):
-        raise LLMPressError("give exactly one of --method or --plan")
-    plan = Plan.load(a.plan) if a.plan else Plan.uniform(_config_from_args(a))
+    if sum(x is not None for x in (a.method, a.plan, a.budget)) != 1:
+        raise LLMPressError("give exactly one of --method, --plan or --budget")
+    budget = None
+    if a.budget:
+        from llmpress.budget import DEFAULT_MENU, Budget, menu_configs
+        budget = Budget.parse(a.budget)
+        menu = menu_configs(a.menu or DEFAULT_MENU[budget.metric])
+        plan = None
+    else:
+        plan = Plan.load(a.plan) if a.plan else Plan.uniform(_config_from_args(a))
     check_out_dir(a.out, a.overwrite)
     from llmpress.models import load_model
     from llmpress.pipeline import compress
@@ -91,11 +130,14 @@ def cmd_compress(a) -> dict:
     from llmpress.eval import model_size
 
     model, tokenizer = load_model(a.model, trust_remote_code=a.trust_remote_code)
-    layer_configs = plan.resolve(adapter_for(model).linear_names(model))
-    tokens = None
-    calib = None
-    if any(c.stat for c in layer_configs.values()):
+    allocation = tokens = calib = None
+    if budget is not None:
         tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
+        plan, allocation, table, choice = _allocate(a, model, tokenizer, tokens, budget, menu)
+    layer_configs = plan.resolve(adapter_for(model).linear_names(model))
+    if any(c.stat for c in layer_configs.values()):
+        if tokens is None:
+            tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
         calib = {"source": a.calib, "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed}
     one_pass = a.one_pass or a.stats_cache is not None
     report = compress(model, layer_configs, tokens, propagate=not one_pass, stats_cache=a.stats_cache)
@@ -105,30 +147,105 @@ def cmd_compress(a) -> dict:
     for fqn, info in fallbacks.items():
         print(f"warning: {fqn}: fell back to {info['fallback']} ({info['reason']})", file=sys.stderr)
     size = model_size(model)
-    manifest = {"source_model": a.model, "plan": plan.to_dict(),
+    manifest = {"source_model": a.model, "plan": plan.to_dict(), "allocation": allocation,
                 "layers": {k: v.to_dict() for k, v in layer_configs.items()},
                 "calibration": calib, "seed": a.seed, "report": report.layers, "size": size}
     out = save_compressed(model, tokenizer, a.out, manifest, overwrite=a.overwrite)
     result = {"out": str(out), "compress_seconds": report.seconds, **size, "calibration": calib,
-              "fallbacks": fallbacks}
+              "fallbacks": fallbacks, "allocation": allocation}
+    if allocation is not None:
+        from llmpress.allocate import plot_allocation
+        plot_allocation(table, choice, out / "allocation.png",
+                        f"{allocation['allocator']} allocation at {allocation['budget']}")
     print(f"compressed {len(layer_configs)} layers in {report.seconds:.1f}s: {size['bytes']:,} bytes, "
           f"{size['bits_per_weight']:.3f} bits/weight -> {out}")
     _write_json(a.json, result)
     return result
 
 
+def _allocate(a, model, tokenizer, tokens, budget, menu):
+    """Sensitivity table (read back when one exists for this model, data and menu), then allocation."""
+    import os
+    import time
+    from llmpress.allocate import allocate, to_plan
+    from llmpress.budget import Table, measure_sensitivity, table_key
+
+    key = table_key(model, tokens, menu, a.sample_windows)
+    cache = Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress")) / "sensitivity"
+    path = Path(a.sensitivity) if a.sensitivity else cache / f"{key[:32]}.json"
+    t = time.perf_counter()
+    if path.is_file():
+        table = Table.load(path)
+        if table.meta.get("key") != key:
+            raise LLMPressError(f"{path} was measured for another model, calibration data or menu")
+        print(f"sensitivity table read from {path} ({time.perf_counter() - t:.1f}s)")
+    else:
+        table = measure_sensitivity(model, tokens, menu, sample_windows=a.sample_windows)
+        table.meta["key"] = key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table.save(path)
+        print(f"sensitivity measured in {table.meta['seconds']:.0f}s, saved to {path}")
+    extra = {}
+    if a.allocator == "search":
+        from llmpress.data import calibration_tokens
+        # the same seeded permutation, 4 windows further: disjoint from the calibration windows
+        held_out = calibration_tokens(tokenizer, a.calib, a.num_samples + 4, a.seq_len, a.seed)[-4:]
+        extra = {"model": model, "stats_tokens": tokens, "eval_tokens": held_out, "steps": a.search_steps}
+    choice, info = allocate(table, budget, a.allocator, **extra)
+    info["sensitivity_table"] = str(path)
+    print(f"allocation ({a.allocator}) ready in {info['allocate_seconds']:.2f}s: {info['params_kept']:.3f} of params "
+          f"kept, {info['bits_per_weight']:.3f} bits/weight, {100 * info['use_of_budget']:.1f}% of the budget, "
+          f"methods {info['methods']}")
+    return to_plan(table, choice), info, table, choice
+
+
 def cmd_eval(a) -> dict:
+    from llmpress import eval as ev
     from llmpress.data import eval_tokens
-    from llmpress.eval import model_size, perplexity
+    from llmpress.export import versions
     from llmpress.models import load_model
 
+    import torch
+    torch.manual_seed(a.seed)
+    tasks = None
+    if a.tasks:
+        from llmpress.zeroshot import parse_tasks
+        tasks = parse_tasks(a.tasks)                  # bad task names fail before loading
     model, tokenizer = load_model(a.model, trust_remote_code=getattr(a, "trust_remote_code", False))
-    ids = eval_tokens(tokenizer, a.dataset)
-    result = {"model": a.model, "dataset": a.dataset, **perplexity(model, ids, a.seq_len, a.max_windows),
-              **model_size(model)}
-    print(f"{a.model}: perplexity {result['perplexity']:.3f} on {a.dataset} ({result['windows']} of "
-          f"{result['total_windows']} windows of {a.seq_len} tokens); {result['bytes']:,} bytes, "
-          f"{result['bits_per_weight']:.3f} bits/weight")
+    result = {"model": a.model, "seed": a.seed, "versions": versions(), **ev.model_size(model)}
+    disk = ev.disk_bytes(a.model)
+    if disk is not None:
+        result["disk_bytes"] = disk
+    dataset = a.dataset or (None if (tasks or a.kl_base or a.speed) else "wikitext2")
+    if dataset:
+        ids = eval_tokens(tokenizer, dataset)
+        result.update(dataset=dataset, **ev.perplexity(model, ids, a.seq_len, a.max_windows))
+        result["protocol"] = {"perplexity": "one string tokenized once, non-overlapping windows from token 0, "
+                                            "exp(mean window loss)"}
+        print(f"{a.model}: perplexity {result['perplexity']:.3f} on {dataset} ({result['windows']} of "
+              f"{result['total_windows']} windows of {a.seq_len} tokens)")
+    print(f"{a.model}: {result['bytes']:,} bytes in block linears, {result['bits_per_weight']:.3f} bits/weight")
+    if tasks:
+        from llmpress.zeroshot import evaluate_tasks
+        zs = evaluate_tasks(model, tokenizer, tasks, limit=a.limit, seed=a.seed)
+        result["tasks"] = {t: zs[t] for t in tasks}
+        result.setdefault("protocol", {})["zero_shot"] = zs["protocol"]
+        for t in tasks:
+            r = zs[t]
+            print(f"  {t:<14} acc {r['acc']:.4f}" + (f"  acc_norm {r['acc_norm']:.4f}" if "acc_norm" in r else "")
+                  + f"  (n={r['n']})")
+    if a.kl_base:
+        base, _ = load_model(a.kl_base)
+        ids = eval_tokens(tokenizer, a.dataset or "wikitext2")
+        result.update(ev.kl_to_base(model, base, ids, a.seq_len, a.kl_windows))
+        result["kl_base"] = a.kl_base
+        del base
+        print(f"  KL to {a.kl_base}: {result['kl']:.5f} nats/token, top-1 agreement {result['top1_agreement']:.4f}")
+    if a.speed:
+        result.update(ev.speed(model))
+        result["layer_speed"] = ev.layer_speed(model)
+        print(f"  prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s "
+              f"(batch 1); peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB")
     _write_json(a.json, result)
     return result
 
@@ -163,10 +280,28 @@ def cmd_demo(a) -> None:
         print(f"{label:<36} {size['bytes']:>12,} {size['bits_per_weight']:>11.3f} {ppl['perplexity']:>10.3f} {secs:>10.1f}")
 
 
+def cmd_sweep(a) -> None:
+    from llmpress.sweep import parse_methods, run_sweep
+    configs = parse_methods(a.methods)
+    path = run_sweep(a.model, configs, Path(a.out), dataset=a.dataset, seq_len=a.seq_len,
+                     max_windows=a.max_windows, tasks=a.tasks, limit=a.limit, calib=a.calib,
+                     num_samples=a.num_samples, calib_seq_len=a.calib_seq_len, seed=a.seed,
+                     propagate=a.propagate, overwrite=a.overwrite)
+    print(path.read_text())
+
+
+def cmd_report(a) -> None:
+    from llmpress.report import render
+    if not (Path(a.dir) / "report.json").is_file():
+        raise LLMPressError(f"{a.dir} has no report.json")
+    print(render(a.dir).read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
-        {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo}[a.command](a)
+        {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "sweep": cmd_sweep,
+         "report": cmd_report}[a.command](a)
     except LLMPressError as e:
         print(f"llmpress: error: {e}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ class MethodConfig:
     mean magnitudes, "hessian" for those plus the input Gram matrix X^T X (see llmpress.stats)."""
 
     method: ClassVar[str] = ""
+    family: ClassVar[str] = ""        # quantization | pruning | low-rank
     stat: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:

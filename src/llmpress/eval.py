@@ -42,3 +42,92 @@ def model_size(model: nn.Module) -> dict:
     params = sum(linear_params(m) for m in modules)
     return {"params": params, "bytes": nbytes, "bits_per_weight": 8 * nbytes / params,
             "total_params": sum(p.numel() for p in model.parameters())}
+
+
+@torch.inference_mode()
+def kl_to_base(model: nn.Module, base: nn.Module, ids: torch.Tensor, seq_len: int = 2048,
+               max_windows: int | None = 4, progress: bool = True) -> dict:
+    """KL(base || model) of the next-token distributions, mean per token in nats, and top-1
+    agreement, over the same non-overlapping windows as perplexity (held-out text)."""
+    n_windows = ids.numel() // seq_len
+    if n_windows == 0:
+        raise LLMPressError(f"KL text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    n_windows = min(n_windows, max_windows) if max_windows else n_windows
+    kl_sum, agree, count = 0.0, 0, 0
+    for i in tqdm(range(n_windows), desc="kl", unit="window", disable=not progress):
+        window = ids[i * seq_len:(i + 1) * seq_len][None]
+        logp = torch.log_softmax(base(window, use_cache=False).logits[0].float(), -1)     # (T, V)
+        logq = torch.log_softmax(model(window, use_cache=False).logits[0].float(), -1)
+        kl_sum += (logp.exp() * (logp - logq)).sum().item()
+        agree += (logp.argmax(-1) == logq.argmax(-1)).sum().item()
+        count += window.shape[1]
+    return {"kl": kl_sum / count, "top1_agreement": agree / count, "kl_tokens": count, "kl_seq_len": seq_len}
+
+
+@torch.inference_mode()
+def speed(model: nn.Module, prompt_len: int = 256, decode_tokens: int = 32, batch_sizes=(1, 8),
+          repeats: int = 2) -> dict:
+    """Prefill and decode throughput (tokens/s, best of `repeats`) at each batch size, on random
+    token ids; the decode loop feeds one token per step through the KV cache, greedy."""
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for b in batch_sizes:
+        ids = torch.randint(0, vocab, (b, prompt_len), generator=gen)
+        prefill, decode = [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            res = model(ids, use_cache=True)
+            prefill.append(time.perf_counter() - t)
+            cache, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            for _ in range(decode_tokens):
+                res = model(nxt, past_key_values=cache, use_cache=True)
+                cache, nxt = res.past_key_values, res.logits[:, -1:].argmax(-1)
+            decode.append(time.perf_counter() - t)
+        suffix = "" if b == 1 else f"_batch{b}"
+        out[f"prefill_tokens_per_s{suffix}"] = b * prompt_len / min(prefill)
+        out[f"decode_tokens_per_s{suffix}"] = b * decode_tokens / min(decode)
+    out.update({"speed_prompt_len": prompt_len, "speed_decode_tokens": decode_tokens,
+                "torch_threads": torch.get_num_threads(), "peak_memory_bytes": peak_memory_bytes()})
+    return out
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.inference_mode()
+def layer_speed(model: nn.Module, tokens: int = 512, repeats: int = 5) -> dict:
+    """Forward time of each kind of compressed layer against the dense nn.Linear it replaces
+    (same shapes, same input), summed over the model's layers of that kind."""
+    from llmpress.modules import CompressedLinear
+    adapter = adapter_for(model)
+    totals: dict[str, list[float]] = {}
+    for name in adapter.linear_names(model):
+        m = model.get_submodule(name)
+        if not isinstance(m, CompressedLinear):
+            continue
+        x = torch.randn(tokens, m.in_features)
+        dense = m.dense_weight()
+        m(x)                                             # build any cached weight first
+        t_new = min(_timed(lambda: m(x)) for _ in range(repeats))
+        t_dense = min(_timed(lambda: torch.nn.functional.linear(x, dense)) for _ in range(repeats))
+        acc = totals.setdefault(type(m).__name__, [0.0, 0.0])
+        acc[0] += t_new
+        acc[1] += t_dense
+    return {kind: {"seconds": a, "dense_seconds": b, "speedup": b / a} for kind, (a, b) in totals.items()}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def disk_bytes(path) -> int | None:
+    from pathlib import Path
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.iterdir() if f.is_file()) if p.is_dir() else None

@@ -67,7 +67,7 @@ def _run_block(block, hidden, kwargs, batch_size):
 
 def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: torch.Tensor | None = None,
              batch_size: int = 8, progress: bool = True, propagate: bool = True,
-             stats_cache: str | Path | None = None) -> CompressReport:
+             stats_cache: str | Path | None = None, measure_error: bool = False) -> CompressReport:
     """Compress `model` in place. layer_configs: {fqn: config} (a resolved Plan); tokens: (N, T)
     calibration token ids, needed when any config declares a statistic.
 
@@ -75,15 +75,17 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     of the already-compressed blocks 0..i-1, at the cost of a second forward per block.
     propagate=False: one forward per block through the dense model; its statistics do not depend
     on the methods, so they can be cached on disk (`stats_cache`) and reused across a sweep.
+    measure_error=True records each layer's relative output error ||(W - W') X||^2 / ||W X||^2 on the
+    calibration inputs (exact, from the Gram matrix), also for data-free methods.
     """
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
     unknown = set(layer_configs) - set(adapter.linear_names(model))
     if unknown:
         raise LLMPressError(f"not compressible linears of this model: {sorted(unknown)[:5]}")
-    needs_data = any(c.stat is not None for c in layer_configs.values())
+    needs_data = measure_error or any(c.stat is not None for c in layer_configs.values())
     if needs_data and (tokens is None or tokens.numel() == 0):
-        raise LLMPressError("the plan uses calibrated methods but no calibration tokens were given")
+        raise LLMPressError("the plan uses calibrated methods (or measure_error) but no calibration tokens were given")
     if stats_cache is not None and propagate:
         raise LLMPressError("a statistics cache needs propagate=False (propagated statistics depend on the methods)")
     for fqn in layer_configs:
@@ -109,9 +111,9 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         stats = {}
         if needs_data and cached:
             stats = _share(cache.load(keys[i]), adapter)
-        elif needs_data and (any(c.stat for c in todo.values()) or not propagate):
+        elif needs_data and (any(c.stat for c in todo.values()) or not propagate or measure_error):
             # one forward with hooks; without propagation its outputs feed the next block
-            all_groups = cache is not None       # a cache entry serves any later method
+            all_groups = cache is not None or measure_error   # a cache entry serves any later method
             hidden_out, stats = _collect_block_stats(block, adapter, prefix, i, todo, hidden, kwargs,
                                                      batch_size, all_groups=all_groups)
             if cache is not None:
@@ -122,7 +124,10 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         for members, config, t, results in _solve(block, adapter, f"{prefix}.{i}.", todo, stats):
             for local, (new, info) in zip(members, results):
                 fqn = f"{prefix}.{i}.{local}"
-                _check_changed(fqn, block.get_submodule(local), new)
+                old = block.get_submodule(local)
+                _check_changed(fqn, old, new)
+                if measure_error and local not in group_info and local in stats:
+                    info = {**info, "output_error": relative_output_error(old.weight, new.dense_weight(), stats[local])}
                 parent, _, attr = local.rpartition(".")
                 setattr(block.get_submodule(parent), attr, new)
                 report.layers[fqn] = {"method": config.label(), "seconds": t / len(members),
@@ -132,6 +137,14 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
                 hidden = _run_block(block, hidden, kwargs, batch_size)   # (N, T, C) into block i+1
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def relative_output_error(w_old: torch.Tensor, w_new: torch.Tensor, stats) -> float:
+    """||(W - W') X||^2 / ||W X||^2 from the Gram matrix G = X^T X: tr(D G D^T) / tr(W G W^T)."""
+    g = stats.gram_matrix()
+    w_old = w_old.detach().float()
+    d = w_old - w_new
+    return ((d @ g) * d).sum().item() / max(((w_old @ g) * w_old).sum().item(), 1e-30)
 
 
 def _share(stats_by_head: dict, adapter) -> dict:

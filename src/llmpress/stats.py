@@ -30,6 +30,9 @@ class InputStats:
         self.sq_sum = None if gram else torch.zeros(in_features, dtype=torch.float64)
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
         self.count = 0
+        # solvers may keep decompositions of (weight, these statistics) here, so that several
+        # budgets of one method on one layer (a sensitivity sweep) factorize only once
+        self.memo: dict = {}
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()       # (n, in)
@@ -141,6 +144,7 @@ class StatsCache:
             s = InputStats(tensors[f"{head}/abs_sum"].numel(), gram=False)
             s.gram, s.sq_sum = tensors.get(f"{head}/gram"), tensors.get(f"{head}/sq_sum")
             s.abs_sum = tensors[f"{head}/abs_sum"]
+            s.memo = {}
             s.count = int(tensors[f"{head}/count"].item())
             out[head] = s
         return out

@@ -87,6 +87,7 @@ def awq_group_transform(block, adapter, head, members, configs, stats) -> dict:
 @dataclass(frozen=True)
 class AWQ(MethodConfig):
     method = "awq"
+    family = "quantization"
     stat = "hessian"
     bits: int = 4
     group_size: int = 128

@@ -74,6 +74,7 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
 @dataclass(frozen=True)
 class GPTQ(MethodConfig):
     method = "gptq"
+    family = "quantization"
     stat = "hessian"
     bits: int = 4
     group_size: int = 128

@@ -36,6 +36,7 @@ def check_ratio(param_ratio: float) -> None:
 @dataclass(frozen=True)
 class SVD(MethodConfig):
     method = "svd"
+    family = "low-rank"
     param_ratio: float = 0.8
 
     def validate(self) -> None:
@@ -58,15 +59,15 @@ def asvd_factors(w: torch.Tensor, abs_mean: torch.Tensor, rank: int, alpha: floa
     return up, (down.double() / s[None, :]).float()
 
 
-def whitened_svd_factors(w: torch.Tensor, gram: torch.Tensor, rank: int, damp: float = 0.0):
+def whitened_svd(w: torch.Tensor, gram: torch.Tensor, damp: float = 0.0):
     """SVD-LLM: Wang et al. 2024, "SVD-LLM: Truncation-aware Singular Value Decomposition for Large
     Language Model Compression" (arXiv:2403.07378). With the Cholesky factor L of the input Gram
     matrix (L L^T = X^T X), SVD(W L) = U S V^T and W' = U_r S_r V_r^T L^-1, the output error
     ||(W - W') X||_F^2 equals the sum of the discarded s_i^2: truncation maps directly to loss.
 
-    w (out, in), gram (in, in). A Gram matrix that is not positive definite (dead or collinear
-    inputs) is damped by multiples of its mean diagonal until Cholesky succeeds; returns the
-    damping used."""
+    w (out, in), gram (in, in) -> (U, S, Vh, L, damping used), float64. A Gram matrix that is not
+    positive definite (dead or collinear inputs) is damped by multiples of its mean diagonal until
+    Cholesky succeeds."""
     g = gram.double()
     mean_diag = torch.diagonal(g).mean().clamp(min=1e-12)
     eye = torch.eye(g.shape[0], dtype=g.dtype)
@@ -79,16 +80,27 @@ def whitened_svd_factors(w: torch.Tensor, gram: torch.Tensor, rank: int, damp: f
     else:
         raise LLMPressError("SVD-LLM: the input Gram matrix is not positive definite even with damping 0.1")
     u, s, vh = torch.linalg.svd(w.double() @ lower, full_matrices=False)
+    return u, s, vh, lower, rel
+
+
+def whitened_factors(u, s, vh, lower, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     root = s[:rank].sqrt()
     up = u[:, :rank] * root                                            # (out, r)
     # down = root * Vh_r @ L^-1, i.e. solve  down @ L = root * Vh_r  (L lower triangular)
-    down = torch.linalg.solve_triangular(lower, (root[:, None] * vh[:rank]), upper=False, left=False)
-    return up.float(), down.float(), rel
+    down = torch.linalg.solve_triangular(lower, root[:, None] * vh[:rank], upper=False, left=False)
+    return up.float(), down.float()
+
+
+def whitened_svd_factors(w: torch.Tensor, gram: torch.Tensor, rank: int, damp: float = 0.0):
+    """-> (up (out, r), down (r, in), damping used); see whitened_svd."""
+    u, s, vh, lower, rel = whitened_svd(w, gram, damp)
+    return (*whitened_factors(u, s, vh, lower, rank), rel)
 
 
 @dataclass(frozen=True)
 class ASVD(MethodConfig):
     method = "asvd"
+    family = "low-rank"
     stat = "norms"
     param_ratio: float = 0.8
     alpha: float = 0.5
@@ -109,6 +121,7 @@ def apply_asvd(linear, config: ASVD, stats):
 @dataclass(frozen=True)
 class SVDLLM(MethodConfig):
     method = "svd-llm"
+    family = "low-rank"
     stat = "hessian"
     param_ratio: float = 0.8
 
@@ -119,5 +132,11 @@ class SVDLLM(MethodConfig):
 @register(SVDLLM)
 def apply_svd_llm(linear, config: SVDLLM, stats):
     w = linear.weight.detach().float()
-    up, down, damp = whitened_svd_factors(w, stats.hessian(), rank_for_ratio(*w.shape, config.param_ratio))
+    # same layer, same weights: address, version counter, shape and a checksum
+    key = ("whitened_svd", linear.weight.data_ptr(), linear.weight._version, tuple(w.shape), w.sum().item())
+    if key not in stats.memo:
+        stats.memo.clear()                       # one layer at a time: bounded memory
+        stats.memo[key] = whitened_svd(w, stats.hessian())
+    u, s, vh, lower, damp = stats.memo[key]
+    up, down = whitened_factors(u, s, vh, lower, rank_for_ratio(*w.shape, config.param_ratio))
     return LowRankLinear(up, down, linear.bias), {"rank": up.shape[1], "damp": damp}

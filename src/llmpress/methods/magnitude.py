@@ -57,6 +57,7 @@ def check_sparsity_options(sparsity: float | None, nm: str | None) -> None:
 @dataclass(frozen=True)
 class Magnitude(MethodConfig):
     method = "magnitude"
+    family = "pruning"
     sparsity: float | None = 0.5
     nm: str | None = None
 

@@ -83,6 +83,7 @@ def check_quant_options(bits: int, group_size: int) -> None:
 @dataclass(frozen=True)
 class RTN(MethodConfig):
     method = "rtn"
+    family = "quantization"
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True

@@ -60,6 +60,7 @@ def sparsegpt_solve(w: torch.Tensor, h: torch.Tensor, sparsity: float | None, nm
 @dataclass(frozen=True)
 class SparseGPT(MethodConfig):
     method = "sparsegpt"
+    family = "pruning"
     stat = "hessian"
     sparsity: float | None = 0.5
     nm: str | None = None

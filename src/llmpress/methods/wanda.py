@@ -21,6 +21,7 @@ def wanda_mask(w: torch.Tensor, col_norms: torch.Tensor, sparsity: float | None,
 @dataclass(frozen=True)
 class Wanda(MethodConfig):
     method = "wanda"
+    family = "pruning"
     stat = "norms"     # input channel norms only: no Gram matrix needed
     sparsity: float | None = 0.5
     nm: str | None = None

@@ -1,0 +1,318 @@
+"""Allocators: (sensitivity table, budget) -> a choice of option per layer -> a Plan.
+
+- knapsack: multiple-choice knapsack, exact dynamic programme over costs rounded up to 1/50000 of
+  the budget (so the result never exceeds it; optimal among choices whose rounded cost fits).
+- lagrange: minimise sum(error) + lambda * sum(cost) per layer, lambda bisected to the budget
+  (as in D-Rank), then spare budget filled greedily by error saved per unit of cost.
+- search: evolutionary refinement validated end to end (in the spirit of EvoPress): starting from
+  the knapsack choice, move budget between two layers and keep the move when the compressed
+  model's loss on held-out calibration windows falls.
+Baselines: uniform, OWL (outlier-weighted layer-wise sparsity) and effective-rank ranks.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from llmpress.budget import Budget, Table
+from llmpress.errors import LLMPressError
+from llmpress.plan import Plan
+
+DP_UNITS = 50000
+
+
+def _arrays(table: Table, budget: Budget):
+    names = list(table.layers)
+    costs = [np.array([budget.cost(o) for o in table.layers[n]["options"]], dtype=np.float64) for n in names]
+    errors = [np.array([o["error"] for o in table.layers[n]["options"]], dtype=np.float64) for n in names]
+    return names, costs, errors
+
+
+def _check_feasible(costs, limit) -> None:
+    cheapest = sum(c.min() for c in costs)
+    if cheapest > limit:
+        raise LLMPressError(f"the budget is below what the menu can reach: cheapest choice costs "
+                            f"{cheapest:,.0f}, budget {limit:,.0f}; add cheaper options to the menu")
+
+
+def knapsack(table: Table, budget: Budget) -> dict[str, int]:
+    names, costs, errors = _arrays(table, budget)
+    limit = budget.limit(table)
+    _check_feasible(costs, limit)
+    unit = limit / DP_UNITS
+    inf = np.inf
+    best = np.full(DP_UNITS + 1, inf)
+    best[0] = 0.0                                         # best[k]: least error using exactly k units
+    choice = np.zeros((len(names), DP_UNITS + 1), dtype=np.int16)
+    for li, (c, e) in enumerate(zip(costs, errors)):
+        units = np.ceil(c / unit - 1e-9).astype(np.int64)
+        new = np.full(DP_UNITS + 1, inf)
+        pick = np.zeros(DP_UNITS + 1, dtype=np.int16)
+        for oi, (u, err) in enumerate(zip(units, e)):
+            if u > DP_UNITS:
+                continue
+            cand = np.full(DP_UNITS + 1, inf)
+            cand[u:] = best[:DP_UNITS + 1 - u] + err
+            better = cand < new
+            new[better], pick[better] = cand[better], oi
+        best, choice[li] = new, pick
+    # land within 1 % of the budget when some choice can (rounded costs overestimate, so the
+    # window is checked again on the true costs by `summarize`); else the least error below it
+    floor = int(0.99 * DP_UNITS)
+    k = floor + int(np.argmin(best[floor:]))
+    if not np.isfinite(best[k]):
+        k = int(np.argmin(best))
+    if not np.isfinite(best[k]):
+        raise LLMPressError("no allocation fits the budget")
+    out = {}
+    for li in range(len(names) - 1, -1, -1):          # walk the choices back
+        oi = int(choice[li, k])
+        out[names[li]] = oi
+        k -= int(np.ceil(costs[li][oi] / unit - 1e-9))
+    return out
+
+
+def lagrange(table: Table, budget: Budget) -> dict[str, int]:
+    names, costs, errors = _arrays(table, budget)
+    limit = budget.limit(table)
+    _check_feasible(costs, limit)
+
+    def pick(lam):
+        return [int(np.argmin(e + lam * c)) for c, e in zip(costs, errors)]
+
+    def total(ch):
+        return sum(c[i] for c, i in zip(costs, ch))
+    lo, hi = 0.0, 1.0
+    while total(pick(hi)) > limit:
+        hi *= 10
+        if hi > 1e30:
+            raise LLMPressError("lagrange: no multiplier meets the budget")
+    for _ in range(100):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 1e6
+        if total(pick(mid)) > limit:
+            lo = mid
+        else:
+            hi = mid
+    ch = pick(hi)
+    # spend what is left: repeatedly take the upgrade with the most error saved per unit of cost
+    spare = limit - total(ch)
+    while True:
+        best = None
+        for li, (c, e) in enumerate(zip(costs, errors)):
+            for oi in range(len(c)):
+                dc, de = c[oi] - c[ch[li]], e[ch[li]] - e[oi]
+                if 0 < dc <= spare and de > 0 and (best is None or de / dc > best[0]):
+                    best = (de / dc, li, oi, dc)
+        if best is None:
+            break
+        _, li, oi, dc = best
+        ch[li], spare = oi, spare - dc
+    return dict(zip(names, ch))
+
+
+def uniform(table: Table, label: str) -> dict[str, int]:
+    out = {}
+    for name, layer in table.layers.items():
+        idx = [i for i, o in enumerate(layer["options"]) if o["label"] == label]
+        if not idx:
+            raise LLMPressError(f"option {label!r} is not on the menu of {name}")
+        out[name] = idx[0]
+    return out
+
+
+def nearest(table: Table, name: str, family_method: str, key: str, value: float) -> int:
+    """Index of the option of `family_method` whose `key` is closest to value."""
+    opts = [(i, o) for i, o in enumerate(table.layers[name]["options"])
+            if o["config"] and o["config"]["method"] == family_method]
+    if not opts:
+        raise LLMPressError(f"{family_method} is not on the menu")
+    return min(opts, key=lambda io: abs(io[1]["config"][key] - value))[0]
+
+
+def summarize(table: Table, choice: dict[str, int], budget: Budget) -> dict:
+    opts = [table.layers[n]["options"][i] for n, i in choice.items()]
+    params = sum(table.layers[n]["params"] for n in choice)
+    nbytes = sum(o["bytes"] for o in opts)
+    return {"params_kept": sum(o["params"] for o in opts) / params, "bytes": nbytes,
+            "bits_per_weight": 8 * nbytes / params, "predicted_error": sum(o["error"] for o in opts),
+            "budget": f"{budget.metric}={budget.target:g}",
+            "use_of_budget": sum(budget.cost(o) for o in opts) / budget.limit(table),
+            "methods": sorted({o["label"].split(":")[0] for o in opts})}
+
+
+def to_plan(table: Table, choice: dict[str, int]) -> Plan:
+    return Plan([(name, table.config(name, i)) for name, i in choice.items()])
+
+
+def allocate(table: Table, budget: Budget, allocator: str = "knapsack", **search_kwargs) -> tuple[dict[str, int], dict]:
+    t = time.perf_counter()
+    if allocator == "knapsack":
+        choice = knapsack(table, budget)
+    elif allocator == "lagrange":
+        choice = lagrange(table, budget)
+    elif allocator == "search":
+        choice = evolutionary_search(table, budget, **search_kwargs)
+    else:
+        raise LLMPressError(f"unknown allocator {allocator!r}; use knapsack, lagrange or search")
+    info = {"allocator": allocator, "allocate_seconds": time.perf_counter() - t, **summarize(table, choice, budget)}
+    return choice, info
+
+
+@torch.no_grad()
+def evolutionary_search(table: Table, budget: Budget, model=None, stats_tokens=None, eval_tokens=None,
+                        steps: int = 40, seed: int = 0, progress: bool = True) -> dict[str, int]:
+    """(1+1) evolution from the knapsack choice. Each step moves one layer to a cheaper option and
+    another to a dearer one within the budget, builds just those two layers (one-pass statistics of
+    the dense model), and keeps the move if the loss on `eval_tokens` (held-out calibration windows,
+    never evaluation text) falls."""
+    import copy
+    from tqdm.auto import tqdm
+    from llmpress.config import handler_for
+
+    if model is None or stats_tokens is None or eval_tokens is None:
+        raise LLMPressError("the search allocator needs the model and calibration tokens")
+    names, costs, errors = _arrays(table, budget)
+    limit = budget.limit(table)
+    choice = knapsack(table, budget)
+    current = [choice[n] for n in names]
+    dense = {n: model.get_submodule(n) for n in names}
+    stats_by_layer = _dense_stats(model, stats_tokens)
+    work = copy.deepcopy(model)
+
+    def loss(m) -> float:
+        return sum(m(w[None], labels=w[None], use_cache=False).loss.item() for w in eval_tokens) / len(eval_tokens)
+
+    def set_layer(k: int, oi: int) -> None:
+        n = names[k]
+        config = table.config(n, oi)
+        new = dense[n] if config is None else handler_for(config)(dense[n], config, stats_by_layer[n])[0]
+        parent, _, attr = n.rpartition(".")
+        setattr(work.get_submodule(parent), attr, new)
+
+    for k in range(len(names)):
+        set_layer(k, current[k])
+    best = loss(work)
+    rng = np.random.default_rng(seed)
+    total = sum(c[i] for c, i in zip(costs, current))
+    for _ in tqdm(range(steps), desc="search", disable=not progress):
+        a, b = rng.choice(len(names), 2, replace=False)
+        cheaper = [i for i in range(len(costs[a])) if costs[a][i] < costs[a][current[a]]]
+        dearer = [i for i in range(len(costs[b])) if costs[b][i] > costs[b][current[b]]]
+        if not cheaper or not dearer:
+            continue
+        na = max(cheaper, key=lambda i: costs[a][i])          # one level down
+        nb = min(dearer, key=lambda i: costs[b][i])           # one level up
+        new_total = total - costs[a][current[a]] + costs[a][na] - costs[b][current[b]] + costs[b][nb]
+        if new_total > limit:
+            continue
+        old = (current[a], current[b])
+        set_layer(a, na)
+        set_layer(b, nb)
+        value = loss(work)
+        if value < best:
+            best, total = value, new_total
+            current[a], current[b] = na, nb
+        else:
+            set_layer(a, old[0])
+            set_layer(b, old[1])
+    return dict(zip(names, current))
+
+
+def _dense_stats(model, tokens) -> dict:
+    from llmpress.arch import adapter_for
+    from llmpress.pipeline import _collect_block_stats, capture_block_inputs
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    hidden, kwargs = capture_block_inputs(model, blocks, tokens, 8)
+    out = {}
+    for i, block in enumerate(blocks):
+        hidden, stats = _collect_block_stats(block, adapter, adapter.blocks_path, i, {}, hidden, kwargs, 8, all_groups=True)
+        out.update({f"{adapter.blocks_path}.{i}.{k}": v for k, v in stats.items()})
+    return out
+
+
+def owl_block_sparsity(model, stats_by_layer: dict, sparsity: float, m: float = 5.0, lamda: float = 0.08) -> list[float]:
+    """OWL: Yin et al. 2023, "Outlier Weighed Layerwise Sparsity (OWL)" (arXiv:2310.05175). Per block,
+    the outlier ratio D = share of Wanda scores |W_ij| ||X_j|| above m x their mean; blocks with more
+    outliers keep more weights: density_i = (1 - S) + lamda-scaled (D_i - mean D) in [-lamda, lamda]."""
+    from llmpress.arch import adapter_for
+    adapter = adapter_for(model)
+    prefix = adapter.blocks_path
+    ratios = []
+    for i in range(len(adapter.blocks(model))):
+        scores = []
+        for group in adapter.input_groups:
+            for local in group:
+                name = f"{prefix}.{i}.{local}"
+                w = model.get_submodule(name).weight.detach().float()
+                scores.append((w.abs() * stats_by_layer[name].col_norms()[None, :]).flatten())
+        s = torch.cat(scores)
+        ratios.append((s > m * s.mean()).float().mean().item())
+    r = np.array(ratios)
+    r = (r - r.min()) / max(r.max() - r.min(), 1e-12) * lamda * 2
+    density = r - r.mean() + (1 - sparsity)
+    return [float(1 - d) for d in density]
+
+
+def effective_rank_ratios(model, stats_by_layer: dict, param_fraction: float) -> dict[str, float]:
+    """Effective-rank allocation (as in D-Rank, Mi et al. 2025): rank_l proportional to the effective
+    rank exp(H(p)), p = s / sum(s), of the layer's whitened spectrum (singular values of W L,
+    L L^T = X^T X), scaled so the factors keep `param_fraction` of the parameters."""
+    from llmpress.arch import adapter_for
+    names = adapter_for(model).linear_names(model)
+    erank, shapes = {}, {}
+    for name in names:
+        w = model.get_submodule(name).weight.detach().double()
+        g = stats_by_layer[name].gram_matrix().double()
+        lower = torch.linalg.cholesky(g + 1e-6 * torch.diagonal(g).mean() * torch.eye(g.shape[0], dtype=g.dtype))
+        s = torch.linalg.svdvals(w @ lower)
+        p = s / s.sum()
+        erank[name] = math.exp(-(p * torch.log(p.clamp(min=1e-30))).sum().item())
+        shapes[name] = w.shape
+    target = param_fraction * sum(o * i for o, i in shapes.values())
+    # ranks r_l = c * erank_l, capped so that no layer keeps more than 95 % of its parameters
+    lo, hi = 0.0, 1e4
+    for _ in range(100):
+        c = (lo + hi) / 2
+        used = sum(min(c * erank[n], 0.95 * o * i / (o + i)) * (o + i) for n, (o, i) in shapes.items())
+        lo, hi = (c, hi) if used < target else (lo, c)
+    return {n: min(lo * erank[n] * (o + i) / (o * i), 0.95) for n, (o, i) in shapes.items()}
+
+
+def plot_allocation(table: Table, choice: dict[str, int], path, title: str) -> None:
+    """Per layer: the chosen option's kept parameters and bits per weight, coloured by family."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from llmpress.report import FAMILY_COLOURS
+    names = list(choice)
+    opts = [table.layers[n]["options"][choice[n]] for n in names]
+    fam = [("dense" if o["config"] is None else _family(o["config"]["method"])) for o in opts]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 5.5), sharex=True)
+    x = np.arange(len(names))
+    kept = [o["params"] / table.layers[n]["params"] for n, o in zip(names, opts)]
+    bits = [8 * o["bytes"] / table.layers[n]["params"] for n, o in zip(names, opts)]
+    for f in sorted(set(fam)):
+        idx = [k for k in range(len(names)) if fam[k] == f]
+        a1.bar(x[idx], [kept[k] for k in idx], color=FAMILY_COLOURS.get(f, "grey"), label=f, width=0.9)
+        a2.bar(x[idx], [bits[k] for k in idx], color=FAMILY_COLOURS.get(f, "grey"), width=0.9)
+    a1.set_ylabel("parameters kept (fraction)")
+    a1.legend(fontsize=8, ncol=4)
+    a2.set_ylabel("bits per weight (as stored)")
+    ticks = [k for k, n in enumerate(names) if n.endswith("q_proj")]
+    a2.set_xticks(ticks, [names[k].split(".")[2] for k in ticks], fontsize=7)
+    a2.set_xlabel("decoder block (q, k, v, o, gate, up, down in each)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _family(method: str) -> str:
+    from llmpress.config import config_class
+    return config_class(method).family

@@ -1,0 +1,201 @@
+"""One budget across layers and methods: costs counted as the export stores them, a sensitivity
+table measured once per (model, calibration data, menu), saved as JSON.
+
+The table lists, per compressible linear, a menu of options (dense, or a method config) with
+  bytes   exactly as the compressed module stores them (see llmpress.modules),
+  params  parameters kept (nonzeros, factor entries; all of them for quantization),
+  error   the relative error that option alone causes in its decoder block's output,
+          ||block(x) - block'(x)||^2 / ||block(x)||^2 on calibration tokens (dense block inputs).
+Allocators (llmpress.allocate) turn (table, budget) into a Plan.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmpress.config import MethodConfig, config_from_dict, handler_for, parse_method_spec
+from llmpress.errors import LLMPressError
+
+TABLE_VERSION = 1
+METRICS = ("params", "bits", "bytes")
+
+# method -> the levels it contributes to a menu
+MENU_LEVELS = {
+    "gptq": [f"gptq:bits={b},group_size=128" for b in (2, 3, 4, 8)],
+    "rtn": [f"rtn:bits={b},group_size=128" for b in (2, 3, 4, 8)],
+    "sparsegpt": [f"sparsegpt:sparsity={s / 10}" for s in range(2, 9)],
+    "wanda": [f"wanda:sparsity={s / 10}" for s in range(2, 9)],
+    "magnitude": [f"magnitude:sparsity={s / 10}" for s in range(2, 9)],
+    "svd-llm": [f"svd-llm:param_ratio={r / 10}" for r in range(3, 10)],
+    "asvd": [f"asvd:param_ratio={r / 10}" for r in range(3, 10)],
+    "svd": [f"svd:param_ratio={r / 10}" for r in range(3, 10)],
+}
+DEFAULT_MENU = {"params": "sparsegpt,svd-llm", "bits": "gptq,sparsegpt,svd-llm", "bytes": "gptq,sparsegpt,svd-llm"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    metric: str      # params: fraction of parameters kept; bits: average bits per weight; bytes: total
+    target: float
+
+    @classmethod
+    def parse(cls, spec: str) -> "Budget":
+        metric, eq, value = spec.partition("=")
+        try:
+            target = float(value)
+        except ValueError:
+            target = -1.0
+        if not eq or metric not in METRICS or target <= 0 or (metric == "params" and target > 1):
+            raise LLMPressError(f"budget must be params=F (0 < F <= 1), bits=F or bytes=N; got {spec!r}")
+        return cls(metric, target)
+
+    def limit(self, table: "Table") -> float:
+        """The budget in the unit of `cost` (params kept, or bytes)."""
+        total_params = sum(layer["params"] for layer in table.layers.values())
+        if self.metric == "params":
+            return self.target * total_params
+        if self.metric == "bits":
+            return self.target * total_params / 8
+        return self.target
+
+    def cost(self, option: dict) -> float:
+        return option["params"] if self.metric == "params" else option["bytes"]
+
+
+def menu_configs(menu: str) -> list[MethodConfig]:
+    out = []
+    for name in filter(None, (m.strip() for m in menu.split(","))):
+        if name in MENU_LEVELS:
+            out += [parse_method_spec(s) for s in MENU_LEVELS[name]]
+        else:   # an explicit setting, e.g. gptq:bits=3,group_size=64 (use ';' between such items)
+            raise LLMPressError(f"unknown menu item {name!r}; menu methods: {', '.join(MENU_LEVELS)}")
+    if not out:
+        raise LLMPressError("the menu is empty")
+    return out
+
+
+def option_cost(config: MethodConfig | None, out_f: int, in_f: int, dense_bytes_per_param: int) -> tuple[int, int]:
+    """(bytes as stored, parameters kept) of one layer under `config`; mirrors llmpress.modules."""
+    from llmpress.methods.lowrank import rank_for_ratio
+    from llmpress.methods.magnitude import parse_nm
+    from llmpress.methods.sparsegpt import BLOCK
+    n = out_f * in_f
+    if config is None:
+        return n * dense_bytes_per_param, n
+    if config.family == "quantization":
+        groups = math.ceil(in_f / config.group_size)
+        nbytes = math.ceil(n * config.bits / 8) + out_f * groups * 2
+        if not config.symmetric:
+            nbytes += math.ceil(out_f * groups * config.bits / 8)
+        return nbytes, n
+    if config.family == "pruning":
+        if config.nm:
+            keep_n, m = parse_nm(config.nm)
+            nnz = n // m * keep_n
+        elif config.method == "wanda":
+            nnz = out_f * (in_f - round(config.sparsity * in_f))
+        elif config.method == "sparsegpt":
+            nnz = sum(out_f * min(BLOCK, in_f - s) - round(config.sparsity * out_f * min(BLOCK, in_f - s))
+                      for s in range(0, in_f, BLOCK))
+        else:
+            nnz = n - round(config.sparsity * n)
+        return math.ceil(n / 8) + 2 * nnz, nnz
+    if config.family == "low-rank":
+        r = rank_for_ratio(out_f, in_f, config.param_ratio)
+        return 2 * r * (out_f + in_f), r * (out_f + in_f)
+    raise LLMPressError(f"no cost model for method {config.method!r}")
+
+
+@dataclass
+class Table:
+    layers: dict[str, dict]     # fqn -> {"out", "in", "params", "options": [{label, config, bytes, params, error}]}
+    meta: dict
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": TABLE_VERSION, "meta": self.meta, "layers": self.layers}))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Table":
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise LLMPressError(f"cannot read sensitivity table {path}: {e}")
+        if d.get("version") != TABLE_VERSION:
+            raise LLMPressError(f"{path}: sensitivity table version {d.get('version')} is not supported")
+        return cls(d["layers"], d["meta"])
+
+    def config(self, fqn: str, index: int) -> MethodConfig | None:
+        c = self.layers[fqn]["options"][index]["config"]
+        return None if c is None else config_from_dict(c)
+
+
+def table_key(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int) -> str:
+    from llmpress.stats import tokens_digest
+    h = hashlib.sha256(f"sensitivity-{TABLE_VERSION}:{tokens_digest(tokens)}:{sample_windows}".encode())
+    h.update(json.dumps([c.to_dict() for c in menu]).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if ".layers." in name:
+            h.update(name.encode())
+            h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int = 8,
+                        batch_size: int = 8, progress: bool = True) -> Table:
+    """Per layer and option: the option's error in its block's output, block-local. Statistics come
+    from one forward per block of all calibration tokens through the dense model; the error is
+    measured on the first `sample_windows` calibration windows. Does not modify `model`."""
+    from llmpress.arch import adapter_for
+    from llmpress.pipeline import _collect_block_stats, _run_block, capture_block_inputs
+    from llmpress.modules import linear_bytes
+
+    t0 = time.perf_counter()
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    prefix = adapter.blocks_path
+    dense_bpp = next(model.parameters()).element_size()
+    hidden, kwargs = capture_block_inputs(model, blocks, tokens, batch_size)
+    layers: dict[str, dict] = {}
+    bar = tqdm(total=len(blocks) * sum(len(g) for g in adapter.input_groups), desc="sensitivity", unit="layer",
+               disable=not progress)
+    for i, block in enumerate(blocks):
+        out, stats = _collect_block_stats(block, adapter, prefix, i, {}, hidden, kwargs, batch_size, all_groups=True)
+        x_sub, y_sub = hidden[:sample_windows], out[:sample_windows]
+        energy = y_sub.double().square().sum().item()
+        for group in adapter.input_groups:
+            for local in group:
+                linear = block.get_submodule(local)
+                parent, _, attr = local.rpartition(".")
+                o_f, i_f = linear.out_features, linear.in_features
+                options = [{"label": "dense", "config": None, "bytes": linear_bytes(linear), "params": o_f * i_f,
+                            "error": 0.0}]
+                for config in menu:
+                    module, info = handler_for(config)(linear, config, stats[local])
+                    setattr(block.get_submodule(parent), attr, module)
+                    try:
+                        y = _run_block(block, x_sub, kwargs, batch_size)
+                    finally:
+                        setattr(block.get_submodule(parent), attr, linear)
+                    nbytes, params = option_cost(config, o_f, i_f, dense_bpp)
+                    if nbytes != module.stored_bytes():
+                        raise AssertionError(f"cost model disagrees with {config.label()}: {nbytes} vs {module.stored_bytes()}")
+                    options.append({"label": config.label(), "config": config.to_dict(), "bytes": nbytes,
+                                    "params": params, "error": (y - y_sub).double().square().sum().item() / energy})
+                layers[f"{prefix}.{i}.{local}"] = {"out": o_f, "in": i_f, "params": o_f * i_f, "options": options}
+                bar.update()
+        hidden = out                                      # dense outputs feed the next block
+    bar.close()
+    meta = {"menu": [c.to_dict() for c in menu], "sample_windows": sample_windows, "tokens": list(tokens.shape),
+            "dense_bytes_per_param": dense_bpp, "seconds": time.perf_counter() - t0}
+    return Table(layers, meta)

@@ -1,0 +1,134 @@
+"""Costs, sensitivity table, allocators and baselines, on the tiny model."""
+import copy
+import json
+
+import pytest
+import torch
+
+from llmpress import LLMPressError
+from llmpress.allocate import (allocate, effective_rank_ratios, knapsack, lagrange, owl_block_sparsity, summarize,
+                               to_plan, uniform, _dense_stats)
+from llmpress.arch import adapter_for
+from llmpress.budget import Budget, Table, measure_sensitivity, menu_configs, option_cost
+from llmpress.eval import model_size
+from llmpress.pipeline import compress
+
+
+@pytest.fixture(scope="module")
+def table_and_model():
+    from conftest import tiny_llama
+    model = tiny_llama()
+    tokens = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(3))
+    menu = menu_configs("gptq,sparsegpt,svd-llm,wanda,rtn")
+    # measure_sensitivity itself asserts that every option's cost formula equals the bytes the real
+    # compressed module stores
+    table = measure_sensitivity(model, tokens, menu, sample_windows=2, progress=False)
+    return table, model, tokens
+
+
+def test_parse_budget():
+    assert Budget.parse("params=0.5") == Budget("params", 0.5)
+    assert Budget.parse("bits=3") == Budget("bits", 3.0)
+    for bad in ("params=1.5", "bits=-1", "size=3", "bits", "bytes=abc"):
+        with pytest.raises(LLMPressError):
+            Budget.parse(bad)
+
+
+def test_table_is_complete_and_round_trips(table_and_model, tmp_path):
+    table, model, _ = table_and_model
+    assert len(table.layers) == 14
+    layer = table.layers["model.layers.1.mlp.down_proj"]
+    assert layer["options"][0]["label"] == "dense" and layer["options"][0]["error"] == 0
+    assert all(o["error"] > 0 for o in layer["options"][1:])
+    # more bits, less error
+    from llmpress import GPTQ
+    errs = {o["label"]: o["error"] for o in layer["options"]}
+    assert errs[GPTQ(bits=2).label()] > errs[GPTQ(bits=4).label()] > errs[GPTQ(bits=8).label()]
+    table.save(tmp_path / "t.json")
+    again = Table.load(tmp_path / "t.json")
+    assert again.layers == json.loads(json.dumps(table.layers))
+
+
+@pytest.mark.parametrize("spec", ["params=0.5", "bits=3.0", "bits=5.0"])
+def test_allocators_land_within_one_percent_and_beat_uniform(table_and_model, spec):
+    table, _, _ = table_and_model
+    budget = Budget.parse(spec)
+    k, l = knapsack(table, budget), lagrange(table, budget)
+    assert 0.99 <= summarize(table, k, budget)["use_of_budget"] <= 1.0 + 1e-9
+    assert summarize(table, l, budget)["use_of_budget"] <= 1.0 + 1e-9
+    # the DP is optimal among choices whose cost, rounded up to budget / DP_UNITS per layer, fits in
+    # [99 %, 100 %] of the budget: so it beats the Lagrangian choice when that lies in the window
+    # with the rounding slack to spare
+    from llmpress.allocate import DP_UNITS
+    slack = Budget(budget.metric, budget.target * (1 - len(table.layers) / DP_UNITS))
+    l_slack = lagrange(table, slack)
+    if summarize(table, l_slack, budget)["use_of_budget"] >= 0.99:
+        assert summarize(table, k, budget)["predicted_error"] <= summarize(table, l_slack, budget)["predicted_error"] + 1e-12
+    from llmpress import GPTQ, SparseGPT
+    ref = uniform(table, (SparseGPT(sparsity=0.5) if budget.metric == "params" else GPTQ(bits=3)).label())
+    # with the rounding slack added to the budget, the uniform choice is one the DP can represent
+    roomy = Budget(budget.metric, budget.target * (1 + len(table.layers) / DP_UNITS))
+    if summarize(table, ref, roomy)["use_of_budget"] >= 0.99 and summarize(table, ref, budget)["use_of_budget"] <= 1:
+        assert summarize(table, knapsack(table, roomy), budget)["predicted_error"] <= \
+            summarize(table, ref, budget)["predicted_error"]
+
+
+def test_measured_bits_agree_with_the_cost_model(table_and_model):
+    table, model, tokens = table_and_model
+    budget = Budget.parse("bits=3.0")
+    choice = knapsack(table, budget)
+    built = copy.deepcopy(model)
+    compress(built, to_plan(table, choice).resolve(adapter_for(built).linear_names(built)), tokens, progress=False)
+    s = summarize(table, choice, budget)
+    size = model_size(built)
+    assert size["bytes"] == s["bytes"] and size["bits_per_weight"] == pytest.approx(s["bits_per_weight"])
+    assert size["bits_per_weight"] <= 3.0
+
+
+def test_budget_below_reach_is_refused(table_and_model):
+    table, _, _ = table_and_model
+    with pytest.raises(LLMPressError, match="below what the menu can reach"):
+        knapsack(table, Budget.parse("bits=0.5"))
+
+
+def test_search_keeps_the_budget_and_does_not_get_worse(table_and_model):
+    table, model, tokens = table_and_model
+    budget = Budget.parse("params=0.6")
+    held_out = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(9))
+    choice, info = allocate(table, budget, "search", model=model, stats_tokens=tokens, eval_tokens=held_out,
+                            steps=6, progress=False)
+    assert info["use_of_budget"] <= 1.0 + 1e-9 and set(choice) == set(table.layers)
+
+
+def test_owl_and_effective_rank_baselines(table_and_model):
+    _, model, tokens = table_and_model
+    stats = _dense_stats(model, tokens)
+    s = owl_block_sparsity(model, stats, 0.5, lamda=0.08)
+    assert len(s) == 2 and sum(s) / 2 == pytest.approx(0.5) and max(s) - min(s) <= 0.16 + 1e-9
+    ratios = effective_rank_ratios(model, stats, 0.5)
+    names = adapter_for(model).linear_names(model)
+    params = {n: model.get_submodule(n).weight.numel() for n in names}
+    kept = sum(ratios[n] * params[n] for n in names) / sum(params.values())
+    assert kept == pytest.approx(0.5, rel=0.01) and all(0 < r < 1 for r in ratios.values())
+
+
+def test_cli_budget_reuses_the_sensitivity_table(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    from llmpress import budget as budget_mod
+    from llmpress.cli import main
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 600)
+    monkeypatch.setenv("LLMPRESS_CACHE", str(tmp_path / "cache"))
+    args = ["compress", "--model", str(tiny_hf_dir), "--calib", str(text), "--num-samples", "4", "--seq-len", "32",
+            "--sample-windows", "2", "--menu", "gptq,sparsegpt"]
+    assert main(args + ["--budget", "bits=4", "--out", str(tmp_path / "a"), "--json", str(tmp_path / "a.json")]) == 0
+    first = json.loads((tmp_path / "a.json").read_text())
+    assert first["bits_per_weight"] <= 4.0 and first["allocation"]["use_of_budget"] >= 0.99
+    assert (tmp_path / "a" / "allocation.png").stat().st_size > 1000
+
+    def boom(*a, **k):
+        raise AssertionError("sensitivity re-measured")
+    monkeypatch.setattr(budget_mod, "measure_sensitivity", boom)
+    assert main(args + ["--budget", "bits=6", "--out", str(tmp_path / "b"), "--json", str(tmp_path / "b.json")]) == 0
+    assert "sensitivity table read from" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "b" / "llmpress.json").read_text())
+    assert manifest["allocation"]["budget"] == "bits=6" and len(manifest["plan"]["rules"]) == 14
