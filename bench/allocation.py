@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from llmpress import GPTQ, SVDLLM, SparseGPT, Plan  # noqa: E402
 from llmpress.allocate import (_dense_stats, allocate, effective_rank_ratios, owl_block_sparsity,  # noqa: E402
-                               plot_allocation, summarize, to_plan)
+                               plot_allocation, to_plan)
 from llmpress.arch import adapter_for  # noqa: E402
-from llmpress.budget import Budget, Table, measure_sensitivity, menu_configs, table_key  # noqa: E402
+from llmpress.budget import Budget, Table, measure_sensitivity, menu_configs, option_cost, table_key  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402
 from llmpress.eval import model_size, perplexity  # noqa: E402
 from llmpress.models import load_model  # noqa: E402
@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--table", default=str(ROOT / "bench" / ".cache" / "sensitivity-gptq-sparsegpt-svdllm.json"))
     ap.add_argument("--only", help="comma-separated run names")
     ap.add_argument("--search-steps", type=int, default=30)
+    ap.add_argument("--sample-windows", type=int, default=2)
+    ap.add_argument("--dense-ppl", type=float, help="dense perplexity measured earlier (skips re-measuring)")
     a = ap.parse_args()
 
     dense, tok = load_model("smollm2-135m")
@@ -43,11 +45,11 @@ def main() -> None:
     held_out = calibration_tokens(tok, "wikipedia", 68, 512, seed=0)[-4:]
     ids = eval_tokens(tok, "wikitext2")
     menu = menu_configs("gptq,sparsegpt,svd-llm")
-    key = table_key(dense, tokens, menu, 4)
+    key = table_key(dense, tokens, menu, a.sample_windows)
     if Path(a.table).is_file() and Table.load(a.table).meta.get("key") == key:
         table = Table.load(a.table)
     else:
-        table = measure_sensitivity(dense, tokens, menu, sample_windows=4)
+        table = measure_sensitivity(dense, tokens, menu, sample_windows=a.sample_windows)
         table.meta["key"] = key
         Path(a.table).parent.mkdir(parents=True, exist_ok=True)
         table.save(a.table)
@@ -62,35 +64,58 @@ def main() -> None:
 
     runs: dict[str, dict] = {}
     out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_file():
         runs = json.loads(out.read_text())["runs"]
-    dense_ppl = runs.get("dense", {}).get("perplexity") or perplexity(dense, ids, 2048, 20, progress=False)["perplexity"]
-    runs["dense"] = {"perplexity": dense_ppl}
+    dense_ppl = a.dense_ppl or runs.get("dense", {}).get("perplexity") or \
+        perplexity(dense, ids, 2048, 20, progress=False)["perplexity"]
+    runs["dense"] = {"perplexity": dense_ppl, "source": "--dense-ppl" if a.dense_ppl else "measured"}
 
-    def plans():
-        p05, b3 = Budget.parse("params=0.5"), Budget.parse("bits=3.0")
-        yield "params0.5/uniform-sparsegpt-0.5", Plan.uniform(SparseGPT(sparsity=0.5)), None
-        owl = owl_block_sparsity(dense, dense_stats(), 0.5)
-        yield "params0.5/owl-sparsegpt", Plan([(f"model.layers.{i}.*", SparseGPT(sparsity=round(s, 4)))
-                                              for i, s in enumerate(owl)]), None
+    p05 = Budget.parse("params=0.5")
+    # uniform GPTQ 3-bit at group 128 measures 3 + 16 / 128 (+ the shorter last group of the 576-column
+    # layers): the allocator gets exactly that measured size, and also the round 3.0
+    gptq3_bits = 8 * sum(option_cost(GPTQ(bits=3), layer["out"], layer["in"], 4)[0] for layer in table.layers.values()) \
+        / sum(layer["params"] for layer in table.layers.values())
+    predicted = {}
+    for spec in (p05, Budget("bits", gptq3_bits), Budget.parse("bits=3.0")):
+        for alloc in ("knapsack", "lagrange"):
+            choice, info = allocate(table, spec, alloc)
+            predicted[f"{spec.metric}={spec.target:.4f}/{alloc}"] = info
+    print(json.dumps(predicted, indent=1), flush=True)
+
+    def allocated(spec: Budget, allocator: str, **kw):
+        def build():
+            choice, info = allocate(table, spec, allocator, **kw)
+            return to_plan(table, choice), (choice, info)
+        return build
+
+    def owl():
+        s = owl_block_sparsity(dense, dense_stats(), 0.5)
+        return Plan([(f"model.layers.{i}.*", SparseGPT(sparsity=round(x, 4))) for i, x in enumerate(s)]), None
+
+    def erank():
         ratios = effective_rank_ratios(dense, dense_stats(), 0.5)
-        yield "params0.5/effective-rank-svd-llm", Plan([(n, SVDLLM(param_ratio=round(r, 4))) for n, r in ratios.items()]), None
-        for alloc in ("knapsack", "lagrange"):
-            choice, info = allocate(table, p05, alloc)
-            yield f"params0.5/{alloc}", to_plan(table, choice), (choice, info)
-        choice, info = allocate(table, p05, "search", model=dense, stats_tokens=tokens, eval_tokens=held_out,
-                                steps=a.search_steps)
-        yield "params0.5/search", to_plan(table, choice), (choice, info)
-        yield "bits3/uniform-gptq-3", Plan.uniform(GPTQ(bits=3, group_size=128)), None
-        yield "bits3/uniform-gptq-4", Plan.uniform(GPTQ(bits=4, group_size=128)), None
-        for alloc in ("knapsack", "lagrange"):
-            choice, info = allocate(table, b3, alloc)
-            yield f"bits3/{alloc}", to_plan(table, choice), (choice, info)
+        return Plan([(n, SVDLLM(param_ratio=round(r, 4))) for n, r in ratios.items()]), None
+
+    # in order of priority: the later ones are the cheapest to leave out
+    plans = [
+        ("params0.5/knapsack", allocated(p05, "knapsack")),
+        ("params0.5/owl-sparsegpt", owl),
+        ("params0.5/effective-rank-svd-llm", erank),
+        ("bits3/uniform-gptq-3", lambda: (Plan.uniform(GPTQ(bits=3, group_size=128)), None)),
+        (f"bits{gptq3_bits:.3f}/knapsack", allocated(Budget("bits", gptq3_bits), "knapsack")),
+        ("bits3.0/knapsack", allocated(Budget.parse("bits=3.0"), "knapsack")),
+        ("params0.5/search", allocated(p05, "search", model=dense, stats_tokens=tokens, eval_tokens=held_out,
+                                       steps=a.search_steps)),
+        ("params0.5/uniform-sparsegpt-0.5", lambda: (Plan.uniform(SparseGPT(sparsity=0.5)), None)),
+        ("params0.5/lagrange", allocated(p05, "lagrange")),
+    ]
 
     only = set(a.only.split(",")) if a.only else None
-    for name, plan, alloc in plans():
-        if only and name not in only:
+    for name, make in plans:
+        if (only and name not in only) or name in runs:
             continue
+        plan, alloc = make()
         model = copy.deepcopy(dense)
         t = time.perf_counter()
         rep = compress(model, plan.resolve(names), tokens, progress=False)
@@ -105,8 +130,7 @@ def main() -> None:
             plot_allocation(table, alloc[0], ROOT / "bench" / "results" / f"allocation_{safe}.png", name)
         print(f"{name:<36} ppl {ppl:9.3f} (+{ppl - dense_ppl:8.3f})  params kept {params_kept:.4f}  "
               f"bits/weight {size['bits_per_weight']:.3f}  ({time.perf_counter() - t:.0f}s)", flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "runs": runs}, indent=1))
+        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "predicted": predicted, "runs": runs}, indent=1))
         del model
 
 

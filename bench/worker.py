@@ -49,7 +49,7 @@ def peer_recipe(name: str):
         scheme = {"group_0": {"targets": ["Linear"], "weights": {
             "num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}}}
         return GPTQModifier(config_groups=scheme, ignore=["lm_head"], dampening_frac=0.01, block_size=128)
-    structure = "2:4" if name.endswith("2:4") else "unstructured"
+    structure = "2:4" if name.endswith("2:4") else "0:0"      # 0:0 = unstructured in llm-compressor
     cls = SparseGPTModifier if name.startswith("sparsegpt") else WandaPruningModifier
     return cls(sparsity=0.5, mask_structure=structure, targets=targets, ignore=["lm_head"])
 
