@@ -96,11 +96,13 @@ def main() -> None:
         from llmpress.pipeline import compress
         from llmpress.plan import Plan
 
-        plan = Plan.uniform(parse_method_spec(METHODS[a.method]))
+        # NAME+onepass: every block's statistics from the dense model in one pass, no propagation
+        name, _, mode = a.method.partition("+")
+        plan = Plan.uniform(parse_method_spec(METHODS[name]))
         layer_configs = plan.resolve(adapter_for(model).linear_names(model))
         before = linear_weights(model)
         t = time.perf_counter()
-        report = compress(model, layer_configs, tokens, progress=False)
+        report = compress(model, layer_configs, tokens, progress=False, propagate=mode != "onepass")
         result["seconds"] = time.perf_counter() - t
         result["fallbacks"] = sum("fallback" in v for v in report.layers.values())
         after = {n: model.get_submodule(n).dense_weight() for n in before}

@@ -288,7 +288,7 @@ def plot_allocation(table: Table, choice: dict[str, int], path, title: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from llmpress.report import FAMILY_COLOURS
-    names = list(choice)
+    names = [n for n in table.layers if n in choice]      # model order (block 0 first)
     opts = [table.layers[n]["options"][choice[n]] for n in names]
     fam = [("dense" if o["config"] is None else _family(o["config"]["method"])) for o in opts]
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 5.5), sharex=True)

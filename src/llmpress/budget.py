@@ -4,8 +4,15 @@ table measured once per (model, calibration data, menu), saved as JSON.
 The table lists, per compressible linear, a menu of options (dense, or a method config) with
   bytes   exactly as the compressed module stores them (see llmpress.modules),
   params  parameters kept (nonzeros, factor entries; all of them for quantization),
-  error   the relative error that option alone causes in its decoder block's output,
-          ||block(x) - block'(x)||^2 / ||block(x)||^2 on calibration tokens (dense block inputs).
+  error   the loss increase that option alone is estimated to cause, in nats per token: the change
+          d it makes in its decoder block's output on calibration tokens (dense block inputs),
+          weighted by the diagonal empirical Fisher of the model's loss at that block's output,
+          1/2 sum_t sum_c g_tc^2 d_tc^2 / tokens (g = d loss / d block output, one backward pass).
+          Block-local errors alone are not comparable across blocks: the residual stream's norm
+          grows (and spikes in a few blocks) along the depth, so a plain relative error tells the
+          allocator that the middle blocks are nearly free; the Fisher weight puts every block's
+          error in the same unit, the loss.
+  block_error  the plain relative error ||block(x) - block'(x)||^2 / ||block(x)||^2 (diagnostic).
 Allocators (llmpress.allocate) turn (table, budget) into a Plan.
 """
 from __future__ import annotations
@@ -23,7 +30,7 @@ from tqdm.auto import tqdm
 from llmpress.config import MethodConfig, config_from_dict, handler_for, parse_method_spec
 from llmpress.errors import LLMPressError
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 METRICS = ("params", "bits", "bytes")
 
 # method -> the levels it contributes to a menu
@@ -150,12 +157,47 @@ def table_key(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_wind
     return h.hexdigest()
 
 
+def block_output_grads(model, blocks, windows: torch.Tensor) -> list[torch.Tensor]:
+    """Per decoder block, d(sum of next-token losses)/d(block output) on `windows` (S, T) of
+    calibration tokens: a list of (S, T, C) float32 tensors. One forward + backward per window;
+    parameters get no gradients (their requires_grad is switched off and restored)."""
+    import torch.nn.functional as F
+    grads: list[list[torch.Tensor]] = [[] for _ in blocks]
+
+    def block_hook(i):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            h.register_hook(lambda g: grads[i].append(g.detach().float()))
+        return hook
+
+    def embed_hook(module, args, output):
+        return output.detach().requires_grad_(True)       # the graph starts at the embeddings
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    handles = [b.register_forward_hook(block_hook(i)) for i, b in enumerate(blocks)]
+    handles.append(model.get_input_embeddings().register_forward_hook(embed_hook))
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for w in windows:
+                logits = model(w[None], use_cache=False).logits[0, :-1].float()
+                F.cross_entropy(logits, w[1:], reduction="sum").backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return [torch.cat(g) for g in grads]
+
+
 @torch.no_grad()
 def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int = 8,
                         batch_size: int = 8, progress: bool = True) -> Table:
-    """Per layer and option: the option's error in its block's output, block-local. Statistics come
-    from one forward per block of all calibration tokens through the dense model; the error is
-    measured on the first `sample_windows` calibration windows. Does not modify `model`."""
+    """Per layer and option: the option's error in its block's output, block-local, weighted by the
+    loss's gradient there (see the module docstring). Statistics come from one forward per block of
+    all calibration tokens through the dense model; the error is measured on the first
+    `sample_windows` calibration windows. Does not modify `model`."""
     from llmpress.arch import adapter_for
     from llmpress.pipeline import _collect_block_stats, _run_block, capture_block_inputs
     from llmpress.modules import linear_bytes
@@ -165,6 +207,10 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
     blocks = adapter.blocks(model)
     prefix = adapter.blocks_path
     dense_bpp = next(model.parameters()).element_size()
+    if not 0 < sample_windows <= tokens.shape[0]:
+        raise LLMPressError(f"sample_windows must be in 1..{tokens.shape[0]} (the calibration windows); got {sample_windows}")
+    grads = block_output_grads(model, blocks, tokens[:sample_windows])
+    n_tokens = sample_windows * (tokens.shape[1] - 1)
     hidden, kwargs = capture_block_inputs(model, blocks, tokens, batch_size)
     layers: dict[str, dict] = {}
     bar = tqdm(total=len(blocks) * sum(len(g) for g in adapter.input_groups), desc="sensitivity", unit="layer",
@@ -173,13 +219,14 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
         out, stats = _collect_block_stats(block, adapter, prefix, i, {}, hidden, kwargs, batch_size, all_groups=True)
         x_sub, y_sub = hidden[:sample_windows], out[:sample_windows]
         energy = y_sub.double().square().sum().item()
+        fisher = grads[i].double().square()                 # (S, T, C) diagonal empirical Fisher
         for group in adapter.input_groups:
             for local in group:
                 linear = block.get_submodule(local)
                 parent, _, attr = local.rpartition(".")
                 o_f, i_f = linear.out_features, linear.in_features
                 options = [{"label": "dense", "config": None, "bytes": linear_bytes(linear), "params": o_f * i_f,
-                            "error": 0.0}]
+                            "error": 0.0, "block_error": 0.0}]
                 for config in menu:
                     module, info = handler_for(config)(linear, config, stats[local])
                     setattr(block.get_submodule(parent), attr, module)
@@ -190,12 +237,15 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
                     nbytes, params = option_cost(config, o_f, i_f, dense_bpp)
                     if nbytes != module.stored_bytes():
                         raise AssertionError(f"cost model disagrees with {config.label()}: {nbytes} vs {module.stored_bytes()}")
+                    d2 = (y - y_sub).double().square()
                     options.append({"label": config.label(), "config": config.to_dict(), "bytes": nbytes,
-                                    "params": params, "error": (y - y_sub).double().square().sum().item() / energy})
+                                    "params": params, "error": 0.5 * (fisher * d2).sum().item() / n_tokens,
+                                    "block_error": d2.sum().item() / energy})
                 layers[f"{prefix}.{i}.{local}"] = {"out": o_f, "in": i_f, "params": o_f * i_f, "options": options}
                 bar.update()
         hidden = out                                      # dense outputs feed the next block
     bar.close()
     meta = {"menu": [c.to_dict() for c in menu], "sample_windows": sample_windows, "tokens": list(tokens.shape),
-            "dense_bytes_per_param": dense_bpp, "seconds": time.perf_counter() - t0}
+            "dense_bytes_per_param": dense_bpp,
+            "error": "estimated loss increase, nats/token (Fisher-weighted block output change)", "seconds": time.perf_counter() - t0}
     return Table(layers, meta)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 FAMILY_COLOURS = {"dense": "black", "quantization": "tab:blue", "pruning": "tab:orange",
@@ -37,8 +38,16 @@ def plot_tradeoff(runs: list[dict], key: str, ylabel: str, path: Path, log_y: bo
             ax.scatter([pts[i][0] for i in idx], [pts[i][1] for i in idx], c=FAMILY_COLOURS[family],
                        marker="*" if family == "dense" else "o", s=160 if family == "dense" else 50,
                        label=family, zorder=3)
-    for i, r in enumerate(runs):
-        ax.annotate(r["label"], pts[i], fontsize=7, xytext=(4, 4), textcoords="offset points")
+    # runs of the same size (e.g. every 50 % pruning method) would print their labels on top of
+    # each other: stack those labels downwards
+    yv = [math.log10(max(p[1], 1e-30)) if log_y else p[1] for p in pts]
+    span_x = max(p[0] for p in pts) - min(p[0] for p in pts) or 1.0
+    span_y = max(yv) - min(yv) or 1.0
+    placed: list[int] = []
+    for i in sorted(range(len(runs)), key=lambda i: (pts[i][0], -pts[i][1])):
+        stack = sum(abs(pts[j][0] - pts[i][0]) < 0.03 * span_x and abs(yv[j] - yv[i]) < 0.08 * span_y for j in placed)
+        placed.append(i)
+        ax.annotate(runs[i]["label"], pts[i], fontsize=7, xytext=(6, 4 - 10 * stack), textcoords="offset points")
     signed = [(x, y if lower_is_better else -y) for x, y in pts]
     front = pareto_front(signed)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", c="grey", lw=1, label="Pareto front", zorder=2)
