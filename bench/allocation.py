@@ -83,10 +83,10 @@ def main() -> None:
             predicted[f"{spec.metric}={spec.target:.4f}/{alloc}"] = info
     print(json.dumps(predicted, indent=1), flush=True)
 
-    def allocated(spec: Budget, allocator: str, **kw):
+    def allocated(spec: Budget, allocator: str, table=table, **kw):
         def build():
             choice, info = allocate(table, spec, allocator, **kw)
-            return to_plan(table, choice), (choice, info)
+            return to_plan(table, choice), (choice, info, table)
         return build
 
     def owl():
@@ -109,6 +109,9 @@ def main() -> None:
                                        steps=a.search_steps)),
         ("params0.5/uniform-sparsegpt-0.5", lambda: (Plan.uniform(SparseGPT(sparsity=0.5)), None)),
         ("params0.5/lagrange", allocated(p05, "lagrange")),
+        # one axis at a time, against the single-axis baselines above (same table, fewer options)
+        ("params0.5/knapsack-sparsegpt-only", allocated(p05, "knapsack", table=table.restricted(["sparsegpt"]))),
+        ("params0.5/knapsack-svd-llm-only", allocated(p05, "knapsack", table=table.restricted(["svd-llm"]))),
     ]
 
     only = set(a.only.split(",")) if a.only else None
@@ -127,7 +130,7 @@ def main() -> None:
                       "allocation": alloc[1] if alloc else None}
         if alloc:
             safe = name.replace("/", "_")
-            plot_allocation(table, alloc[0], ROOT / "bench" / "results" / f"allocation_{safe}.png", name)
+            plot_allocation(alloc[2], alloc[0], ROOT / "bench" / "results" / f"allocation_{safe}.png", name)
         print(f"{name:<36} ppl {ppl:9.3f} (+{ppl - dense_ppl:8.3f})  params kept {params_kept:.4f}  "
               f"bits/weight {size['bits_per_weight']:.3f}  ({time.perf_counter() - t:.0f}s)", flush=True)
         out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "predicted": predicted, "runs": runs}, indent=1))
