@@ -165,3 +165,12 @@ def test_block_output_grads_are_the_loss_gradient():
     numeric = (loss_with(eps) - loss_with(-eps)) / (2 * eps)
     analytic = (grads[1].double() * direction).sum().item()
     assert numeric == pytest.approx(analytic, rel=1e-3)
+
+
+def test_restricted_table_allocates_along_one_axis(table_and_model):
+    table, _, _ = table_and_model
+    sparse = table.restricted(["sparsegpt"])
+    choice, info = allocate(sparse, Budget.parse("params=0.6"), "knapsack")
+    assert set(info["methods"]) <= {"dense", "sparsegpt"} and abs(info["use_of_budget"] - 1) <= 0.01
+    with pytest.raises(LLMPressError):
+        table.restricted(["awq"])

@@ -145,6 +145,16 @@ class Table:
         c = self.layers[fqn]["options"][index]["config"]
         return None if c is None else config_from_dict(c)
 
+    def restricted(self, methods: list[str]) -> "Table":
+        """The same table with only `methods`' options (and dense) on each layer's menu: allocate
+        along one axis (e.g. sparsity alone) without measuring again."""
+        layers = {n: {**layer, "options": [o for o in layer["options"]
+                                           if o["config"] is None or o["config"]["method"] in methods]}
+                  for n, layer in self.layers.items()}
+        if all(len(layer["options"]) == 1 for layer in layers.values()):
+            raise LLMPressError(f"none of {methods} is on this table's menu")
+        return Table(layers, {**self.meta, "restricted_to": list(methods)})
+
 
 def table_key(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int) -> str:
     from llmpress.stats import tokens_digest
