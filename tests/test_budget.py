@@ -174,3 +174,24 @@ def test_restricted_table_allocates_along_one_axis(table_and_model):
     assert set(info["methods"]) <= {"dense", "sparsegpt"} and abs(info["use_of_budget"] - 1) <= 0.01
     with pytest.raises(LLMPressError):
         table.restricted(["awq"])
+
+
+def test_fused_layers_share_one_choice(table_and_model):
+    from llmpress.allocate import fused_groups
+    table, model, _ = table_and_model
+    groups = fused_groups(model)
+    assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj"] in groups
+    budget = Budget.parse("bits=4")
+    for alloc in ("knapsack", "lagrange"):
+        choice, info = allocate(table, budget, alloc, fuse_groups=groups)
+        assert list(choice) == list(table.layers) and info["fused"]
+        for g in groups:
+            assert len({choice[m] for m in g}) == 1, g
+        assert 0.99 <= info["use_of_budget"] <= 1.0
+        # a constraint can only cost predicted error
+        free = summarize(table, allocate(table, budget, alloc)[0], budget)["predicted_error"]
+        if alloc == "knapsack":
+            assert info["predicted_error"] >= free * (1 - 1e-3)     # up to the DP's cost rounding
+    with pytest.raises(LLMPressError):
+        allocate(table, budget, "search", fuse_groups=groups)

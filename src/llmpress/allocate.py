@@ -147,9 +147,55 @@ def to_plan(table: Table, choice: dict[str, int]) -> Plan:
     return Plan([(name, table.config(name, i)) for name, i in choice.items()])
 
 
-def allocate(table: Table, budget: Budget, allocator: str = "knapsack", **search_kwargs) -> tuple[dict[str, int], dict]:
+def fused_groups(model) -> list[list[str]]:
+    """Layers that serving engines fuse into one matmul (they read the same input: q/k/v, gate/up),
+    as lists of module names; o_proj and down_proj stand alone."""
+    from llmpress.arch import adapter_for
+    adapter = adapter_for(model)
+    return [[f"{adapter.blocks_path}.{i}.{local}" for local in group]
+            for i in range(len(adapter.blocks(model))) for group in adapter.input_groups]
+
+
+def fuse(table: Table, groups: list[list[str]]) -> Table:
+    """The table with each group as one item: option k of the item is option k on every member
+    (same menu on every layer), its bytes, params and error summed."""
+    layers = {}
+    for members in groups:
+        missing = [m for m in members if m not in table.layers]
+        if missing:
+            raise LLMPressError(f"fused group names layers that are not in the table: {missing}")
+        labels = [o["label"] for o in table.layers[members[0]]["options"]]
+        if any([o["label"] for o in table.layers[m]["options"]] != labels for m in members):
+            raise LLMPressError(f"the layers of {members} do not share one menu; they cannot be fused")
+        options = []
+        for k, label in enumerate(labels):
+            opts = [table.layers[m]["options"][k] for m in members]
+            options.append({**opts[0], **{f: sum(o[f] for o in opts) for f in ("bytes", "params", "error")}})
+        layers["+".join(members)] = {"in": table.layers[members[0]]["in"], "members": members, "options": options,
+                                     "out": sum(table.layers[m]["out"] for m in members),
+                                     "params": sum(table.layers[m]["params"] for m in members)}
+    covered = {m for g in groups for m in g}
+    for name, layer in table.layers.items():
+        if name not in covered:
+            layers[name] = layer
+    return Table(layers, {**table.meta, "fused": True})
+
+
+def allocate(table: Table, budget: Budget, allocator: str = "knapsack", fuse_groups: list[list[str]] | None = None,
+             **search_kwargs) -> tuple[dict[str, int], dict]:
+    """(table, budget) -> (choice: layer -> option index, summary). With fuse_groups, the layers of
+    each group get one shared choice."""
     t = time.perf_counter()
-    if allocator == "knapsack":
+    if fuse_groups:
+        if allocator == "search":
+            raise LLMPressError("fused groups are supported by the knapsack and lagrange allocators, not by search")
+        solved = {"knapsack": knapsack, "lagrange": lagrange}[allocator](fuse(table, fuse_groups), budget) \
+            if allocator in ("knapsack", "lagrange") else None
+        if solved is None:
+            raise LLMPressError(f"unknown allocator {allocator!r}; use knapsack, lagrange or search")
+        choice = {m: i for key, i in solved.items() for m in key.split("+")}
+        choice = {n: choice[n] for n in table.layers}          # model order
+    elif allocator == "knapsack":
         choice = knapsack(table, budget)
     elif allocator == "lagrange":
         choice = lagrange(table, budget)
@@ -157,7 +203,8 @@ def allocate(table: Table, budget: Budget, allocator: str = "knapsack", **search
         choice = evolutionary_search(table, budget, **search_kwargs)
     else:
         raise LLMPressError(f"unknown allocator {allocator!r}; use knapsack, lagrange or search")
-    info = {"allocator": allocator, "allocate_seconds": time.perf_counter() - t, **summarize(table, choice, budget)}
+    info = {"allocator": allocator, "allocate_seconds": time.perf_counter() - t, "fused": bool(fuse_groups),
+            **summarize(table, choice, budget)}
     return choice, info
 
 

@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sensitivity", help="sensitivity table JSON: read if it exists for this model, data and "
                                          "menu; written otherwise (default: under $LLMPRESS_CACHE or ~/.cache/llmpress)")
     c.add_argument("--sample-windows", type=int, default=4, help="calibration windows the sensitivity is measured on")
+    c.add_argument("--fuse", action="store_true",
+                   help="layers that serving engines fuse (q/k/v, gate/up) share one choice (knapsack, lagrange)")
     c.add_argument("--search-steps", type=int, default=40)
     c.add_argument("--one-pass", action="store_true",
                    help="statistics from the dense model in one forward per block (faster, no error propagation)")
@@ -115,6 +117,8 @@ def cmd_compress(a) -> dict:
 
     if sum(x is not None for x in (a.method, a.plan, a.budget)) != 1:
         raise LLMPressError("give exactly one of --method, --plan or --budget")
+    if a.fuse and (not a.budget or a.allocator == "search"):
+        raise LLMPressError("--fuse applies to --budget with the knapsack or lagrange allocator")
     budget = None
     if a.budget:
         from llmpress.budget import DEFAULT_MENU, Budget, menu_configs
@@ -191,6 +195,9 @@ def _allocate(a, model, tokenizer, tokens, budget, menu):
         # the same seeded permutation, 4 windows further: disjoint from the calibration windows
         held_out = calibration_tokens(tokenizer, a.calib, a.num_samples + 4, a.seq_len, a.seed)[-4:]
         extra = {"model": model, "stats_tokens": tokens, "eval_tokens": held_out, "steps": a.search_steps}
+    if a.fuse:
+        from llmpress.allocate import fused_groups
+        extra["fuse_groups"] = fused_groups(model)
     choice, info = allocate(table, budget, a.allocator, **extra)
     info["sensitivity_table"] = str(path)
     print(f"allocation ({a.allocator}) ready in {info['allocate_seconds']:.2f}s: {info['params_kept']:.3f} of params "
