@@ -186,23 +186,20 @@ def allocate(table: Table, budget: Budget, allocator: str = "knapsack", fuse_gro
     """(table, budget) -> (choice: layer -> option index, summary). With fuse_groups, the layers of
     each group get one shared choice."""
     t = time.perf_counter()
-    if fuse_groups:
-        if allocator == "search":
+    solvers = {"knapsack": knapsack, "lagrange": lagrange}
+    if allocator == "search":
+        if fuse_groups:
             raise LLMPressError("fused groups are supported by the knapsack and lagrange allocators, not by search")
-        solved = {"knapsack": knapsack, "lagrange": lagrange}[allocator](fuse(table, fuse_groups), budget) \
-            if allocator in ("knapsack", "lagrange") else None
-        if solved is None:
-            raise LLMPressError(f"unknown allocator {allocator!r}; use knapsack, lagrange or search")
-        choice = {m: i for key, i in solved.items() for m in key.split("+")}
-        choice = {n: choice[n] for n in table.layers}          # model order
-    elif allocator == "knapsack":
-        choice = knapsack(table, budget)
-    elif allocator == "lagrange":
-        choice = lagrange(table, budget)
-    elif allocator == "search":
         choice = evolutionary_search(table, budget, **search_kwargs)
-    else:
+    elif allocator not in solvers:
         raise LLMPressError(f"unknown allocator {allocator!r}; use knapsack, lagrange or search")
+    elif fuse_groups:
+        fused = fuse(table, fuse_groups)
+        solved = solvers[allocator](fused, budget)
+        members = {m: i for key, i in solved.items() for m in fused.layers[key].get("members", [key])}
+        choice = {n: members[n] for n in table.layers}          # model order
+    else:
+        choice = solvers[allocator](table, budget)
     info = {"allocator": allocator, "allocate_seconds": time.perf_counter() - t, "fused": bool(fuse_groups),
             **summarize(table, choice, budget)}
     return choice, info

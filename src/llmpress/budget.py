@@ -172,12 +172,12 @@ def block_output_grads(model, blocks, windows: torch.Tensor) -> list[torch.Tenso
     calibration tokens: a list of (S, T, C) float32 tensors. One forward + backward per window;
     parameters get no gradients (their requires_grad is switched off and restored)."""
     import torch.nn.functional as F
+    from llmpress.pipeline import block_hidden
     grads: list[list[torch.Tensor]] = [[] for _ in blocks]
 
     def block_hook(i):
         def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output
-            h.register_hook(lambda g: grads[i].append(g.detach().float()))
+            block_hidden(output).register_hook(lambda g: grads[i].append(g.detach().float()))
         return hook
 
     def embed_hook(module, args, output):

@@ -272,7 +272,8 @@ def cmd_demo(a) -> None:
     dense, tokenizer = load_model(a.model)
     ids = eval_tokens(tokenizer, a.dataset)
     # One method per family at a comparable size, about 8-9 bits per weight (fp16 scales / values /
-    # factors): 8-bit RTN (8 + 16/128 + the 576-column layers' shorter last group = 8.135), 50 % magnitude (16 * 0.5 + 1-bit mask = 9), SVD at half the params (8).
+    # factors): 8-bit RTN (8 + 16/128 + the 576-column layers' shorter last group = 8.135),
+    # 50 % magnitude (16 * 0.5 + 1-bit mask = 9), SVD at half the params (8).
     configs = [RTN(bits=8, group_size=128), Magnitude(sparsity=0.5), SVD(param_ratio=0.5)]
     rows = [("dense (fp32)", model_size(dense), perplexity(dense, ids, a.seq_len, a.max_windows), 0.0)]
     for config in configs:

@@ -57,11 +57,15 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, tokens: torch.
     return torch.cat(captured), kwargs_seen
 
 
+def block_hidden(out):
+    """A decoder block's output hidden states (some versions return a tuple, some the tensor)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _run_block(block, hidden, kwargs, batch_size):
     outs = []
     for start in range(0, hidden.shape[0], batch_size):
-        out = block(hidden[start:start + batch_size], **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
+        outs.append(block_hidden(block(hidden[start:start + batch_size], **kwargs)))
     return torch.cat(outs)
 
 
