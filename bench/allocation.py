@@ -32,10 +32,10 @@ from llmpress.pipeline import compress  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "allocation.json"))
-    ap.add_argument("--table", default=str(ROOT / "bench" / ".cache" / "sensitivity-gptq-sparsegpt-svdllm.json"))
+    ap.add_argument("--table", default=str(ROOT / "bench" / ".cache" / "sensitivity-v3-gptq-sparsegpt-svdllm.json"))
     ap.add_argument("--only", help="comma-separated run names")
     ap.add_argument("--search-steps", type=int, default=30)
-    ap.add_argument("--sample-windows", type=int, default=2)
+    ap.add_argument("--sample-windows", type=int, default=16)
     ap.add_argument("--dense-ppl", type=float, help="dense perplexity measured earlier (skips re-measuring)")
     a = ap.parse_args()
 
@@ -112,6 +112,10 @@ def main() -> None:
         # one axis at a time, against the single-axis baselines above (same table, fewer options)
         ("params0.5/knapsack-sparsegpt-only", allocated(p05, "knapsack", table=table.restricted(["sparsegpt"]))),
         ("params0.5/knapsack-svd-llm-only", allocated(p05, "knapsack", table=table.restricted(["svd-llm"]))),
+        # the same table allocated with the diagonal-Fisher estimate (the previous default)
+        ("params0.5/knapsack-diag-fisher", allocated(p05, "knapsack", table=table.with_error("error_diag"))),
+        (f"bits{gptq3_bits:.3f}/knapsack-diag-fisher", allocated(Budget("bits", gptq3_bits), "knapsack",
+                                                              table=table.with_error("error_diag"))),
     ]
 
     only = set(a.only.split(",")) if a.only else None

@@ -195,3 +195,37 @@ def test_fused_layers_share_one_choice(table_and_model):
             assert info["predicted_error"] >= free * (1 - 1e-3)     # up to the DP's cost rounding
     with pytest.raises(LLMPressError):
         allocate(table, budget, "search", fuse_groups=groups)
+
+
+def test_errors_are_the_fisher_forms_of_the_block_output_change():
+    """error = 1/2 sum_t (g_t . d_t)^2 / tokens and error_diag = 1/2 sum_t,c g_tc^2 d_tc^2 / tokens,
+    with d the change in the layer's own block output when only that layer is compressed, and
+    g = d loss / d block output: recomputed here from the model directly."""
+    from conftest import tiny_llama
+    from llmpress import SparseGPT
+    from llmpress.budget import block_output_grads
+    from llmpress.config import handler_for
+    from llmpress.pipeline import _collect_block_stats, _run_block, capture_block_inputs
+    model = tiny_llama(layers=2)
+    tokens = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(5))
+    config = SparseGPT(sparsity=0.6)
+    table = measure_sensitivity(model, tokens, [config], sample_windows=2, progress=False)
+    adapter = adapter_for(model)
+    blocks = adapter.blocks(model)
+    g = block_output_grads(model, blocks, tokens[:2])[1].double()
+    hidden, kwargs = capture_block_inputs(model, blocks, tokens, 8)
+    with torch.no_grad():
+        hidden = _run_block(blocks[0], hidden, kwargs, 8)
+        y, stats = _collect_block_stats(blocks[1], adapter, adapter.blocks_path, 1, {}, hidden, kwargs, 8, all_groups=True)
+        linear = blocks[1].mlp.up_proj
+        blocks[1].mlp.up_proj = handler_for(config)(linear, config, stats["mlp.up_proj"])[0]
+        d = (_run_block(blocks[1], hidden[:2], kwargs, 8) - y[:2]).double()
+        blocks[1].mlp.up_proj = linear
+    option = table.layers["model.layers.1.mlp.up_proj"]["options"][1]
+    tokens_used = 2 * 15                     # the last position predicts nothing
+    assert option["error"] == pytest.approx(0.5 * (g * d).sum(-1).square().sum().item() / tokens_used, rel=1e-4)
+    assert option["error_diag"] == pytest.approx(0.5 * (g * d).square().sum().item() / tokens_used, rel=1e-4)
+    assert option["error"] > 0 and option["error"] != pytest.approx(option["error_diag"])
+    assert table.with_error("error_diag").layers["model.layers.1.mlp.up_proj"]["options"][1]["error"] == option["error_diag"]
+    with pytest.raises(LLMPressError):
+        table.with_error("no_such_field")

@@ -170,7 +170,8 @@ def fuse(table: Table, groups: list[list[str]]) -> Table:
         options = []
         for k, label in enumerate(labels):
             opts = [table.layers[m]["options"][k] for m in members]
-            options.append({**opts[0], **{f: sum(o[f] for o in opts) for f in ("bytes", "params", "error")}})
+            options.append({**opts[0], **{f: sum(o[f] for o in opts) for f in ("bytes", "params", "error", "error_diag")
+                                          if f in opts[0]}})
         layers["+".join(members)] = {"in": table.layers[members[0]]["in"], "members": members, "options": options,
                                      "out": sum(table.layers[m]["out"] for m in members),
                                      "params": sum(table.layers[m]["params"] for m in members)}

@@ -5,13 +5,15 @@ The table lists, per compressible linear, a menu of options (dense, or a method 
   bytes   exactly as the compressed module stores them (see llmpress.modules),
   params  parameters kept (nonzeros, factor entries; all of them for quantization),
   error   the loss increase that option alone is estimated to cause, in nats per token: the change
-          d it makes in its decoder block's output on calibration tokens (dense block inputs),
-          weighted by the diagonal empirical Fisher of the model's loss at that block's output,
-          1/2 sum_t sum_c g_tc^2 d_tc^2 / tokens (g = d loss / d block output, one backward pass).
+          d_t it makes in its decoder block's output at token t on calibration tokens (dense block
+          inputs), projected on g_t = d loss / d block output there (one backward pass):
+          1/2 sum_t (g_t . d_t)^2 / tokens, the empirical Fisher's quadratic form per token.
           Block-local errors alone are not comparable across blocks: the residual stream's norm
           grows (and spikes in a few blocks) along the depth, so a plain relative error tells the
           allocator that the middle blocks are nearly free; the Fisher weight puts every block's
           error in the same unit, the loss.
+  error_diag  the same with the Fisher's diagonal only, 1/2 sum_t sum_c g_tc^2 d_tc^2 / tokens: it
+          drops how d lines up with g across channels, and allocates worse (bench/README.md).
   block_error  the plain relative error ||block(x) - block'(x)||^2 / ||block(x)||^2 (diagnostic).
 Allocators (llmpress.allocate) turn (table, budget) into a Plan.
 """
@@ -30,16 +32,16 @@ from tqdm.auto import tqdm
 from llmpress.config import MethodConfig, config_from_dict, handler_for, parse_method_spec
 from llmpress.errors import LLMPressError
 
-TABLE_VERSION = 2
+TABLE_VERSION = 3
 METRICS = ("params", "bits", "bytes")
 
 # method -> the levels it contributes to a menu
 MENU_LEVELS = {
     "gptq": [f"gptq:bits={b},group_size=128" for b in (2, 3, 4, 8)],
     "rtn": [f"rtn:bits={b},group_size=128" for b in (2, 3, 4, 8)],
-    "sparsegpt": [f"sparsegpt:sparsity={s / 10}" for s in range(2, 9)],
-    "wanda": [f"wanda:sparsity={s / 10}" for s in range(2, 9)],
-    "magnitude": [f"magnitude:sparsity={s / 10}" for s in range(2, 9)],
+    "sparsegpt": [f"sparsegpt:sparsity={s / 10}" for s in range(1, 10)],
+    "wanda": [f"wanda:sparsity={s / 10}" for s in range(1, 10)],
+    "magnitude": [f"magnitude:sparsity={s / 10}" for s in range(1, 10)],
     "svd-llm": [f"svd-llm:param_ratio={r / 10}" for r in range(3, 10)],
     "asvd": [f"asvd:param_ratio={r / 10}" for r in range(3, 10)],
     "svd": [f"svd:param_ratio={r / 10}" for r in range(3, 10)],
@@ -156,6 +158,16 @@ class Table:
         return Table(layers, {**self.meta, "restricted_to": list(methods)})
 
 
+    def with_error(self, field: str) -> "Table":
+        """The same table with another of its estimates (e.g. error_diag) as the `error` the
+        allocators read: compare estimators without measuring again."""
+        if any(field not in o for layer in self.layers.values() for o in layer["options"]):
+            raise LLMPressError(f"this table has no {field!r} for every option")
+        layers = {n: {**layer, "options": [{**o, "error": o[field]} for o in layer["options"]]}
+                  for n, layer in self.layers.items()}
+        return Table(layers, {**self.meta, "error_field": field})
+
+
 def table_key(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int) -> str:
     from llmpress.stats import tokens_digest
     h = hashlib.sha256(f"sensitivity-{TABLE_VERSION}:{tokens_digest(tokens)}:{sample_windows}".encode())
@@ -202,7 +214,7 @@ def block_output_grads(model, blocks, windows: torch.Tensor) -> list[torch.Tenso
 
 
 @torch.no_grad()
-def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int = 8,
+def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int = 16,
                         batch_size: int = 8, progress: bool = True) -> Table:
     """Per layer and option: the option's error in its block's output, block-local, weighted by the
     loss's gradient there (see the module docstring). Statistics come from one forward per block of
@@ -229,14 +241,14 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
         out, stats = _collect_block_stats(block, adapter, prefix, i, {}, hidden, kwargs, batch_size, all_groups=True)
         x_sub, y_sub = hidden[:sample_windows], out[:sample_windows]
         energy = y_sub.double().square().sum().item()
-        fisher = grads[i].double().square()                 # (S, T, C) diagonal empirical Fisher
+        g = grads[i].double()                               # (S, T, C)
         for group in adapter.input_groups:
             for local in group:
                 linear = block.get_submodule(local)
                 parent, _, attr = local.rpartition(".")
                 o_f, i_f = linear.out_features, linear.in_features
                 options = [{"label": "dense", "config": None, "bytes": linear_bytes(linear), "params": o_f * i_f,
-                            "error": 0.0, "block_error": 0.0}]
+                            "error": 0.0, "error_diag": 0.0, "block_error": 0.0}]
                 for config in menu:
                     module, info = handler_for(config)(linear, config, stats[local])
                     setattr(block.get_submodule(parent), attr, module)
@@ -247,15 +259,16 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
                     nbytes, params = option_cost(config, o_f, i_f, dense_bpp)
                     if nbytes != module.stored_bytes():
                         raise AssertionError(f"cost model disagrees with {config.label()}: {nbytes} vs {module.stored_bytes()}")
-                    d2 = (y - y_sub).double().square()
+                    d = (y - y_sub).double()                # (S, T, C)
                     options.append({"label": config.label(), "config": config.to_dict(), "bytes": nbytes,
-                                    "params": params, "error": 0.5 * (fisher * d2).sum().item() / n_tokens,
-                                    "block_error": d2.sum().item() / energy})
+                                    "params": params, "error": 0.5 * (g * d).sum(-1).square().sum().item() / n_tokens,
+                                    "error_diag": 0.5 * (g * d).square().sum().item() / n_tokens,
+                                    "block_error": d.square().sum().item() / energy})
                 layers[f"{prefix}.{i}.{local}"] = {"out": o_f, "in": i_f, "params": o_f * i_f, "options": options}
                 bar.update()
         hidden = out                                      # dense outputs feed the next block
     bar.close()
     meta = {"menu": [c.to_dict() for c in menu], "sample_windows": sample_windows, "tokens": list(tokens.shape),
             "dense_bytes_per_param": dense_bpp,
-            "error": "estimated loss increase, nats/token (Fisher-weighted block output change)", "seconds": time.perf_counter() - t0}
+            "error": "estimated loss increase, nats/token (empirical Fisher quadratic form of the block output change, per token)", "seconds": time.perf_counter() - t0}
     return Table(layers, meta)

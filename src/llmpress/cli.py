@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--allocator", default="knapsack", choices=["knapsack", "lagrange", "search"])
     c.add_argument("--sensitivity", help="sensitivity table JSON: read if it exists for this model, data and "
                                          "menu; written otherwise (default: under $LLMPRESS_CACHE or ~/.cache/llmpress)")
-    c.add_argument("--sample-windows", type=int, default=4, help="calibration windows the sensitivity is measured on")
+    c.add_argument("--sample-windows", type=int, default=16, help="calibration windows the sensitivity is measured on")
     c.add_argument("--fuse", action="store_true",
                    help="layers that serving engines fuse (q/k/v, gate/up) share one choice (knapsack, lagrange)")
     c.add_argument("--search-steps", type=int, default=40)
