@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--allocator", default="knapsack", choices=["knapsack", "lagrange", "search"])
     c.add_argument("--sensitivity", help="sensitivity table JSON: read if it exists for this model, data and "
                                          "menu; written otherwise (default: under $LLMPRESS_CACHE or ~/.cache/llmpress)")
-    c.add_argument("--sample-windows", type=int, default=16, help="calibration windows the sensitivity is measured on")
+    c.add_argument("--sample-windows", type=int, help="calibration windows the sensitivity is measured on "
+                                                         "(default: 16, or all when there are fewer)")
     c.add_argument("--fuse", action="store_true",
                    help="layers that serving engines fuse (q/k/v, gate/up) share one choice (knapsack, lagrange)")
     c.add_argument("--search-steps", type=int, default=40)
@@ -174,7 +175,8 @@ def _allocate(a, model, tokenizer, tokens, budget, menu):
     from llmpress.allocate import allocate, to_plan
     from llmpress.budget import Table, measure_sensitivity, table_key
 
-    key = table_key(model, tokens, menu, a.sample_windows)
+    sample_windows = a.sample_windows or min(16, tokens.shape[0])
+    key = table_key(model, tokens, menu, sample_windows)
     cache = Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress")) / "sensitivity"
     path = Path(a.sensitivity) if a.sensitivity else cache / f"{key[:32]}.json"
     t = time.perf_counter()
@@ -184,7 +186,7 @@ def _allocate(a, model, tokenizer, tokens, budget, menu):
             raise LLMPressError(f"{path} was measured for another model, calibration data or menu")
         print(f"sensitivity table read from {path} ({time.perf_counter() - t:.1f}s)")
     else:
-        table = measure_sensitivity(model, tokens, menu, sample_windows=a.sample_windows)
+        table = measure_sensitivity(model, tokens, menu, sample_windows=sample_windows)
         table.meta["key"] = key
         path.parent.mkdir(parents=True, exist_ok=True)
         table.save(path)
