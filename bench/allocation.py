@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--table", default=str(ROOT / "bench" / ".cache" / "sensitivity-v3-gptq-sparsegpt-svdllm.json"))
     ap.add_argument("--only", help="comma-separated run names")
     ap.add_argument("--search-steps", type=int, default=30)
+    ap.add_argument("--refine-rounds", type=int, default=1)
     ap.add_argument("--sample-windows", type=int, default=16)
     ap.add_argument("--dense-ppl", type=float, help="dense perplexity measured earlier (skips re-measuring)")
     a = ap.parse_args()
@@ -107,6 +108,8 @@ def main() -> None:
         ("bits3.0/knapsack", allocated(Budget.parse("bits=3.0"), "knapsack")),
         ("params0.5/search", allocated(p05, "search", model=dense, stats_tokens=tokens, eval_tokens=held_out,
                                        steps=a.search_steps)),
+        ("params0.5/refine", allocated(p05, "refine", model=dense, stats_tokens=tokens, eval_tokens=held_out,
+                                       rounds=a.refine_rounds)),
         ("params0.5/uniform-sparsegpt-0.5", lambda: (Plan.uniform(SparseGPT(sparsity=0.5)), None)),
         ("params0.5/lagrange", allocated(p05, "lagrange")),
         # one axis at a time, against the single-axis baselines above (same table, fewer options)

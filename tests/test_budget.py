@@ -100,6 +100,62 @@ def test_search_keeps_the_budget_and_does_not_get_worse(table_and_model):
     assert info["use_of_budget"] <= 1.0 + 1e-9 and set(choice) == set(table.layers)
 
 
+def test_tail_kl_from_a_block_equals_the_full_forward(table_and_model):
+    """Skipping the blocks before a switched layer (their inputs cached) gives the same KL as
+    running the whole switched model; and the KL sees the switch."""
+    from llmpress.allocate import _Assembly, _Tail
+    table, model, tokens = table_and_model
+    asm = _Assembly(table, model, tokens)
+    windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(9))
+    tail = _Tail(asm, model, windows)
+    assert tail.refresh() == pytest.approx(0.0, abs=1e-6)           # every layer dense
+    name = "model.layers.1.mlp.down_proj"
+    oi = uniform(table, "sparsegpt:sparsity=0.7,damp=0.01")[name]
+    asm.set(name, oi)
+    skipped = tail.kl_from(1)
+    assert skipped > 1e-5
+    assert skipped == pytest.approx(tail.refresh(), rel=1e-5)
+    assert tail.kl_from(0) == pytest.approx(skipped, rel=1e-5)
+
+
+def test_refine_keeps_the_budget_and_lowers_the_measured_kl(table_and_model, capsys):
+    from llmpress.allocate import _Assembly, _Tail, neighbours
+    table, model, tokens = table_and_model
+    budget = Budget.parse("params=0.6")
+    held_out = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(9))
+    start = knapsack(table, budget)
+    choice, info = allocate(table, budget, "refine", model=model, stats_tokens=tokens, eval_tokens=held_out,
+                            rounds=2, progress=False)
+    assert set(choice) == set(table.layers) and 0.99 <= info["use_of_budget"] <= 1.0 + 1e-9
+    assert "refine round 1" in capsys.readouterr().out
+    # each layer moved at most one level per round
+    for n in table.layers:
+        reach = {start[n], *neighbours(table, n, start[n])}
+        reach |= {j for i in reach for j in neighbours(table, n, i)}
+        assert choice[n] in reach
+    asm = _Assembly(table, model, tokens)
+    tail = _Tail(asm, model, held_out)
+
+    def kl(ch):
+        for n, i in ch.items():
+            asm.set(n, i)
+        return tail.refresh()
+    assert kl(choice) < kl(start)               # it moved layers, and the move helped
+
+
+def test_neighbours_are_the_adjacent_levels(table_and_model):
+    from llmpress.allocate import neighbours
+    table, _, _ = table_and_model
+    name = "model.layers.0.self_attn.q_proj"
+    labels = [o["label"] for o in table.layers[name]["options"]]
+    at = labels.index("sparsegpt:sparsity=0.5,damp=0.01")
+    assert sorted(labels[i] for i in neighbours(table, name, at)) == ["sparsegpt:sparsity=0.4,damp=0.01",
+                                                                       "sparsegpt:sparsity=0.6,damp=0.01"]
+    top = [labels[i] for i in neighbours(table, name, labels.index("sparsegpt:sparsity=0.1,damp=0.01"))]
+    assert sorted(top) == ["dense", "sparsegpt:sparsity=0.2,damp=0.01"]
+    assert "sparsegpt:sparsity=0.1,damp=0.01" in [labels[i] for i in neighbours(table, name, 0)]
+
+
 def test_owl_and_effective_rank_baselines(table_and_model):
     _, model, tokens = table_and_model
     stats = _dense_stats(model, tokens)

@@ -188,12 +188,13 @@ def allocate(table: Table, budget: Budget, allocator: str = "knapsack", fuse_gro
     each group get one shared choice."""
     t = time.perf_counter()
     solvers = {"knapsack": knapsack, "lagrange": lagrange}
-    if allocator == "search":
+    searches = {"search": evolutionary_search, "refine": refine}
+    if allocator in searches:
         if fuse_groups:
-            raise LLMPressError("fused groups are supported by the knapsack and lagrange allocators, not by search")
-        choice = evolutionary_search(table, budget, **search_kwargs)
+            raise LLMPressError(f"fused groups are supported by the knapsack and lagrange allocators, not by {allocator}")
+        choice = searches[allocator](table, budget, **search_kwargs)
     elif allocator not in solvers:
-        raise LLMPressError(f"unknown allocator {allocator!r}; use knapsack, lagrange or search")
+        raise LLMPressError(f"unknown allocator {allocator!r}; use knapsack, lagrange, search or refine")
     elif fuse_groups:
         fused = fuse(table, fuse_groups)
         solved = solvers[allocator](fused, budget)
@@ -206,6 +207,36 @@ def allocate(table: Table, budget: Budget, allocator: str = "knapsack", fuse_gro
     return choice, info
 
 
+class _Assembly:
+    """A working copy of the model whose compressible linears can be switched between table
+    options; each option's module is built once from the dense model's one-pass statistics."""
+
+    def __init__(self, table: Table, model, stats_tokens):
+        import copy
+        self.table = table
+        self.names = list(table.layers)
+        self.dense = {n: model.get_submodule(n) for n in self.names}
+        self.stats = _dense_stats(model, stats_tokens)
+        self.work = copy.deepcopy(model)
+        self.built: dict[tuple[str, int], torch.nn.Module] = {}
+
+    def module(self, name: str, oi: int):
+        from llmpress.config import handler_for
+        if (name, oi) not in self.built:
+            config = self.table.config(name, oi)
+            self.built[name, oi] = (self.dense[name] if config is None else
+                                    handler_for(config)(self.dense[name], config, self.stats[name])[0])
+        return self.built[name, oi]
+
+    def set(self, name: str, oi: int) -> None:
+        parent, _, attr = name.rpartition(".")
+        setattr(self.work.get_submodule(parent), attr, self.module(name, oi))
+
+    def forget(self, keep: dict[str, int]) -> None:
+        """Drop built modules other than the chosen ones (memory)."""
+        self.built = {k: v for k, v in self.built.items() if keep.get(k[0]) == k[1]}
+
+
 @torch.no_grad()
 def evolutionary_search(table: Table, budget: Budget, model=None, stats_tokens=None, eval_tokens=None,
                         steps: int = 40, seed: int = 0, progress: bool = True) -> dict[str, int]:
@@ -213,9 +244,7 @@ def evolutionary_search(table: Table, budget: Budget, model=None, stats_tokens=N
     another to a dearer one within the budget, builds just those two layers (one-pass statistics of
     the dense model), and keeps the move if the loss on `eval_tokens` (held-out calibration windows,
     never evaluation text) falls."""
-    import copy
     from tqdm.auto import tqdm
-    from llmpress.config import handler_for
 
     if model is None or stats_tokens is None or eval_tokens is None:
         raise LLMPressError("the search allocator needs the model and calibration tokens")
@@ -223,23 +252,14 @@ def evolutionary_search(table: Table, budget: Budget, model=None, stats_tokens=N
     limit = budget.limit(table)
     choice = knapsack(table, budget)
     current = [choice[n] for n in names]
-    dense = {n: model.get_submodule(n) for n in names}
-    stats_by_layer = _dense_stats(model, stats_tokens)
-    work = copy.deepcopy(model)
+    asm = _Assembly(table, model, stats_tokens)
 
     def loss(m) -> float:
         return sum(m(w[None], labels=w[None], use_cache=False).loss.item() for w in eval_tokens) / len(eval_tokens)
 
-    def set_layer(k: int, oi: int) -> None:
-        n = names[k]
-        config = table.config(n, oi)
-        new = dense[n] if config is None else handler_for(config)(dense[n], config, stats_by_layer[n])[0]
-        parent, _, attr = n.rpartition(".")
-        setattr(work.get_submodule(parent), attr, new)
-
     for k in range(len(names)):
-        set_layer(k, current[k])
-    best = loss(work)
+        asm.set(names[k], current[k])
+    best = loss(asm.work)
     rng = np.random.default_rng(seed)
     total = sum(c[i] for c, i in zip(costs, current))
     for _ in tqdm(range(steps), desc="search", disable=not progress):
@@ -254,16 +274,181 @@ def evolutionary_search(table: Table, budget: Budget, model=None, stats_tokens=N
         if new_total > limit:
             continue
         old = (current[a], current[b])
-        set_layer(a, na)
-        set_layer(b, nb)
-        value = loss(work)
+        asm.set(names[a], na)
+        asm.set(names[b], nb)
+        value = loss(asm.work)
         if value < best:
             best, total = value, new_total
             current[a], current[b] = na, nb
         else:
-            set_layer(a, old[0])
-            set_layer(b, old[1])
+            asm.set(names[a], old[0])
+            asm.set(names[b], old[1])
+        asm.forget(dict(zip(names, current)))
     return dict(zip(names, current))
+
+
+def neighbours(table: Table, name: str, oi: int) -> list[int]:
+    """The options next to option `oi` of a layer: of the same method, the next cheaper and the next
+    dearer by parameters then bytes; dense counts as the dearest level of every method."""
+    opts = table.layers[name]["options"]
+    method = (opts[oi]["config"] or {}).get("method")
+    same = [i for i, o in enumerate(opts) if o["config"] is None or method is None or o["config"]["method"] == method]
+    if method is None:                                    # dense: the dearest level of each method
+        return [max((i for i, o in enumerate(opts) if o["config"] and o["config"]["method"] == m),
+                    key=lambda i: (opts[i]["params"], opts[i]["bytes"]))
+                for m in sorted({o["config"]["method"] for o in opts if o["config"]})]
+    same.sort(key=lambda i: (opts[i]["params"], opts[i]["bytes"]))
+    k = same.index(oi)
+    return [same[j] for j in (k - 1, k + 1) if 0 <= j < len(same)]
+
+
+class _Tail:
+    """KL(dense || work model) on fixed windows, re-running only the blocks from the first changed
+    one: the inputs of every block under the current choice are cached."""
+
+    def __init__(self, asm: _Assembly, dense_model, windows: torch.Tensor):
+        from llmpress.arch import adapter_for
+        self.asm, self.windows = asm, windows
+        self.blocks = adapter_for(asm.work).blocks(asm.work)
+        self.dense_logp = [torch.log_softmax(dense_model(w[None], use_cache=False).logits[0].float(), -1)
+                           for w in windows]                                    # each (T, V)
+        self.inputs: list[list[torch.Tensor]] = []                            # [block][window] (1, T, C)
+        self.as_tuple = False                  # some transformers versions return (hidden, ...) from a block
+        self.last: list[float] = []            # per-window KL of the last measurement
+
+    def _kl(self) -> float:
+        per_window = self._kl_windows()
+        self.last = per_window
+        return sum(per_window) / len(per_window)             # windows have equal lengths
+
+    def _kl_windows(self) -> list[float]:
+        out = []
+        for w, logp in zip(self.windows, self.dense_logp):
+            logq = torch.log_softmax(self.asm.work(w[None], use_cache=False).logits[0].float(), -1)
+            out.append((logp.exp() * (logp - logq)).sum().item() / logp.shape[0])
+        return out
+
+    def refresh(self) -> float:
+        """Cache every block's inputs under the current choice; returns its KL."""
+        self.inputs = [[] for _ in self.blocks]
+
+        def capture(i):
+            def pre(module, args, kwargs):
+                self.inputs[i].append((args[0] if args else kwargs["hidden_states"]).detach())
+            return pre
+        handles = [b.register_forward_pre_hook(capture(i), with_kwargs=True) for i, b in enumerate(self.blocks)]
+
+        def output_type(module, args, output):
+            self.as_tuple = isinstance(output, tuple)
+        handles.append(self.blocks[0].register_forward_hook(output_type))
+        try:
+            return self._kl()
+        finally:
+            for h in handles:
+                h.remove()
+
+    def kl_from(self, block: int) -> float:
+        """The KL with blocks 0..block-1 skipped: block `block` reads the input it had under the
+        current choice (so only a change in block `block` or later is seen)."""
+        saved = [self.blocks[j] for j in range(block)]
+        for j in range(block):
+            self.blocks[j] = _Skip(saved[j], self.as_tuple)
+        window = iter(range(len(self.windows)))
+
+        def replace(module, args, kwargs):
+            cached = self.inputs[block][next(window)]
+            return ((cached, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": cached})
+        handle = self.blocks[block].register_forward_pre_hook(replace, with_kwargs=True)
+        try:
+            return self._kl()
+        finally:
+            handle.remove()
+            for j in range(block):
+                self.blocks[j] = saved[j]
+
+
+class _Skip(torch.nn.Module):
+    """Stands in for a decoder block that is not re-run: passes the hidden states through (the next
+    block's pre-hook replaces them anyway) and keeps the attributes the model's loop reads."""
+
+    def __init__(self, block, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+        for attr in ("attention_type", "layer_idx", "is_sliding"):
+            if hasattr(block, attr):
+                setattr(self, attr, getattr(block, attr))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+@torch.no_grad()
+def refine(table: Table, budget: Budget, model=None, stats_tokens=None, eval_tokens=None, rounds: int = 1,
+           progress: bool = True, record: list | None = None) -> dict[str, int]:
+    """The knapsack choice, refined in context. The table's errors are measured one layer at a time
+    around the dense model and summed; once every layer is compressed they interact. Each round
+    assembles the current choice (layers built from the dense model's one-pass statistics), then
+    measures exactly, for every layer and each of its neighbouring options (one level cheaper, one
+    dearer), the KL(dense || model) on `eval_tokens` (held-out calibration windows, never evaluation
+    text) with only that layer switched, and solves the knapsack again over {current, neighbours}
+    with these KLs as the errors: a trust-region step on the measured, in-context costs. Blocks
+    before the switched layer are not re-run (their outputs are cached). A round whose new choice
+    measures worse than the current one is undone and the refinement stops. `record`, a list, gets
+    one entry per round: the choice it started from and every measured KL per window."""
+    from tqdm.auto import tqdm
+    from llmpress.arch import adapter_for
+
+    if model is None or stats_tokens is None or eval_tokens is None:
+        raise LLMPressError("the refine allocator needs the model and calibration tokens")
+    if rounds < 1:
+        raise LLMPressError(f"refine needs at least one round; got {rounds}")
+    names = list(table.layers)
+    choice = knapsack(table, budget)
+    asm = _Assembly(table, model, stats_tokens)
+    for n in names:
+        asm.set(n, choice[n])
+    tail = _Tail(asm, model, eval_tokens)
+    prefix = adapter_for(model).blocks_path + "."
+    block_of = {n: int(n[len(prefix):].split(".")[0]) for n in names}
+    base = tail.refresh()
+    base_windows = tail.last
+    for r in range(rounds):
+        layers = {}
+        measurements: dict[str, dict] = {}
+        if record is not None:
+            record.append({"start": dict(choice), "kl_per_window": measurements})
+        bar = tqdm(names, desc=f"refine round {r + 1}", unit="layer", disable=not progress)
+        for n in bar:
+            opts = table.layers[n]["options"]
+            measured = {choice[n]: base}
+            windows = {choice[n]: base_windows}
+            for oi in neighbours(table, n, choice[n]):
+                asm.set(n, oi)
+                measured[oi] = tail.kl_from(block_of[n])
+                windows[oi] = tail.last
+            asm.set(n, choice[n])
+            asm.forget(choice)
+            keep = sorted(measured)
+            layers[n] = {**table.layers[n], "options": [{**opts[i], "error": measured[i], "index": i} for i in keep]}
+            bar.set_postfix(kl=f"{base:.4f}")
+            if record is not None:
+                measurements[n] = {str(i): w for i, w in windows.items()}
+        local = Table(layers, table.meta)
+        solved = knapsack(local, budget)
+        proposal = {n: layers[n]["options"][i]["index"] for n, i in solved.items()}
+        for n in names:
+            asm.set(n, proposal[n])
+        value = tail.refresh()
+        print(f"refine round {r + 1}: KL {base:.5g} -> {value:.5g} nats/token "
+              f"(predicted {base + sum(layers[n]['options'][i]['error'] - base for n, i in solved.items()):.5g}), "
+              f"{sum(proposal[n] != choice[n] for n in names)} layers moved")
+        if value >= base:
+            for n in names:
+                asm.set(n, choice[n])
+            break
+        choice, base, base_windows = proposal, value, tail.last
+        asm.forget(choice)
+    return choice
 
 
 def _dense_stats(model, tokens) -> dict:

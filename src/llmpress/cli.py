@@ -40,7 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--budget", help="one global budget: params=F (fraction kept), bits=F (average) or bytes=N")
     c.add_argument("--menu", help="methods the allocator may mix, e.g. gptq,sparsegpt,svd-llm "
                                   "(default: sparsegpt,svd-llm for params, gptq,sparsegpt,svd-llm otherwise)")
-    c.add_argument("--allocator", default="knapsack", choices=["knapsack", "lagrange", "search"])
+    c.add_argument("--allocator", default="knapsack", choices=["knapsack", "lagrange", "search", "refine"],
+                   help="knapsack / lagrange: from the sensitivity table alone (seconds); search: random "
+                        "moves kept when the loss falls; refine: the knapsack choice re-solved on in-context "
+                        "KLs measured for every layer's neighbouring options (minutes per round)")
     c.add_argument("--sensitivity", help="sensitivity table JSON: read if it exists for this model, data and "
                                          "menu; written otherwise (default: under $LLMPRESS_CACHE or ~/.cache/llmpress)")
     c.add_argument("--sample-windows", type=int, help="calibration windows the sensitivity is measured on "
@@ -48,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--fuse", action="store_true",
                    help="layers that serving engines fuse (q/k/v, gate/up) share one choice (knapsack, lagrange)")
     c.add_argument("--search-steps", type=int, default=40)
+    c.add_argument("--refine-rounds", type=int, default=1)
     c.add_argument("--one-pass", action="store_true",
                    help="statistics from the dense model in one forward per block (faster, no error propagation)")
     c.add_argument("--stats-cache", help="folder caching one-pass statistics for reuse (implies --one-pass)")
@@ -118,7 +122,7 @@ def cmd_compress(a) -> dict:
 
     if sum(x is not None for x in (a.method, a.plan, a.budget)) != 1:
         raise LLMPressError("give exactly one of --method, --plan or --budget")
-    if a.fuse and (not a.budget or a.allocator == "search"):
+    if a.fuse and (not a.budget or a.allocator in ("search", "refine")):
         raise LLMPressError("--fuse applies to --budget with the knapsack or lagrange allocator")
     budget = None
     if a.budget:
@@ -192,11 +196,12 @@ def _allocate(a, model, tokenizer, tokens, budget, menu):
         table.save(path)
         print(f"sensitivity measured in {table.meta['seconds']:.0f}s, saved to {path}")
     extra = {}
-    if a.allocator == "search":
+    if a.allocator in ("search", "refine"):
         from llmpress.data import calibration_tokens
         # the same seeded permutation, 4 windows further: disjoint from the calibration windows
         held_out = calibration_tokens(tokenizer, a.calib, a.num_samples + 4, a.seq_len, a.seed)[-4:]
-        extra = {"model": model, "stats_tokens": tokens, "eval_tokens": held_out, "steps": a.search_steps}
+        extra = {"model": model, "stats_tokens": tokens, "eval_tokens": held_out}
+        extra.update({"steps": a.search_steps} if a.allocator == "search" else {"rounds": a.refine_rounds})
     if a.fuse:
         from llmpress.allocate import fused_groups
         extra["fuse_groups"] = fused_groups(model)
