@@ -46,7 +46,7 @@ def solve(table: Table, budget: Budget, start: dict, deltas: dict, w: float) -> 
     for n, moves in deltas.items():
         opts = table.layers[n]["options"]
         cur = opts[start[n]]["error"]
-        layers[n] = {**table.layers[n], "options": [
+        layers[n] = {**table.layers[n], "options": [{**opts[start[n]], "index": start[n], "error": 0.0}] + [
             {**opts[int(i)], "index": int(i), "error": (1 - w) * (opts[int(i)]["error"] - cur) + w * d}
             for i, d in moves.items()]}
     local = Table(layers, table.meta)
@@ -57,6 +57,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--table", default=str(ROOT / "bench" / ".cache" / "sensitivity-v3-gptq-sparsegpt-svdllm.json"))
     ap.add_argument("--build", type=float, help="blend weight of the plan to build and evaluate")
+    ap.add_argument("--one-pass", action="store_true",
+                    help="build with one-pass statistics (as refine assembles its candidates), and the "
+                         "knapsack start the same way, to compare the two on WikiText-2")
     a = ap.parse_args()
     dense, tok = load_model("smollm2-135m")
     tokens = calibration_tokens(tok, "wikipedia", 64, 512, seed=0)
@@ -101,13 +104,15 @@ def main() -> None:
         all_w = {n: {i: d.mean() for i, d in m.items()} for n, m in moves.items()}
         choice = solve(table, budget, start, all_w, a.build)
         names = adapter_for(dense).linear_names(dense)
-        model = copy.deepcopy(dense)
-        compress(model, to_plan(table, choice).resolve(names), tokens, progress=False)
-        ppl = perplexity(model, eval_tokens(tok, "wikitext2"), 2048, 20, progress=False)["perplexity"]
-        info = summarize(table, choice, budget)
-        print(f"blend w={a.build}: {sum(choice[n] != start[n] for n in names)} layers moved, "
-              f"params kept {info['params_kept']:.4f}, WikiText-2 perplexity {ppl:.3f}")
-        data.setdefault("built", {})[str(a.build)] = {"perplexity": ppl, **info}
+        mode = "one-pass" if a.one_pass else "sequential"
+        for label, ch in ([("start", start)] if a.one_pass else []) + [(f"w={a.build}", choice)]:
+            model = copy.deepcopy(dense)
+            compress(model, to_plan(table, ch).resolve(names), tokens, progress=False, propagate=not a.one_pass)
+            ppl = perplexity(model, eval_tokens(tok, "wikitext2"), 2048, 20, progress=False)["perplexity"]
+            info = summarize(table, ch, budget)
+            print(f"{label} ({mode}): {sum(ch[n] != start[n] for n in names)} layers moved, "
+                  f"params kept {info['params_kept']:.4f}, WikiText-2 perplexity {ppl:.3f}")
+            data.setdefault("built", {})[f"{label} {mode}"] = {"perplexity": ppl, **info}
     RESULTS.write_text(json.dumps(data))
 
 
