@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from llmpress.allocate import _Assembly, _Tail, knapsack, summarize, to_plan  # noqa: E402
+from llmpress.allocate import _Assembly, _Tail, knapsack, knapsack_among, neighbours, summarize, to_plan  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
 from llmpress.budget import Budget, Table  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402
@@ -48,8 +48,8 @@ def main() -> None:
     table = Table.load(a.table).restricted(["sparsegpt", "svd-llm"])
     budget = Budget.parse("params=0.5")
     start = knapsack(table, budget)
-    prefix = adapter_for(dense).blocks_path + "."
-    block_of = {n: int(n[len(prefix):].split(".")[0]) for n in table.layers}
+    adapter = adapter_for(dense)
+    block_of = {n: adapter.block_index(n) for n in table.layers}
     n_blocks = max(block_of.values()) + 1
     if RESULTS.is_file():
         data = json.loads(RESULTS.read_text())
@@ -79,17 +79,10 @@ def main() -> None:
               f"{sum(r['marginal_kl'] for r in rows):.4f}; sum of estimates {sum(r['estimate'] for r in rows):.4f} "
               f"({data['seconds']:.0f}s)")
     ratio = {r["block"]: max(r["ratio"], 0.05) for r in rows}
-    layers = {n: {**layer, "options": [{**o, "error": o["error"] * ratio[block_of[n]]} for o in layer["options"]]}
-              for n, layer in table.layers.items()}
-    if a.trust_region:
-        from llmpress.allocate import neighbours
-        layers = {n: {**layer, "options": [{**layer["options"][i], "index": i}
-                                           for i in sorted({start[n], *neighbours(table, n, start[n])})]}
-                  for n, layer in layers.items()}
-    scaled = Table(layers, table.meta)
-    choice = knapsack(scaled, budget)
-    if a.trust_region:
-        choice = {n: scaled.layers[n]["options"][i]["index"] for n, i in choice.items()}
+    options = {n: ({start[n], *neighbours(table, n, start[n])} if a.trust_region else range(len(layer["options"])))
+               for n, layer in table.layers.items()}
+    choice = knapsack_among(table, budget, {n: {i: table.layers[n]["options"][i]["error"] * ratio[block_of[n]]
+                                                for i in options[n]} for n in table.layers})
     info = summarize(table, choice, budget)
     data["moved"] = sum(choice[n] != start[n] for n in start)
     print(f"re-solved with block ratios: {data['moved']} layers moved, params kept {info['params_kept']:.4f}")

@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from llmpress.allocate import knapsack, refine, summarize, to_plan  # noqa: E402
+from llmpress.allocate import knapsack_among, refine, summarize, to_plan  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
 from llmpress.budget import Budget, Table  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402
@@ -42,15 +42,12 @@ RESULTS = ROOT / "bench" / "results" / "refine_noise.json"
 def solve(table: Table, budget: Budget, start: dict, deltas: dict, w: float) -> dict:
     """Knapsack over {current, measured neighbours}; error = (1 - w) * table estimate change +
     w * measured change (both relative to the current option)."""
-    layers = {}
+    errors = {}
     for n, moves in deltas.items():
         opts = table.layers[n]["options"]
         cur = opts[start[n]]["error"]
-        layers[n] = {**table.layers[n], "options": [{**opts[start[n]], "index": start[n], "error": 0.0}] + [
-            {**opts[int(i)], "index": int(i), "error": (1 - w) * (opts[int(i)]["error"] - cur) + w * d}
-            for i, d in moves.items()]}
-    local = Table(layers, table.meta)
-    return {n: layers[n]["options"][i]["index"] for n, i in knapsack(local, budget).items()}
+        errors[n] = {start[n]: 0.0, **{int(i): (1 - w) * (opts[int(i)]["error"] - cur) + w * d for i, d in moves.items()}}
+    return knapsack_among(table, budget, errors)
 
 
 def main() -> None:

@@ -285,3 +285,11 @@ def test_errors_are_the_fisher_forms_of_the_block_output_change():
     assert table.with_error("error_diag").layers["model.layers.1.mlp.up_proj"]["options"][1]["error"] == option["error_diag"]
     with pytest.raises(LLMPressError):
         table.with_error("no_such_field")
+
+
+def test_block_index_of_a_layer_name(table_and_model):
+    _, model, _ = table_and_model
+    adapter = adapter_for(model)
+    assert [adapter.block_index(n) for n in adapter.linear_names(model)][::7] == [0, 1]
+    with pytest.raises(LLMPressError, match="not inside"):
+        adapter.block_index("lm_head")

@@ -75,6 +75,16 @@ def knapsack(table: Table, budget: Budget) -> dict[str, int]:
     return out
 
 
+def knapsack_among(table: Table, budget: Budget, errors: dict[str, dict[int, float]]) -> dict[str, int]:
+    """The knapsack over a subset of each layer's options, with errors of the caller's: errors maps
+    layer -> {option index: error}; the choice is returned as indices into the full table."""
+    layers = {n: {**table.layers[n], "options": [{**table.layers[n]["options"][i], "error": e}
+                                                 for i, e in sorted(errors[n].items())]}
+              for n in table.layers}
+    solved = knapsack(Table(layers, table.meta), budget)
+    return {n: sorted(errors[n])[k] for n, k in solved.items()}
+
+
 def lagrange(table: Table, budget: Budget) -> dict[str, int]:
     names, costs, errors = _arrays(table, budget)
     limit = budget.limit(table)
@@ -214,8 +224,7 @@ class _Assembly:
     def __init__(self, table: Table, model, stats_tokens):
         import copy
         self.table = table
-        self.names = list(table.layers)
-        self.dense = {n: model.get_submodule(n) for n in self.names}
+        self.dense = {n: model.get_submodule(n) for n in table.layers}
         self.stats = _dense_stats(model, stats_tokens)
         self.work = copy.deepcopy(model)
         self.built: dict[tuple[str, int], torch.nn.Module] = {}
@@ -292,12 +301,12 @@ def neighbours(table: Table, name: str, oi: int) -> list[int]:
     dearer by parameters then bytes; dense counts as the dearest level of every method."""
     opts = table.layers[name]["options"]
     method = (opts[oi]["config"] or {}).get("method")
-    same = [i for i, o in enumerate(opts) if o["config"] is None or method is None or o["config"]["method"] == method]
     if method is None:                                    # dense: the dearest level of each method
         return [max((i for i, o in enumerate(opts) if o["config"] and o["config"]["method"] == m),
                     key=lambda i: (opts[i]["params"], opts[i]["bytes"]))
                 for m in sorted({o["config"]["method"] for o in opts if o["config"]})]
-    same.sort(key=lambda i: (opts[i]["params"], opts[i]["bytes"]))
+    same = sorted((i for i, o in enumerate(opts) if o["config"] is None or o["config"]["method"] == method),
+                  key=lambda i: (opts[i]["params"], opts[i]["bytes"]))
     k = same.index(oi)
     return [same[j] for j in (k - 1, k + 1) if 0 <= j < len(same)]
 
@@ -317,16 +326,12 @@ class _Tail:
         self.last: list[float] = []            # per-window KL of the last measurement
 
     def _kl(self) -> float:
-        per_window = self._kl_windows()
-        self.last = per_window
-        return sum(per_window) / len(per_window)             # windows have equal lengths
-
-    def _kl_windows(self) -> list[float]:
-        out = []
+        """Mean per-token KL over the windows (equal lengths); per window kept in `last`."""
+        self.last = []
         for w, logp in zip(self.windows, self.dense_logp):
             logq = torch.log_softmax(self.asm.work(w[None], use_cache=False).logits[0].float(), -1)
-            out.append((logp.exp() * (logp - logq)).sum().item() / logp.shape[0])
-        return out
+            self.last.append((logp.exp() * (logp - logq)).sum().item() / logp.shape[0])
+        return sum(self.last) / len(self.last)
 
     def refresh(self) -> float:
         """Cache every block's inputs under the current choice; returns its KL."""
@@ -408,18 +413,17 @@ def refine(table: Table, budget: Budget, model=None, stats_tokens=None, eval_tok
     for n in names:
         asm.set(n, choice[n])
     tail = _Tail(asm, model, eval_tokens)
-    prefix = adapter_for(model).blocks_path + "."
-    block_of = {n: int(n[len(prefix):].split(".")[0]) for n in names}
+    adapter = adapter_for(model)
+    block_of = {n: adapter.block_index(n) for n in names}
     base = tail.refresh()
     base_windows = tail.last
     for r in range(rounds):
-        layers = {}
+        errors: dict[str, dict[int, float]] = {}
         measurements: dict[str, dict] = {}
         if record is not None:
             record.append({"start": dict(choice), "kl_per_window": measurements})
         bar = tqdm(names, desc=f"refine round {r + 1}", unit="layer", disable=not progress)
         for n in bar:
-            opts = table.layers[n]["options"]
             measured = {choice[n]: base}
             windows = {choice[n]: base_windows}
             for oi in neighbours(table, n, choice[n]):
@@ -428,19 +432,16 @@ def refine(table: Table, budget: Budget, model=None, stats_tokens=None, eval_tok
                 windows[oi] = tail.last
             asm.set(n, choice[n])
             asm.forget(choice)
-            keep = sorted(measured)
-            layers[n] = {**table.layers[n], "options": [{**opts[i], "error": measured[i], "index": i} for i in keep]}
+            errors[n] = measured
             bar.set_postfix(kl=f"{base:.4f}")
             if record is not None:
                 measurements[n] = {str(i): w for i, w in windows.items()}
-        local = Table(layers, table.meta)
-        solved = knapsack(local, budget)
-        proposal = {n: layers[n]["options"][i]["index"] for n, i in solved.items()}
+        proposal = knapsack_among(table, budget, errors)
         for n in names:
             asm.set(n, proposal[n])
         value = tail.refresh()
         print(f"refine round {r + 1}: KL {base:.5g} -> {value:.5g} nats/token "
-              f"(predicted {base + sum(layers[n]['options'][i]['error'] - base for n, i in solved.items()):.5g}), "
+              f"(predicted {base + sum(errors[n][i] - base for n, i in proposal.items()):.5g}), "
               f"{sum(proposal[n] != choice[n] for n in names)} layers moved")
         if value >= base:
             for n in names:

@@ -29,6 +29,13 @@ class Adapter:
             obj = getattr(obj, name)
         return obj
 
+    def block_index(self, name: str) -> int:
+        """The decoder block a module's fully qualified name lies in: 'model.layers.7.mlp.up_proj' -> 7."""
+        prefix = self.blocks_path + "."
+        if not name.startswith(prefix):
+            raise LLMPressError(f"{name} is not inside {self.blocks_path}")
+        return int(name[len(prefix):].split(".")[0])
+
     def linear_names(self, model: nn.Module) -> list[str]:
         """Fully qualified names of every compressible linear, in block order."""
         return [f"{self.blocks_path}.{i}.{name}" for i in range(len(self.blocks(model)))
