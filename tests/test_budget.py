@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from llmpress import LLMPressError
-from llmpress.allocate import (allocate, effective_rank_ratios, knapsack, lagrange, owl_block_sparsity, summarize,
-                               to_plan, uniform, _dense_stats)
+from llmpress.allocate import allocate, knapsack, lagrange, summarize, to_plan, uniform
+from llmpress.baselines import effective_rank_ratios, owl_block_sparsity
+from llmpress.walk import dense_statistics
 from llmpress.arch import adapter_for
 from llmpress.budget import Budget, Table, measure_sensitivity, menu_configs, option_cost
 from llmpress.eval import model_size
@@ -103,7 +104,7 @@ def test_search_keeps_the_budget_and_does_not_get_worse(table_and_model):
 def test_tail_kl_from_a_block_equals_the_full_forward(table_and_model):
     """Skipping the blocks before a switched layer (their inputs cached) gives the same KL as
     running the whole switched model; and the KL sees the switch."""
-    from llmpress.allocate import _Assembly, _Tail
+    from llmpress.search import _Assembly, _Tail
     table, model, tokens = table_and_model
     asm = _Assembly(table, model, tokens)
     windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(9))
@@ -119,7 +120,7 @@ def test_tail_kl_from_a_block_equals_the_full_forward(table_and_model):
 
 
 def test_refine_keeps_the_budget_and_lowers_the_measured_kl(table_and_model, capsys):
-    from llmpress.allocate import _Assembly, _Tail, neighbours
+    from llmpress.search import _Assembly, _Tail, neighbours
     table, model, tokens = table_and_model
     budget = Budget.parse("params=0.6")
     held_out = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(9))
@@ -144,7 +145,7 @@ def test_refine_keeps_the_budget_and_lowers_the_measured_kl(table_and_model, cap
 
 
 def test_neighbours_are_the_adjacent_levels(table_and_model):
-    from llmpress.allocate import neighbours
+    from llmpress.search import neighbours
     table, _, _ = table_and_model
     name = "model.layers.0.self_attn.q_proj"
     labels = [o["label"] for o in table.layers[name]["options"]]
@@ -158,7 +159,7 @@ def test_neighbours_are_the_adjacent_levels(table_and_model):
 
 def test_owl_and_effective_rank_baselines(table_and_model):
     _, model, tokens = table_and_model
-    stats = _dense_stats(model, tokens)
+    stats = dense_statistics(model, tokens)
     s = owl_block_sparsity(model, stats, 0.5, lamda=0.08)
     assert len(s) == 2 and sum(s) / 2 == pytest.approx(0.5) and max(s) - min(s) <= 0.16 + 1e-9
     ratios = effective_rank_ratios(model, stats, 0.5)
@@ -199,7 +200,8 @@ def test_block_output_grads_are_the_loss_gradient():
     model = tiny_llama(layers=3).double()
     windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     blocks = adapter_for(model).blocks(model)
-    grads = block_output_grads(model, blocks, windows)
+    from llmpress.walk import BlockWalk
+    grads = block_output_grads(BlockWalk(model, progress=False), windows)
     assert len(grads) == 3 and grads[1].shape == (2, 16, 64)
     assert all(p.requires_grad and p.grad is None for p in model.parameters())   # flags restored, no grads
     direction = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -261,21 +263,35 @@ def test_errors_are_the_fisher_forms_of_the_block_output_change():
     from llmpress import SparseGPT
     from llmpress.budget import block_output_grads
     from llmpress.config import handler_for
-    from llmpress.pipeline import _collect_block_stats, _run_block, capture_block_inputs
+    from llmpress.walk import BlockWalk
     model = tiny_llama(layers=2)
     tokens = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(5))
     config = SparseGPT(sparsity=0.6)
     table = measure_sensitivity(model, tokens, [config], sample_windows=2, progress=False)
-    adapter = adapter_for(model)
-    blocks = adapter.blocks(model)
-    g = block_output_grads(model, blocks, tokens[:2])[1].double()
-    hidden, kwargs = capture_block_inputs(model, blocks, tokens, 8)
+    blocks = adapter_for(model).blocks(model)
+    # g by plain autograd through the whole model (the table walks the blocks backwards instead)
+    seen = []
+
+    def keep_grad(module, args, out):
+        (out[0] if isinstance(out, tuple) else out).register_hook(seen.append)
+    hook = blocks[1].register_forward_hook(keep_grad)
+    embed = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
+    for w in tokens[:2]:
+        logits = model(w[None], use_cache=False).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum").backward()
+    hook.remove()
+    embed.remove()
+    model.zero_grad(set_to_none=True)
+    g = torch.cat(seen).double()
+    assert torch.allclose(block_output_grads(BlockWalk(model, progress=False), tokens[:2])[1].double(), g, atol=1e-6)
+    walk = BlockWalk(model, progress=False)
+    hidden = walk.capture(tokens)
     with torch.no_grad():
-        hidden = _run_block(blocks[0], hidden, kwargs, 8)
-        y, stats = _collect_block_stats(blocks[1], adapter, adapter.blocks_path, 1, {}, hidden, kwargs, 8, all_groups=True)
+        hidden = walk.run(blocks[0], hidden)
+        y, stats = walk.collect(blocks[1], hidden, walk.all_heads())
         linear = blocks[1].mlp.up_proj
         blocks[1].mlp.up_proj = handler_for(config)(linear, config, stats["mlp.up_proj"])[0]
-        d = (_run_block(blocks[1], hidden[:2], kwargs, 8) - y[:2]).double()
+        d = (walk.run(blocks[1], hidden[:2]) - y[:2]).double()
         blocks[1].mlp.up_proj = linear
     option = table.layers["model.layers.1.mlp.up_proj"]["options"][1]
     tokens_used = 2 * 15                     # the last position predicts nothing

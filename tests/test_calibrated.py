@@ -143,7 +143,8 @@ def test_awq_fold_preserves_the_function_and_beats_rtn(tiny_model, calib_tokens)
     from llmpress import AWQ
     from llmpress.arch import adapter_for
     from llmpress.methods.awq import awq_group_transform
-    from llmpress.pipeline import _collect_block_stats, capture_block_inputs, compress
+    from llmpress.pipeline import compress
+    from llmpress.walk import BlockWalk
 
     adapter = adapter_for(tiny_model)
     blocks = adapter.blocks(tiny_model)
@@ -151,11 +152,12 @@ def test_awq_fold_preserves_the_function_and_beats_rtn(tiny_model, calib_tokens)
     with torch.no_grad():
         blocks[0].input_layernorm.weight.mul_(torch.exp(torch.randn(64, generator=torch.Generator().manual_seed(0))))
     reference = copy.deepcopy(tiny_model)
-    hidden, kwargs = capture_block_inputs(tiny_model, blocks, calib_tokens, 4)
+    walk = BlockWalk(tiny_model, batch_size=4, progress=False)
+    hidden = walk.capture(calib_tokens)
+    kwargs = walk.kwargs
     block = blocks[0]
     before = block(hidden, **kwargs)[0]
-    todo = {f"model.layers.0.{n}": AWQ(bits=3, group_size=16) for g in adapter.input_groups for n in g}
-    _, stats = _collect_block_stats(block, adapter, "model.layers", 0, todo, hidden, kwargs, 4)
+    _, stats = walk.collect(block, hidden, walk.all_heads())
     norm_before = block.input_layernorm.weight.clone()
     info = awq_group_transform(block, adapter, "self_attn.q_proj", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                                [AWQ(bits=3, group_size=16)] * 3, stats["self_attn.q_proj"])

@@ -82,21 +82,24 @@ def test_a_method_that_changes_nothing_is_caught(tiny_model, monkeypatch):
 
 def test_calibration_stats_are_collected_per_input_group(tiny_model, calib_tokens):
     """The pipeline hands calibrated methods the Gram matrix of the layer's real inputs."""
-    from llmpress.pipeline import _collect_block_stats, capture_block_inputs
-    adapter = adapter_for(tiny_model)
-    blocks = adapter.blocks(tiny_model)
-    hidden, kwargs = capture_block_inputs(tiny_model, blocks, calib_tokens, batch_size=3)
+    from llmpress.pipeline import _heads
+    from llmpress.walk import BlockWalk
+    walk = BlockWalk(tiny_model, batch_size=3, progress=False)
+    blocks = walk.blocks
+    hidden = walk.capture(calib_tokens)
     assert hidden.shape == (8, 32, 64)
 
     class NeedsH(RTN):
         stat = "hessian"
     todo = {f"model.layers.0.{n}": NeedsH() for n in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
-    _, stats = _collect_block_stats(blocks[0], adapter, "model.layers", 0, todo, hidden, kwargs, 4)
+    walk.batch_size = 4
+    _, stats = walk.collect(blocks[0], hidden, _heads(walk.adapter, "model.layers.0.", todo, False))
     assert stats["self_attn.q_proj"] is stats["self_attn.v_proj"]       # shared input, one statistic
+    assert "mlp.gate_proj" not in stats                                   # not asked for
     seen = []
     h = blocks[0].mlp.down_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, 128)))
     with torch.inference_mode():
-        blocks[0](hidden, **kwargs)
+        blocks[0](hidden, **walk.kwargs)
     h.remove()
     x = torch.cat(seen)
     assert stats["mlp.down_proj"].count == x.shape[0]
@@ -133,7 +136,7 @@ def test_one_pass_statistics_are_cached_and_reused(tiny_model, calib_tokens, tmp
 
     def no_forward(*a, **k):
         raise AssertionError("calibration forward ran despite a full cache")
-    monkeypatch.setattr(pipeline, "capture_block_inputs", no_forward)
+    monkeypatch.setattr(pipeline.BlockWalk, "capture", no_forward)
     second = copy.deepcopy(reference)
     compress(second, _resolve(second, plan), calib_tokens, progress=False, propagate=False, stats_cache=tmp_path / "c")
     ids = calib_tokens[:2]

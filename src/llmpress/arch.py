@@ -19,6 +19,7 @@ class Adapter:
     # weight can absorb a per-channel scale) or a linear (whose output rows can). Used by AWQ.
     input_source: tuple[tuple[str, str], ...] = ()
     norm_offset: float = 0.0          # RMSNorm multiplies by (offset + weight): 1 for Gemma
+    final_norm_path: str = "model.norm"   # the norm between the last block and the LM head
 
     def source_of(self, head: str) -> str | None:
         return dict(self.input_source).get(head)

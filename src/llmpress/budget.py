@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,23 +29,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmpress.config import MethodConfig, config_from_dict, handler_for, parse_method_spec
+from llmpress.config import MethodConfig, config_class, config_from_dict, handler_for, method_names
 from llmpress.errors import LLMPressError
+from llmpress.walk import block_hidden
 
 TABLE_VERSION = 3
 METRICS = ("params", "bits", "bytes")
 
-# method -> the levels it contributes to a menu
-MENU_LEVELS = {
-    "gptq": [f"gptq:bits={b},group_size=128" for b in (2, 3, 4, 8)],
-    "rtn": [f"rtn:bits={b},group_size=128" for b in (2, 3, 4, 8)],
-    "sparsegpt": [f"sparsegpt:sparsity={s / 10}" for s in range(1, 10)],
-    "wanda": [f"wanda:sparsity={s / 10}" for s in range(1, 10)],
-    "magnitude": [f"magnitude:sparsity={s / 10}" for s in range(1, 10)],
-    "svd-llm": [f"svd-llm:param_ratio={r / 10}" for r in range(3, 10)],
-    "asvd": [f"asvd:param_ratio={r / 10}" for r in range(3, 10)],
-    "svd": [f"svd:param_ratio={r / 10}" for r in range(3, 10)],
-}
 DEFAULT_MENU = {"params": "sparsegpt,svd-llm", "bits": "gptq,sparsegpt,svd-llm", "bytes": "gptq,sparsegpt,svd-llm"}
 
 
@@ -79,47 +69,48 @@ class Budget:
 
 
 def menu_configs(menu: str) -> list[MethodConfig]:
+    """'gptq,sparsegpt' -> every level those methods put on a menu (each config class's `menu`)."""
     out = []
     for name in filter(None, (m.strip() for m in menu.split(","))):
-        if name in MENU_LEVELS:
-            out += [parse_method_spec(s) for s in MENU_LEVELS[name]]
-        else:   # an explicit setting, e.g. gptq:bits=3,group_size=64 (use ';' between such items)
-            raise LLMPressError(f"unknown menu item {name!r}; menu methods: {', '.join(MENU_LEVELS)}")
+        levels = config_class(name).menu_levels()
+        if not levels:
+            with_menu = [m for m in method_names() if config_class(m).menu]
+            raise LLMPressError(f"{name!r} has no menu levels; menu methods: {', '.join(with_menu)}")
+        out += levels
     if not out:
         raise LLMPressError("the menu is empty")
     return out
 
 
 def option_cost(config: MethodConfig | None, out_f: int, in_f: int, dense_bytes_per_param: int) -> tuple[int, int]:
-    """(bytes as stored, parameters kept) of one layer under `config`; mirrors llmpress.modules."""
-    from llmpress.methods.lowrank import rank_for_ratio
-    from llmpress.methods.magnitude import parse_nm
-    from llmpress.methods.sparsegpt import BLOCK
-    n = out_f * in_f
+    """(bytes as stored, parameters kept) of one layer under `config` (None: dense)."""
     if config is None:
-        return n * dense_bytes_per_param, n
-    if config.family == "quantization":
-        groups = math.ceil(in_f / config.group_size)
-        nbytes = math.ceil(n * config.bits / 8) + out_f * groups * 2
-        if not config.symmetric:
-            nbytes += math.ceil(out_f * groups * config.bits / 8)
-        return nbytes, n
-    if config.family == "pruning":
-        if config.nm:
-            keep_n, m = parse_nm(config.nm)
-            nnz = n // m * keep_n
-        elif config.method == "wanda":
-            nnz = out_f * (in_f - round(config.sparsity * in_f))
-        elif config.method == "sparsegpt":
-            nnz = sum(out_f * min(BLOCK, in_f - s) - round(config.sparsity * out_f * min(BLOCK, in_f - s))
-                      for s in range(0, in_f, BLOCK))
-        else:
-            nnz = n - round(config.sparsity * n)
-        return math.ceil(n / 8) + 2 * nnz, nnz
-    if config.family == "low-rank":
-        r = rank_for_ratio(out_f, in_f, config.param_ratio)
-        return 2 * r * (out_f + in_f), r * (out_f + in_f)
-    raise LLMPressError(f"no cost model for method {config.method!r}")
+        return out_f * in_f * dense_bytes_per_param, out_f * in_f
+    return config.storage(out_f, in_f)
+
+
+def check_budget(model, menu: list[MethodConfig], budget: "Budget") -> None:
+    """check_feasible on the model's compressible linears (shapes only: works on an offloaded skeleton)."""
+    from llmpress.arch import adapter_for
+    linears = [model.get_submodule(n) for n in adapter_for(model).linear_names(model)]
+    check_feasible([(m.out_features, m.in_features) for m in linears], menu, budget,
+                   linears[0].weight.element_size())
+
+
+def check_feasible(shapes: list[tuple[int, int]], menu: list[MethodConfig], budget: "Budget",
+                   dense_bytes_per_param: int) -> None:
+    """Refuse, before any measurement, a budget below what the cheapest option on every layer
+    reaches. shapes: (out, in) of every compressible linear."""
+    params = sum(o * i for o, i in shapes)
+    unit = {"params": params, "bits": params / 8}.get(budget.metric, 1)
+    cheapest = 0.0
+    for o, i in shapes:
+        options = [option_cost(c, o, i, dense_bytes_per_param) for c in [None, *menu]]
+        cheapest += min(p if budget.metric == "params" else b for b, p in options)
+    if cheapest > budget.target * unit:
+        raise LLMPressError(f"{budget.metric}={budget.target:g} is below what the menu can reach "
+                            f"({budget.metric}={cheapest / unit:.4g} at its cheapest); raise the budget or "
+                            f"add cheaper options to the menu")
 
 
 @dataclass
@@ -168,107 +159,188 @@ class Table:
         return Table(layers, {**self.meta, "error_field": field})
 
 
-def table_key(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int) -> str:
-    from llmpress.stats import tokens_digest
+def table_key(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int, source=None) -> str:
+    """Identifies a table: the calibration tokens, the menu, the number of windows and the decoder
+    blocks' weights (an offloaded checkpoint: its fingerprint, weights are not read for this)."""
+    from llmpress.stats import tensor_bytes, tokens_digest
     h = hashlib.sha256(f"sensitivity-{TABLE_VERSION}:{tokens_digest(tokens)}:{sample_windows}".encode())
     h.update(json.dumps([c.to_dict() for c in menu]).encode())
+    if source is not None:
+        h.update(source.fingerprint().encode())
+        return h.hexdigest()
     for name, t in sorted(model.state_dict().items()):
         if ".layers." in name:
             h.update(name.encode())
-            h.update(t.detach().contiguous().numpy().tobytes())
+            h.update(tensor_bytes(t))
     return h.hexdigest()
 
 
-def block_output_grads(model, blocks, windows: torch.Tensor) -> list[torch.Tensor]:
+def block_output_grads(walk, windows: torch.Tensor) -> list[torch.Tensor]:
     """Per decoder block, d(sum of next-token losses)/d(block output) on `windows` (S, T) of
-    calibration tokens: a list of (S, T, C) float32 tensors. One forward + backward per window;
-    parameters get no gradients (their requires_grad is switched off and restored)."""
+    calibration tokens: a list of (S, T, C) float32 tensors on the walk's storage device.
+
+    Backpropagation done block by block along the walk: one forward that keeps every block's
+    inputs, the loss gradient at the last block's output through the final norm and LM head, then
+    the blocks in reverse, each recomputed from its input and differentiated (a vector-Jacobian
+    product), so only one block is ever on the device. Parameters get no gradients."""
     import torch.nn.functional as F
-    from llmpress.pipeline import block_hidden
-    grads: list[list[torch.Tensor]] = [[] for _ in blocks]
-
-    def block_hook(i):
-        def hook(module, args, output):
-            block_hidden(output).register_hook(lambda g: grads[i].append(g.detach().float()))
-        return hook
-
-    def embed_hook(module, args, output):
-        return output.detach().requires_grad_(True)       # the graph starts at the embeddings
-
-    flags = {p: p.requires_grad for p in model.parameters()}
-    handles = [b.register_forward_hook(block_hook(i)) for i, b in enumerate(blocks)]
-    handles.append(model.get_input_embeddings().register_forward_hook(embed_hook))
+    inputs: list[torch.Tensor] = []
+    final = walk.forward_from(walk.capture(windows), 0, record=inputs)
+    flags = {p: p.requires_grad for p in walk.model.parameters()}
+    grads: list[torch.Tensor | None] = [None] * len(walk)
     try:
         for p in flags:
             p.requires_grad_(False)
         with torch.enable_grad():
-            for w in windows:
-                logits = model(w[None], use_cache=False).logits[0, :-1].float()
-                F.cross_entropy(logits, w[1:], reduction="sum").backward()
+            g = []
+            with walk.head_placed() as head:
+                for k, w in enumerate(windows):
+                    h = final[k:k + 1].to(walk.device).requires_grad_(True)
+                    logits = head(h)[0, :-1].float()
+                    F.cross_entropy(logits, w[1:].to(walk.device), reduction="sum").backward()
+                    g.append(h.grad.float().to(walk.storage))
+            g = torch.cat(g)                                              # (S, T, C) at the last output
+            for i, block in walk.steps("gradients", keep=False, order=range(len(walk) - 1, -1, -1)):
+                grads[i] = g
+                if i == 0:
+                    break
+                previous = []
+                for k in range(windows.shape[0]):                         # one window at a time: memory
+                    x = inputs[i][k:k + 1].to(walk.device).requires_grad_(True)
+                    y = block_hidden(block(x, **walk.kwargs))
+                    y.backward(g[k:k + 1].to(walk.device, y.dtype))
+                    previous.append(x.grad.float().to(walk.storage))
+                g = torch.cat(previous)
     finally:
-        for h in handles:
-            h.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return [torch.cat(g) for g in grads]
+    return grads
 
 
 @torch.no_grad()
 def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int = 16,
-                        batch_size: int = 8, progress: bool = True) -> Table:
+                        batch_size: int = 8, progress: bool = True, device="cpu", source=None) -> Table:
     """Per layer and option: the option's error in its block's output, block-local, weighted by the
     loss's gradient there (see the module docstring). Statistics come from one forward per block of
     all calibration tokens through the dense model; the error is measured on the first
     `sample_windows` calibration windows. Does not modify `model`."""
-    from llmpress.arch import adapter_for
-    from llmpress.pipeline import _collect_block_stats, _run_block, capture_block_inputs
     from llmpress.modules import linear_bytes
+    from llmpress.walk import BlockWalk
 
     t0 = time.perf_counter()
-    adapter = adapter_for(model)
-    blocks = adapter.blocks(model)
-    prefix = adapter.blocks_path
-    dense_bpp = next(model.parameters()).element_size()
     if not 0 < sample_windows <= tokens.shape[0]:
         raise LLMPressError(f"sample_windows must be in 1..{tokens.shape[0]} (the calibration windows); got {sample_windows}")
-    grads = block_output_grads(model, blocks, tokens[:sample_windows])
+    walk = BlockWalk(model, device, batch_size, progress=False, source=source)
+    adapter = walk.adapter
+    grads = block_output_grads(walk, tokens[:sample_windows])
     n_tokens = sample_windows * (tokens.shape[1] - 1)
-    hidden, kwargs = capture_block_inputs(model, blocks, tokens, batch_size)
+    hidden = walk.capture(tokens)
     layers: dict[str, dict] = {}
-    bar = tqdm(total=len(blocks) * sum(len(g) for g in adapter.input_groups), desc="sensitivity", unit="layer",
+    bar = tqdm(total=len(walk) * sum(len(g) for g in adapter.input_groups), desc="sensitivity", unit="layer",
                disable=not progress)
-    for i, block in enumerate(blocks):
-        out, stats = _collect_block_stats(block, adapter, prefix, i, {}, hidden, kwargs, batch_size, all_groups=True)
+    dense_bpp = None
+    for i, block in walk.steps(keep=False):
+        out, stats = walk.collect(block, hidden, walk.all_heads())
         x_sub, y_sub = hidden[:sample_windows], out[:sample_windows]
         energy = y_sub.double().square().sum().item()
-        g = grads[i].double()                               # (S, T, C)
+        g = grads[i].to(walk.device).double()                           # (S, T, C)
         for group in adapter.input_groups:
             for local in group:
                 linear = block.get_submodule(local)
+                dense_bpp = linear.weight.element_size()
                 parent, _, attr = local.rpartition(".")
                 o_f, i_f = linear.out_features, linear.in_features
                 options = [{"label": "dense", "config": None, "bytes": linear_bytes(linear), "params": o_f * i_f,
                             "error": 0.0, "error_diag": 0.0, "block_error": 0.0}]
                 for config in menu:
                     module, info = handler_for(config)(linear, config, stats[local])
-                    setattr(block.get_submodule(parent), attr, module)
+                    setattr(block.get_submodule(parent), attr, module.to(linear.weight.device))
                     try:
-                        y = _run_block(block, x_sub, kwargs, batch_size)
+                        y = walk.run(block, x_sub)
                     finally:
                         setattr(block.get_submodule(parent), attr, linear)
                     nbytes, params = option_cost(config, o_f, i_f, dense_bpp)
                     if nbytes != module.stored_bytes():
                         raise AssertionError(f"cost model disagrees with {config.label()}: {nbytes} vs {module.stored_bytes()}")
-                    d = (y - y_sub).double()                # (S, T, C)
+                    d = (y - y_sub).to(walk.device).double()            # (S, T, C)
                     options.append({"label": config.label(), "config": config.to_dict(), "bytes": nbytes,
                                     "params": params, "error": 0.5 * (g * d).sum(-1).square().sum().item() / n_tokens,
                                     "error_diag": 0.5 * (g * d).square().sum().item() / n_tokens,
                                     "block_error": d.square().sum().item() / energy})
-                layers[f"{prefix}.{i}.{local}"] = {"out": o_f, "in": i_f, "params": o_f * i_f, "options": options}
+                layers[walk.name(i, local)] = {"out": o_f, "in": i_f, "params": o_f * i_f, "options": options}
                 bar.update()
         hidden = out                                      # dense outputs feed the next block
     bar.close()
     meta = {"menu": [c.to_dict() for c in menu], "sample_windows": sample_windows, "tokens": list(tokens.shape),
-            "dense_bytes_per_param": dense_bpp,
+            "dense_bytes_per_param": dense_bpp, "device": str(walk.device),
             "error": "estimated loss increase, nats/token (empirical Fisher quadratic form of the block output change, per token)", "seconds": time.perf_counter() - t0}
     return Table(layers, meta)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress")) / "sensitivity"
+
+
+def sensitivity_table(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int,
+                      path: str | Path | None = None, progress: bool = True, device="cpu", source=None,
+                      batch_size: int = 8) -> tuple[Table, Path]:
+    """The table for (model, tokens, menu, sample_windows): read from `path` (default: the cache
+    folder, named by its key) when it is there, measured and saved there otherwise. A file at an
+    explicit path measured for something else is refused."""
+    key = table_key(model, tokens, menu, sample_windows, source)
+    path = Path(path) if path else default_cache_dir() / f"{key[:32]}.json"
+    if path.is_file():
+        table = Table.load(path)
+        if table.meta.get("key") != key:
+            raise LLMPressError(f"{path} was measured for another model, calibration data or menu")
+        if progress:
+            print(f"sensitivity table read from {path}")
+        return table, path
+    table = measure_sensitivity(model, tokens, menu, sample_windows=sample_windows, batch_size=batch_size,
+                                progress=progress, device=device, source=source)
+    table.meta["key"] = key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.save(path)
+    if progress:
+        print(f"sensitivity measured in {table.meta['seconds']:.0f}s, saved to {path}")
+    return table, path
+
+
+@dataclass
+class Allocation:
+    """What `plan_for_budget` returns: the Plan, the per-layer choice it came from, the table and a
+    summary (allocator, sizes, use of the budget, the table's path)."""
+    plan: "object"
+    choice: dict[str, int]
+    table: Table
+    info: dict
+
+
+def plan_for_budget(model, tokens: torch.Tensor, budget: Budget, menu: list[MethodConfig],
+                    allocator: str = "knapsack", *, held_out: torch.Tensor | None = None, fuse: bool = False,
+                    sample_windows: int | None = None, table_path: str | Path | None = None,
+                    search_steps: int = 40, refine_rounds: int = 1, progress: bool = True,
+                    device="cpu", source=None) -> Allocation:
+    """Compress to a budget, the planning half: check the budget is reachable (from the layer
+    shapes alone, before any measurement), get the sensitivity table (cached), and allocate.
+    held_out: calibration windows disjoint from `tokens`, needed by the search and refine allocators."""
+    from llmpress.allocate import allocate, fused_groups, to_plan
+
+    check_budget(model, menu, budget)
+    if fuse and allocator in ("search", "refine"):
+        raise LLMPressError(f"fused groups are supported by the knapsack and lagrange allocators, not by {allocator}")
+    extra: dict = {}
+    if allocator in ("search", "refine"):
+        if held_out is None:
+            raise LLMPressError(f"the {allocator} allocator needs held-out calibration windows")
+        if source is not None:
+            raise LLMPressError(f"the {allocator} allocator needs the model in memory (not offloaded)")
+        extra = {"model": model, "stats_tokens": tokens, "eval_tokens": held_out, "progress": progress}
+        extra.update({"steps": search_steps} if allocator == "search" else {"rounds": refine_rounds})
+    if fuse:
+        extra["fuse_groups"] = fused_groups(model)
+    sample_windows = sample_windows or min(16, tokens.shape[0])
+    table, path = sensitivity_table(model, tokens, menu, sample_windows, table_path, progress, device, source)
+    choice, info = allocate(table, budget, allocator, **extra)
+    info["sensitivity_table"] = str(path)
+    return Allocation(to_plan(table, choice), choice, table, info)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,12 @@ def _add_eval_args(p, dataset_default="wikitext2"):
     p.add_argument("--dataset", default=dataset_default, help="wikitext2 or a local UTF-8 text file")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+
+
+def _add_device_args(p):
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (a GPU when there is one); default cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="compute dtype of the model (auto: the checkpoint's own; GGUF dequantizes to float32)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--json", help="write the run's results here")
     c.add_argument("--trust-remote-code", action="store_true")
+    _add_device_args(c)
+    c.add_argument("--offload", metavar="DIR",
+                   help="larger than memory: read each block from the checkpoint's safetensors shards when its turn "
+                        "comes and write it, compressed, to DIR (Hugging Face folders only; chosen automatically, "
+                        "in a temporary folder, when the model does not fit in available memory)")
 
     e = sub.add_parser("eval", help="evaluate a model (perplexity unless only other evaluations are asked for)")
     e.add_argument("--model", required=True)
@@ -71,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json")
     e.add_argument("--trust-remote-code", action="store_true")
+    _add_device_args(e)
 
     w = sub.add_parser("sweep", help="methods x budgets on one model, evaluated, with report.md and plots")
     w.add_argument("--model", required=True)
@@ -86,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="re-collect statistics per run through the compressed blocks (slower)")
     w.add_argument("--out", required=True)
     w.add_argument("--overwrite", action="store_true")
+    _add_device_args(w)
 
     r = sub.add_parser("report", help="re-render report.md and plots from DIR/report.json")
     r.add_argument("dir")
@@ -116,8 +130,7 @@ def _write_json(path, data) -> None:
 
 
 def cmd_compress(a) -> dict:
-    from llmpress.arch import adapter_for
-    from llmpress.export import check_out_dir, save_compressed
+    from llmpress.export import check_out_dir
     from llmpress.plan import Plan
 
     if sum(x is not None for x in (a.method, a.plan, a.budget)) != 1:
@@ -128,43 +141,106 @@ def cmd_compress(a) -> dict:
     if a.budget:
         from llmpress.budget import DEFAULT_MENU, Budget, menu_configs
         budget = Budget.parse(a.budget)
-        menu = menu_configs(a.menu or DEFAULT_MENU[budget.metric])
+        menu_configs(a.menu or DEFAULT_MENU[budget.metric])       # a bad menu fails before loading
         plan = None
     else:
         plan = Plan.load(a.plan) if a.plan else Plan.uniform(_config_from_args(a))
     check_out_dir(a.out, a.overwrite)
-    from llmpress.models import load_model
+    from llmpress.walk import resolve_device, resolve_dtype
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    model, tokenizer, source, scratch = _load_for_compress(a, dtype)
+    try:
+        return _compress_loaded(a, model, tokenizer, source, plan, budget, device)
+    finally:
+        if scratch is not None:
+            import shutil
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _load_for_compress(a, dtype):
+    """(model, tokenizer, offloaded source or None, temporary scratch folder to remove or None)."""
+    from llmpress.models import load_model, resolve_source
+    from llmpress.offload import checkpoint_bytes, load_skeleton
+    kind, where = resolve_source(a.model)
+    scratch = None
+    if a.offload is None and kind == "hf_dir":
+        need, free = checkpoint_bytes(where) * _widening(where, dtype), _available_memory()
+        if free is not None and need > 0.8 * free:
+            out = Path(a.out)
+            scratch = out.parent / f".{out.name}.offload-{os.getpid()}"
+            print(f"the model needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available: offloading "
+                  f"blocks through {scratch}", file=sys.stderr)
+    if a.offload is not None or scratch is not None:
+        if kind != "hf_dir":
+            raise LLMPressError(f"--offload reads a Hugging Face folder with safetensors weights; {a.model} is a "
+                                f"{kind} source (save it as a Hugging Face folder first)")
+        model, tokenizer, source = load_skeleton(where, a.offload or scratch, dtype)
+        if tokenizer is None:
+            raise LLMPressError(f"{a.model} has no tokenizer files")
+        return model, tokenizer, source, scratch
+    model, tokenizer = load_model(a.model, dtype=dtype, trust_remote_code=a.trust_remote_code)
+    return model, tokenizer, None, None
+
+
+def _widening(folder, dtype) -> float:
+    """How much larger than on disk the weights are in memory (a bf16 checkpoint loaded as float32: 2)."""
+    import torch
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    return 1.0 if dtype is None else dtype.itemsize / stored.itemsize
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _compress_loaded(a, model, tokenizer, source, plan, budget, device) -> dict:
+    from llmpress.arch import adapter_for
+    from llmpress.export import save_compressed
     from llmpress.pipeline import compress
     from llmpress.data import calibration_tokens
     from llmpress.eval import model_size
 
-    model, tokenizer = load_model(a.model, trust_remote_code=a.trust_remote_code)
     allocation = tokens = calib = None
     if budget is not None:
+        from llmpress.budget import check_budget, menu_configs, DEFAULT_MENU
+        menu = menu_configs(a.menu or DEFAULT_MENU[budget.metric])
+        check_budget(model, menu, budget)              # before reading any calibration text
         tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
-        plan, allocation, table, choice = _allocate(a, model, tokenizer, tokens, budget, menu)
+        allocated = _allocate(a, model, tokenizer, tokens, budget, menu, device, source)
+        plan, allocation = allocated.plan, allocated.info
     layer_configs = plan.resolve(adapter_for(model).linear_names(model))
     if any(c.stat for c in layer_configs.values()):
         if tokens is None:
             tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
         calib = {"source": a.calib, "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed}
     one_pass = a.one_pass or a.stats_cache is not None
-    report = compress(model, layer_configs, tokens, propagate=not one_pass, stats_cache=a.stats_cache)
+    report = compress(model, layer_configs, tokens, propagate=not one_pass, stats_cache=a.stats_cache,
+                      device=device, source=source)
     if calib:
         calib["propagate"] = not one_pass
     fallbacks = {k: v for k, v in report.layers.items() if "fallback" in v}
     for fqn, info in fallbacks.items():
         print(f"warning: {fqn}: fell back to {info['fallback']} ({info['reason']})", file=sys.stderr)
     size = model_size(model)
-    manifest = {"source_model": a.model, "plan": plan.to_dict(), "allocation": allocation,
+    manifest = {"source_model": a.model, "device": str(device), "plan": plan.to_dict(), "allocation": allocation,
                 "layers": {k: v.to_dict() for k, v in layer_configs.items()},
                 "calibration": calib, "seed": a.seed, "report": report.layers, "size": size}
     out = save_compressed(model, tokenizer, a.out, manifest, overwrite=a.overwrite)
     result = {"out": str(out), "compress_seconds": report.seconds, **size, "calibration": calib,
               "fallbacks": fallbacks, "allocation": allocation}
     if allocation is not None:
-        from llmpress.allocate import plot_allocation
-        plot_allocation(table, choice, out / "allocation.png",
+        from llmpress.report import plot_allocation
+        plot_allocation(allocated.table, allocated.choice, out / "allocation.png",
                         f"{allocation['allocator']} allocation at {allocation['budget']}")
     print(f"compressed {len(layer_configs)} layers in {report.seconds:.1f}s: {size['bytes']:,} bytes, "
           f"{size['bits_per_weight']:.3f} bits/weight -> {out}")
@@ -172,45 +248,22 @@ def cmd_compress(a) -> dict:
     return result
 
 
-def _allocate(a, model, tokenizer, tokens, budget, menu):
-    """Sensitivity table (read back when one exists for this model, data and menu), then allocation."""
-    import os
-    import time
-    from llmpress.allocate import allocate, to_plan
-    from llmpress.budget import Table, measure_sensitivity, table_key
-
-    sample_windows = a.sample_windows or min(16, tokens.shape[0])
-    key = table_key(model, tokens, menu, sample_windows)
-    cache = Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress")) / "sensitivity"
-    path = Path(a.sensitivity) if a.sensitivity else cache / f"{key[:32]}.json"
-    t = time.perf_counter()
-    if path.is_file():
-        table = Table.load(path)
-        if table.meta.get("key") != key:
-            raise LLMPressError(f"{path} was measured for another model, calibration data or menu")
-        print(f"sensitivity table read from {path} ({time.perf_counter() - t:.1f}s)")
-    else:
-        table = measure_sensitivity(model, tokens, menu, sample_windows=sample_windows)
-        table.meta["key"] = key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table.save(path)
-        print(f"sensitivity measured in {table.meta['seconds']:.0f}s, saved to {path}")
-    extra = {}
+def _allocate(a, model, tokenizer, tokens, budget, menu, device, source):
+    """The sensitivity table (cached) and the allocation, through llmpress.budget.plan_for_budget."""
+    from llmpress.budget import plan_for_budget
+    held_out = None
     if a.allocator in ("search", "refine"):
         from llmpress.data import calibration_tokens
         # the same seeded permutation, 4 windows further: disjoint from the calibration windows
         held_out = calibration_tokens(tokenizer, a.calib, a.num_samples + 4, a.seq_len, a.seed)[-4:]
-        extra = {"model": model, "stats_tokens": tokens, "eval_tokens": held_out}
-        extra.update({"steps": a.search_steps} if a.allocator == "search" else {"rounds": a.refine_rounds})
-    if a.fuse:
-        from llmpress.allocate import fused_groups
-        extra["fuse_groups"] = fused_groups(model)
-    choice, info = allocate(table, budget, a.allocator, **extra)
-    info["sensitivity_table"] = str(path)
+    result = plan_for_budget(model, tokens, budget, menu, a.allocator, held_out=held_out, fuse=a.fuse,
+                             sample_windows=a.sample_windows, table_path=a.sensitivity, search_steps=a.search_steps,
+                             refine_rounds=a.refine_rounds, device=device, source=source)
+    info = result.info
     print(f"allocation ({a.allocator}) ready in {info['allocate_seconds']:.2f}s: {info['params_kept']:.3f} of params "
           f"kept, {info['bits_per_weight']:.3f} bits/weight, {100 * info['use_of_budget']:.1f}% of the budget, "
           f"methods {info['methods']}")
-    return to_plan(table, choice), info, table, choice
+    return result
 
 
 def cmd_eval(a) -> dict:
@@ -225,8 +278,20 @@ def cmd_eval(a) -> dict:
     if a.tasks:
         from llmpress.zeroshot import parse_tasks
         tasks = parse_tasks(a.tasks)                  # bad task names fail before loading
-    model, tokenizer = load_model(a.model, trust_remote_code=getattr(a, "trust_remote_code", False))
-    result = {"model": a.model, "seed": a.seed, "versions": versions(), **ev.model_size(model)}
+    from llmpress.walk import resolve_device, resolve_dtype
+    if a.max_windows is not None and a.max_windows < 1:
+        raise LLMPressError(f"--max-windows must be at least 1, got {a.max_windows}")
+    if a.kl_windows < 1:
+        raise LLMPressError(f"--kl-windows must be at least 1, got {a.kl_windows}")
+    if a.seq_len < 2:
+        raise LLMPressError(f"--seq-len must be at least 2, got {a.seq_len}")
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    model, tokenizer = load_model(a.model, dtype=dtype, trust_remote_code=getattr(a, "trust_remote_code", False))
+    ev.check_context(model, a.seq_len)
+    model.to(device)
+    result = {"model": a.model, "seed": a.seed, "versions": versions(), **ev.model_size(model),
+              "device": str(device), "dtype": str(model.dtype).removeprefix("torch.")}
     disk = ev.disk_bytes(a.model)
     if disk is not None:
         result["disk_bytes"] = disk
@@ -249,7 +314,8 @@ def cmd_eval(a) -> dict:
             print(f"  {t:<14} acc {r['acc']:.4f}" + (f"  acc_norm {r['acc_norm']:.4f}" if "acc_norm" in r else "")
                   + f"  (n={r['n']})")
     if a.kl_base:
-        base, _ = load_model(a.kl_base)
+        base, _ = load_model(a.kl_base, dtype=dtype)
+        base.to(device)
         ids = eval_tokens(tokenizer, a.dataset or "wikitext2")
         result.update(ev.kl_to_base(model, base, ids, a.seq_len, a.kl_windows))
         result["kl_base"] = a.kl_base
@@ -302,7 +368,7 @@ def cmd_sweep(a) -> None:
     path = run_sweep(a.model, configs, Path(a.out), dataset=a.dataset, seq_len=a.seq_len,
                      max_windows=a.max_windows, tasks=a.tasks, limit=a.limit, calib=a.calib,
                      num_samples=a.num_samples, calib_seq_len=a.calib_seq_len, seed=a.seed,
-                     propagate=a.propagate, overwrite=a.overwrite)
+                     propagate=a.propagate, overwrite=a.overwrite, device=a.device, dtype=a.dtype)
     print(path.read_text())
 
 

@@ -30,12 +30,23 @@ class MethodConfig:
     method: ClassVar[str] = ""
     family: ClassVar[str] = ""        # quantization | pruning | low-rank
     stat: ClassVar[str | None] = None
+    # the settings this method contributes to an allocator's menu (llmpress.budget.menu_configs)
+    menu: ClassVar[tuple[dict, ...]] = ()
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:  # overridden: raise LLMPressError on bad settings
         pass
+
+    def storage(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """(bytes as stored, parameters kept) of one (out, in) layer under this config: exactly what
+        its compressed module stores (llmpress.modules), so allocators and exports count alike."""
+        raise LLMPressError(f"method {self.method!r} states no storage cost")
+
+    @classmethod
+    def menu_levels(cls) -> list["MethodConfig"]:
+        return [cls(**kw) for kw in cls.menu]
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "version": CONFIG_VERSION, **dataclasses.asdict(self)}

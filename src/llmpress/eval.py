@@ -13,6 +13,17 @@ from llmpress.errors import LLMPressError
 from llmpress.modules import linear_bytes, linear_params
 
 
+def check_context(model: nn.Module, seq_len: int) -> None:
+    """Refuse windows longer than the model's context before any work."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise LLMPressError(f"seq_len {seq_len} exceeds the model's context of {context} tokens")
+
+
+def _device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
 @torch.inference_mode()
 def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 2048, max_windows: int | None = None,
                progress: bool = True) -> dict:
@@ -22,7 +33,11 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 2048, max_win
     if n_windows == 0:
         raise LLMPressError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
     if max_windows is not None:
+        if max_windows < 1:
+            raise LLMPressError(f"max_windows must be at least 1, got {max_windows}")
         n_windows = min(n_windows, max_windows)
+    check_context(model, seq_len)
+    ids = ids.to(_device(model))
     t0 = time.perf_counter()
     losses = []
     for i in tqdm(range(n_windows), desc="perplexity", unit="window", disable=not progress):
@@ -53,6 +68,8 @@ def kl_to_base(model: nn.Module, base: nn.Module, ids: torch.Tensor, seq_len: in
     if n_windows == 0:
         raise LLMPressError(f"KL text has {ids.numel()} tokens, fewer than one window of {seq_len}")
     n_windows = min(n_windows, max_windows) if max_windows else n_windows
+    check_context(model, seq_len)
+    ids = ids.to(_device(model))
     kl_sum, agree, count = 0.0, 0, 0
     for i in tqdm(range(n_windows), desc="kl", unit="window", disable=not progress):
         window = ids[i * seq_len:(i + 1) * seq_len][None]
@@ -73,7 +90,7 @@ def speed(model: nn.Module, prompt_len: int = 256, decode_tokens: int = 32, batc
     gen = torch.Generator().manual_seed(0)
     out = {}
     for b in batch_sizes:
-        ids = torch.randint(0, vocab, (b, prompt_len), generator=gen)
+        ids = torch.randint(0, vocab, (b, prompt_len), generator=gen).to(_device(model))
         prefill, decode = [], []
         for _ in range(repeats):
             t = time.perf_counter()

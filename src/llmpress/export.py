@@ -121,8 +121,9 @@ def verify(path: str | Path) -> dict:
     return m
 
 
-def load_compressed(path: str | Path):
-    """-> (model, tokenizer or None) rebuilt from an llmpress folder."""
+def load_compressed(path: str | Path, dtype: torch.dtype | None = None):
+    """-> (model, tokenizer or None) rebuilt from an llmpress folder. dtype: cast the dense parts
+    (embeddings, norms, layers left dense) to it; compressed layers keep their stored form."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
@@ -145,6 +146,11 @@ def load_compressed(path: str | Path):
         module = model.get_submodule(parent)
         src_parent, _, src_attr = kept.rpartition(".")
         setattr(module, attr, getattr(model.get_submodule(src_parent), src_attr))
+    if dtype is not None and dtype != model.dtype:
+        for module in model.modules():
+            if not isinstance(module, CompressedLinear):
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.to(dtype) if p.is_floating_point() else p.data
     model.eval()
     has_tokenizer = any(name.startswith("tokenizer") for name in m["files"])
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None

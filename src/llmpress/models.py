@@ -38,20 +38,26 @@ def resolve_source(spec: str) -> tuple[str, Path | str]:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise LLMPressError(f"no such GGUF file: {spec}")
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise LLMPressError(f"{spec} is not a GGUF file (it does not start with the GGUF magic bytes)")
         return "gguf", p
     if p.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise LLMPressError(f"{spec} is not a model folder, a .gguf file, or a Hub id")
     return "hub", spec
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """-> (model in eval mode on CPU, tokenizer). GGUF weights are dequantized to `dtype`."""
+def load_model(spec: str, dtype: torch.dtype | None = torch.float32, trust_remote_code: bool = False):
+    """-> (model in eval mode on CPU, tokenizer). dtype None = the checkpoint's own (GGUF weights
+    are dequantized to float32 then; an llmpress folder keeps the dtype it was saved in)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kind, where = resolve_source(spec)
     if kind == "llmpress":
         from llmpress.export import load_compressed
-        return load_compressed(where)
+        return load_compressed(where, dtype)
+    if dtype is None:
+        dtype = torch.float32 if kind == "gguf" else "auto"
     if kind == "gguf":
         kw = {"gguf_file": where.name}
         where = where.parent
@@ -67,7 +73,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
-    except OSError as e:
+    except (OSError, ValueError) as e:   # a damaged GGUF surfaces as ValueError from gguf-py
         raise LLMPressError(f"could not load the weights of {spec!r}: {str(e).splitlines()[0][:200]}")
     model.eval()
     return model, tokenizer

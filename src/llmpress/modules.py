@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,25 +21,29 @@ STORAGE_DTYPE = torch.float16
 
 
 def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned ints < 2**bits (any shape) -> uint8 vector of ceil(numel*bits/8) bytes."""
-    v = q.reshape(-1).to(torch.uint8).numpy()
+    """Unsigned ints < 2**bits (any shape, any device) -> uint8 vector of ceil(numel*bits/8) bytes:
+    value k's bit j is bit (k*bits + j) of the stream, bytes filled from their least significant bit."""
+    v = q.reshape(-1).to(torch.uint8)
     if bits == 8:
-        return torch.from_numpy(v.copy())
-    planes = (v[:, None] >> np.arange(bits, dtype=np.uint8)) & 1          # (n, bits), LSB first
-    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+        return v.clone()
+    shifts = torch.arange(8, dtype=torch.uint8, device=v.device)
+    planes = ((v[:, None] >> shifts[:bits]) & 1).reshape(-1)                 # (numel * bits,) LSB first
+    planes = F.pad(planes, (0, -planes.numel() % 8)).view(-1, 8)             # (bytes, 8)
+    return (planes << shifts).sum(1, dtype=torch.int32).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of pack_bits: uint8 bytes -> uint8 vector of `numel` values."""
-    p = packed.numpy()
+    """Inverse of pack_bits: uint8 bytes -> uint8 vector of `numel` values (on packed's device)."""
     if bits == 8:
-        return torch.from_numpy(p[:numel].copy())
-    planes = np.unpackbits(p, count=numel * bits, bitorder="little").reshape(numel, bits)
-    return torch.from_numpy((planes << np.arange(bits, dtype=np.uint8)).sum(1, dtype=np.uint8))
+        return packed[:numel].clone()
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    planes = ((packed[:, None] >> shifts) & 1).reshape(-1)[:numel * bits].view(numel, bits)
+    return (planes << shifts[:bits]).sum(1, dtype=torch.int32).to(torch.uint8)
 
 
 class CompressedLinear(nn.Module):
-    """Base: a linear layer whose weight is rebuilt from its stored form (cached after first use)."""
+    """Base: a linear layer whose weight is rebuilt from its stored form at every forward: the
+    module holds only what it stores (no dense copy; see `cached_weights` for a scoped cache)."""
 
     in_features: int
     out_features: int
@@ -49,7 +52,7 @@ class CompressedLinear(nn.Module):
         super().__init__()
         self._weight_cache: torch.Tensor | None = None
 
-    def dense_weight(self) -> torch.Tensor:  # (out, in), float32
+    def dense_weight(self) -> torch.Tensor:  # (out, in), float32, on the module's device
         raise NotImplementedError
 
     def spec(self) -> dict:
@@ -62,13 +65,12 @@ class CompressedLinear(nn.Module):
         self._weight_cache = None
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def _apply(self, fn, *args, **kwargs):
+        self._weight_cache = None           # moved or cast: a cached weight would be stale
+        return super()._apply(fn, *args, **kwargs)
+
     def weight_for_forward(self) -> torch.Tensor:
-        if self._weight_cache is None:
-            # a plain tensor even when first built under inference_mode (eval), so later
-            # autograd-tracked forwards can still use it
-            with torch.inference_mode(False), torch.no_grad():
-                self._weight_cache = self.dense_weight()
-        return self._weight_cache
+        return self.dense_weight() if self._weight_cache is None else self._weight_cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -101,12 +103,12 @@ class QuantLinear(CompressedLinear):
 
     def zeros(self) -> torch.Tensor:  # (out, n_groups) float32
         if self.symmetric:
-            return torch.full((self.out_features, self.n_groups), float(2 ** (self.bits - 1)))
+            return torch.full((self.out_features, self.n_groups), float(2 ** (self.bits - 1)), device=self.scale.device)
         return unpack_bits(self.zero, self.bits, self.out_features * self.n_groups).view(
             self.out_features, self.n_groups).float()
 
     def dense_weight(self) -> torch.Tensor:
-        g = torch.arange(self.in_features) // self.group_size            # column -> group
+        g = torch.arange(self.in_features, device=self.scale.device) // self.group_size   # column -> group
         return (self.int_weight().float() - self.zeros()[:, g]) * self.scale.float()[:, g]
 
     def spec(self) -> dict:
@@ -144,7 +146,7 @@ class SparseLinear(CompressedLinear):
             self.out_features, self.in_features)
 
     def dense_weight(self) -> torch.Tensor:
-        w = torch.zeros(self.out_features, self.in_features)
+        w = torch.zeros(self.out_features, self.in_features, device=self.values.device)
         w[self.bool_mask()] = self.values.float()
         return w
 
@@ -185,6 +187,16 @@ class LowRankLinear(CompressedLinear):
     def empty(cls, s: dict) -> "LowRankLinear":
         return cls(torch.zeros(s["out_features"], s["rank"]), torch.zeros(s["rank"], s["in_features"]),
                    torch.zeros(s["out_features"]) if s["bias"] else None)
+
+
+def with_dense_cache(module: nn.Module) -> nn.Module:
+    """Make a compressed layer keep its rebuilt dense weight (until moved or reloaded): for the
+    temporary working copies of a search that runs the same layers many times, never for a model
+    that is handed to the user. Returns the module."""
+    if isinstance(module, CompressedLinear) and type(module).forward is CompressedLinear.forward:
+        with torch.no_grad():
+            module._weight_cache = module.dense_weight()
+    return module
 
 
 MODULE_TYPES = {c.__name__: c for c in (QuantLinear, SparseLinear, LowRankLinear)}

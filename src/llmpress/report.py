@@ -146,3 +146,34 @@ def render(out: str | Path) -> Path:
     lines += [f"Versions: {data.get('versions')}. Total sweep time {data.get('sweep_seconds', 0):.0f}s.", ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
+
+
+def plot_allocation(table, choice: dict[str, int], path, title: str) -> None:
+    """Per layer: the chosen option's kept parameters and bits per weight, coloured by family."""
+    import numpy as np
+    from llmpress.config import config_class
+    plt = _plt()
+    names = [n for n in table.layers if n in choice]      # model order (block 0 first)
+    opts = [table.layers[n]["options"][choice[n]] for n in names]
+    fam = [("dense" if o["config"] is None else config_class(o["config"]["method"]).family) for o in opts]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 5.5), sharex=True)
+    x = np.arange(len(names))
+    kept = [o["params"] / table.layers[n]["params"] for n, o in zip(names, opts)]
+    bits = [8 * o["bytes"] / table.layers[n]["params"] for n, o in zip(names, opts)]
+    for f in sorted(set(fam)):
+        idx = [k for k in range(len(names)) if fam[k] == f]
+        a1.bar(x[idx], [kept[k] for k in idx], color=FAMILY_COLOURS.get(f, "grey"), label=f, width=0.9)
+        a2.bar(x[idx], [bits[k] for k in idx], color=FAMILY_COLOURS.get(f, "grey"), width=0.9)
+    a1.set_ylabel("parameters kept (fraction)")
+    a1.legend(fontsize=8, ncol=4)
+    a2.set_ylabel("bits per weight (as stored)")
+    ticks = [k for k, n in enumerate(names) if n.endswith("q_proj")]
+    a2.set_xticks(ticks, [names[k].split(".")[2] for k in ticks], fontsize=7)
+    a2.set_xlabel("decoder block (q, k, v, o, gate, up, down in each)")
+    for a in (a1, a2):
+        a.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -25,10 +25,10 @@ class InputStats:
     `col_norms()` the per-input-channel L2 norm ||X_j|| (Wanda), `abs_mean()` the mean |X_j| (AWQ, ASVD).
     """
 
-    def __init__(self, in_features: int, gram: bool = True):
-        self.gram = torch.zeros(in_features, in_features) if gram else None
-        self.sq_sum = None if gram else torch.zeros(in_features, dtype=torch.float64)
-        self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, gram: bool = True, device: torch.device | str = "cpu"):
+        self.gram = torch.zeros(in_features, in_features, device=device) if gram else None
+        self.sq_sum = None if gram else torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.count = 0
         # solvers may keep decompositions of (weight, these statistics) here, so that several
         # budgets of one method on one layer (a sensitivity sweep) factorize only once
@@ -47,6 +47,19 @@ class InputStats:
             self.sq_sum += x.square().sum(0)                   # float32 per batch, float64 across
         self.abs_sum += x.abs().sum(0)
         self.count += x.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.abs_sum.device
+
+    def to(self, device) -> "InputStats":
+        """Moved to `device` in place (members of an input group share one object); returns self."""
+        if torch.device(device) != self.device:
+            self.gram = None if self.gram is None else self.gram.to(device)
+            self.sq_sum = None if self.sq_sum is None else self.sq_sum.to(device)
+            self.abs_sum = self.abs_sum.to(device)
+            self.memo = {}
+        return self
 
     def merge(self, other: "InputStats") -> "InputStats":
         if self.gram is not None:
@@ -80,7 +93,7 @@ class InputStats:
 def collect_inputs(modules: dict[str, nn.Module], gram: dict[str, bool]):
     """Within the `with`, every forward of modules[name] adds its input to the yielded stats[name].
     Hooks are removed on exit, also when the body raises."""
-    stats = {name: InputStats(m.in_features, gram[name]) for name, m in modules.items()}
+    stats = {name: InputStats(m.in_features, gram[name], _device_of(m)) for name, m in modules.items()}
     handles = [m.register_forward_hook(lambda mod, args, out, s=stats[name]: s.add(args[0]))
                for name, m in modules.items()]
     try:
@@ -88,6 +101,10 @@ def collect_inputs(modules: dict[str, nn.Module], gram: dict[str, bool]):
     finally:
         for h in handles:
             h.remove()
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(t for t in (*module.parameters(), *module.buffers())).device
 
 
 STATS_FORMAT = 2
@@ -98,8 +115,13 @@ def block_key(block: nn.Module, tokens_digest: str, index: int) -> str:
     h = hashlib.sha256(f"llmpress-stats-{STATS_FORMAT}:{index}:{tokens_digest}".encode())
     for name, t in sorted(block.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+        h.update(tensor_bytes(t))
     return h.hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor of any dtype (bfloat16 has no numpy type: viewed as bytes)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def tokens_digest(tokens: torch.Tensor) -> str:
@@ -123,12 +145,12 @@ class StatsCache:
     def save(self, key: str, stats: dict[str, InputStats]) -> None:
         tensors = {}
         for head, s in stats.items():
-            tensors[f"{head}/abs_sum"] = s.abs_sum
+            tensors[f"{head}/abs_sum"] = s.abs_sum.cpu()
             if s.sq_sum is not None:
-                tensors[f"{head}/sq_sum"] = s.sq_sum
+                tensors[f"{head}/sq_sum"] = s.sq_sum.cpu()
             tensors[f"{head}/count"] = torch.tensor([s.count], dtype=torch.int64)
             if s.gram is not None:
-                tensors[f"{head}/gram"] = s.gram
+                tensors[f"{head}/gram"] = s.gram.cpu()
         tmp = self.path(key).with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"key": key})
         tmp.replace(self.path(key))

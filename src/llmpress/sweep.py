@@ -49,7 +49,7 @@ def layer_details(model, adapter) -> dict[str, dict]:
 
 def run_sweep(model_spec: str, configs: list[MethodConfig], out: Path, *, dataset="wikitext2", seq_len=2048,
               max_windows=20, tasks=None, limit=None, calib="wikipedia", num_samples=64, calib_seq_len=512,
-              seed=0, propagate=False, overwrite=False) -> Path:
+              seed=0, propagate=False, overwrite=False, device="cpu", dtype="auto") -> Path:
     from llmpress.arch import adapter_for
     from llmpress.data import calibration_tokens, eval_tokens
     from llmpress.eval import model_size, perplexity
@@ -58,7 +58,10 @@ def run_sweep(model_spec: str, configs: list[MethodConfig], out: Path, *, datase
     from llmpress.pipeline import compress
     from llmpress.plan import Plan
     from llmpress.report import render
+    from llmpress.walk import resolve_device, resolve_dtype
 
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LLMPressError(f"{out} exists and is not empty; pass --overwrite")
@@ -67,17 +70,21 @@ def run_sweep(model_spec: str, configs: list[MethodConfig], out: Path, *, datase
         tasks = parse_tasks(tasks)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    dense, tokenizer = load_model(model_spec)
+    dense, tokenizer = load_model(model_spec, dtype=dtype)
     adapter = adapter_for(dense)
     names = adapter.linear_names(dense)
     ids = eval_tokens(tokenizer, dataset)
     tokens = calibration_tokens(tokenizer, calib, num_samples, calib_seq_len, seed)
 
     def evaluate(model) -> dict:
-        r = {**model_size(model), **perplexity(model, ids, seq_len, max_windows)}
-        if tasks:
-            zs = evaluate_tasks(model, tokenizer, tasks, limit=limit, seed=seed)
-            r["tasks"] = {t: zs[t] for t in tasks}
+        model.to(device)
+        try:
+            r = {**model_size(model), **perplexity(model, ids, seq_len, max_windows)}
+            if tasks:
+                zs = evaluate_tasks(model, tokenizer, tasks, limit=limit, seed=seed)
+                r["tasks"] = {t: zs[t] for t in tasks}
+        finally:
+            model.to("cpu")
         return r
 
     def save() -> None:   # after every run, so an interrupted sweep keeps what it measured
@@ -92,7 +99,7 @@ def run_sweep(model_spec: str, configs: list[MethodConfig], out: Path, *, datase
         plan = Plan.uniform(config)
         # statistics of the dense model, computed by the first run and read back by the others
         report = compress(model, plan.resolve(names), tokens, propagate=propagate, measure_error=True,
-                          stats_cache=None if propagate else stats_dir)
+                          stats_cache=None if propagate else stats_dir, device=device)
         layers = layer_details(model, adapter)
         for fqn, info in report.layers.items():
             layers[fqn].update({k: v for k, v in info.items() if k in ("output_error", "rank", "fallback")})

@@ -86,7 +86,8 @@ def evaluate_tasks(model, tokenizer, tasks: str | list[str], limit: int | None =
     with tempfile.TemporaryDirectory() as folder:
         write_task_configs(names, Path(folder))
         manager = TaskManager(include_path=folder, include_defaults=True)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu")
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+              device=str(model.get_input_embeddings().weight.device))
         out = simple_evaluate(model=lm, tasks=[f"llmpress_{n}" for n in names], num_fewshot=0, limit=limit,
                               task_manager=manager, random_seed=seed, numpy_random_seed=seed,
                               torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.config import MethodConfig, register
-from llmpress.methods.rtn import RTN, apply_rtn, check_quant_options, rtn_quantize
+from llmpress.methods.rtn import RTN, apply_rtn, check_quant_options, quant_storage, rtn_quantize
 
 N_GRID = 20
 
@@ -37,7 +37,7 @@ def awq_search(weights: list[torch.Tensor], gram: torch.Tensor, abs_mean: torch.
         s = x_mean ** alpha
         s = s / (s.max() * s.min()).sqrt()                      # keep the scaled weights' range sane
         q, scale, zero = rtn_quantize(w * s[None, :], bits, group_size, symmetric)
-        g = torch.arange(w.shape[1]) // group_size
+        g = torch.arange(w.shape[1], device=w.device) // group_size
         delta = (q - zero[:, g]) * scale[:, g] / s[None, :] - w   # (sum out_k, in)
         err = torch.einsum("oi,ij,oj->", delta, gram, delta).item()
         if err < best[2]:
@@ -95,6 +95,9 @@ class AWQ(MethodConfig):
 
     def validate(self) -> None:
         check_quant_options(self.bits, self.group_size)
+
+    def storage(self, out_features, in_features):
+        return quant_storage(self.bits, self.group_size, self.symmetric, out_features, in_features)
 
 
 @register(AWQ, group_transform=awq_group_transform)

@@ -14,7 +14,7 @@ import torch
 from llmpress.config import MethodConfig, register
 from llmpress.methods import hessian
 from llmpress.methods.hessian import check_damp
-from llmpress.methods.rtn import check_quant_options, quant_grid, quant_linear_from_codes, quantize_to_grid, rtn_quantize
+from llmpress.methods.rtn import QUANT_MENU, check_quant_options, quant_storage, quant_grid, quant_linear_from_codes, quantize_to_grid, rtn_quantize
 
 
 def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
@@ -30,9 +30,9 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     out_f, in_f = w.shape
     w, h, dead = hessian.prepare(w, h)
     n_groups = -(-in_f // group_size)
-    scale_t = torch.empty(n_groups, out_f)           # transposed: one contiguous row per group
-    zero_t = torch.empty(n_groups, out_f)
-    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(in_f)
+    scale_t = torch.empty(n_groups, out_f, device=w.device)   # transposed: one contiguous row per group
+    zero_t = torch.empty(n_groups, out_f, device=w.device)
+    perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(in_f, device=w.device)
     if act_order:
         for g in range(n_groups):
             scale_t[g], zero_t[g] = quant_grid(w[:, g * group_size:(g + 1) * group_size], bits, symmetric)
@@ -43,7 +43,7 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
         q, scale, zero = rtn_quantize(w[:, torch.argsort(perm)], bits, group_size, symmetric)
         return q, scale, zero, {"fallback": "rtn", "reason": "Cholesky failed at every damping"}
     group_of = (perm // group_size).tolist()          # group of each visited column
-    codes = torch.zeros(out_f, in_f)
+    codes = torch.zeros(out_f, in_f, device=w.device)
     # Block width: a multiple of group_size near 128, so a group never straddles two blocks.
     block = group_size * max(1, 128 // group_size) if not act_order else 128
     for i1 in range(0, in_f, block):
@@ -76,6 +76,7 @@ class GPTQ(MethodConfig):
     method = "gptq"
     family = "quantization"
     stat = "hessian"
+    menu = QUANT_MENU
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
@@ -87,6 +88,9 @@ class GPTQ(MethodConfig):
     def validate(self) -> None:
         check_quant_options(self.bits, self.group_size)
         check_damp(self.damp)
+
+    def storage(self, out_features, in_features):
+        return quant_storage(self.bits, self.group_size, self.symmetric, out_features, in_features)
 
 
 def solve_group(linears, config: GPTQ, stats):

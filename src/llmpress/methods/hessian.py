@@ -24,7 +24,7 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None,
     the damping multiples in DAMP_STEPS. Returns (U float32, relative damping used) or (None, None)
     when every attempt fails (h far from positive definite)."""
     mean_diag = torch.diagonal(h).mean().clamp(min=1e-12)
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     for step in DAMP_STEPS:
         rel = damp * step
         lower, info = torch.linalg.cholesky_ex(h + rel * mean_diag * eye)

@@ -28,15 +28,24 @@ def svd_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
 
 
+class _LowRankConfig(MethodConfig):
+    """Shared by the SVD variants: a rank from `param_ratio`, stored as two fp16 factors."""
+    family = "low-rank"
+    menu = tuple({"param_ratio": r / 10} for r in range(3, 10))
+
+    def storage(self, out_features, in_features):
+        r = rank_for_ratio(out_features, in_features, self.param_ratio)
+        return 2 * r * (out_features + in_features), r * (out_features + in_features)
+
+
 def check_ratio(param_ratio: float) -> None:
     if not 0 < param_ratio < 1:
         raise LLMPressError(f"param_ratio must be in (0, 1), got {param_ratio!r}")
 
 
 @dataclass(frozen=True)
-class SVD(MethodConfig):
+class SVD(_LowRankConfig):
     method = "svd"
-    family = "low-rank"
     param_ratio: float = 0.8
 
     def validate(self) -> None:
@@ -70,7 +79,7 @@ def whitened_svd(w: torch.Tensor, gram: torch.Tensor, damp: float = 0.0):
     Cholesky succeeds."""
     g = gram.double()
     mean_diag = torch.diagonal(g).mean().clamp(min=1e-12)
-    eye = torch.eye(g.shape[0], dtype=g.dtype)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
     for rel in (damp, 1e-6, 1e-4, 1e-2, 1e-1):
         if rel < damp:
             continue
@@ -98,9 +107,8 @@ def whitened_svd_factors(w: torch.Tensor, gram: torch.Tensor, rank: int, damp: f
 
 
 @dataclass(frozen=True)
-class ASVD(MethodConfig):
+class ASVD(_LowRankConfig):
     method = "asvd"
-    family = "low-rank"
     stat = "norms"
     param_ratio: float = 0.8
     alpha: float = 0.5
@@ -119,9 +127,8 @@ def apply_asvd(linear, config: ASVD, stats):
 
 
 @dataclass(frozen=True)
-class SVDLLM(MethodConfig):
+class SVDLLM(_LowRankConfig):
     method = "svd-llm"
-    family = "low-rank"
     stat = "hessian"
     param_ratio: float = 0.8
 

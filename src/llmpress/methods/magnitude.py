@@ -3,6 +3,7 @@ Connections"; the baseline of Wanda and SparseGPT), unstructured per layer or N:
 `nm_mask` and `topk_mask` are shared with the calibrated pruners."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ def topk_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> t
         mask = torch.ones_like(scores, dtype=torch.bool)
         return mask.scatter_(1, drop, False)
     k = round(sparsity * scores.numel())
-    mask = torch.ones(scores.numel(), dtype=torch.bool)
+    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     mask[torch.topk(scores.reshape(-1), k, largest=False).indices] = False
     return mask.view_as(scores)
 
@@ -43,6 +44,22 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     groups = scores.reshape(out_f, in_f // m, m)
     keep = torch.topk(groups, n, dim=2).indices
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(2, keep, True).view(out_f, in_f)
+
+
+def sparse_storage(nnz: int, out_f: int, in_f: int) -> tuple[int, int]:
+    """(bytes, params) of a SparseLinear: fp16 kept values + a 1-bit mask."""
+    return math.ceil(out_f * in_f / 8) + 2 * nnz, nnz
+
+
+def kept_count(sparsity: float | None, nm: str | None, out_f: int, in_f: int) -> int:
+    """Weights kept by magnitude's selection: N per M (N:M), or all but round(sparsity * n)."""
+    if nm:
+        keep_n, m = parse_nm(nm)
+        return out_f * in_f // m * keep_n
+    return out_f * in_f - round(sparsity * out_f * in_f)
+
+
+SPARSITY_MENU = tuple({"sparsity": s / 10} for s in range(1, 10))
 
 
 def check_sparsity_options(sparsity: float | None, nm: str | None) -> None:
@@ -58,11 +75,15 @@ def check_sparsity_options(sparsity: float | None, nm: str | None) -> None:
 class Magnitude(MethodConfig):
     method = "magnitude"
     family = "pruning"
+    menu = SPARSITY_MENU
     sparsity: float | None = 0.5
     nm: str | None = None
 
     def validate(self) -> None:
         check_sparsity_options(self.sparsity, self.nm)
+
+    def storage(self, out_features, in_features):
+        return sparse_storage(kept_count(self.sparsity, self.nm, out_features, in_features), out_features, in_features)
 
 
 def magnitude_mask(w: torch.Tensor, sparsity: float | None, nm: str | None) -> torch.Tensor:

@@ -5,6 +5,7 @@ Frantar et al. 2022, "GPTQ", Table 1). `quant_grid` and `quantize_to_grid` are s
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,19 @@ def quant_linear_from_codes(linear, q, scale, zero, bits, group_size, symmetric)
                        pack_bits(q.to(torch.uint8), bits), scale, zero_packed, linear.bias)
 
 
+def quant_storage(bits: int, group_size: int, symmetric: bool, out_f: int, in_f: int) -> tuple[int, int]:
+    """(bytes, params) of a QuantLinear: packed b-bit codes, an fp16 scale per (row, group), packed
+    b-bit zero points when asymmetric."""
+    groups = math.ceil(in_f / group_size)
+    nbytes = math.ceil(out_f * in_f * bits / 8) + out_f * groups * 2
+    if not symmetric:
+        nbytes += math.ceil(out_f * groups * bits / 8)
+    return nbytes, out_f * in_f
+
+
+QUANT_MENU = tuple({"bits": b, "group_size": 128} for b in (2, 3, 4, 8))
+
+
 def check_quant_options(bits: int, group_size: int) -> None:
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise LLMPressError(f"bits must be an integer in 2..8, got {bits!r}")
@@ -84,12 +98,16 @@ def check_quant_options(bits: int, group_size: int) -> None:
 class RTN(MethodConfig):
     method = "rtn"
     family = "quantization"
+    menu = QUANT_MENU
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
 
     def validate(self) -> None:
         check_quant_options(self.bits, self.group_size)
+
+    def storage(self, out_features, in_features):
+        return quant_storage(self.bits, self.group_size, self.symmetric, out_features, in_features)
 
 
 @register(RTN)

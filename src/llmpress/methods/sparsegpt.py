@@ -14,7 +14,8 @@ import torch
 from llmpress.config import MethodConfig, register
 from llmpress.methods import hessian
 from llmpress.methods.hessian import check_damp
-from llmpress.methods.magnitude import check_sparsity_options, magnitude_mask, nm_mask, parse_nm, topk_mask
+from llmpress.methods.magnitude import (SPARSITY_MENU, check_sparsity_options, kept_count, magnitude_mask, nm_mask,
+                                       parse_nm, sparse_storage, topk_mask)
 from llmpress.modules import SparseLinear
 
 BLOCK = 128
@@ -33,7 +34,7 @@ def sparsegpt_solve(w: torch.Tensor, h: torch.Tensor, sparsity: float | None, nm
     if upper is None:
         mask = magnitude_mask(w, sparsity, nm)
         return w * mask, mask, {"fallback": "magnitude", "reason": "Cholesky failed at every damping"}
-    mask = torch.ones(out_f, in_f, dtype=torch.bool)
+    mask = torch.ones(out_f, in_f, dtype=torch.bool, device=w.device)
     for i1 in range(0, in_f, BLOCK):
         i2 = min(i1 + BLOCK, in_f)
         w1 = w[:, i1:i2].clone()                    # (out, B)
@@ -62,6 +63,7 @@ class SparseGPT(MethodConfig):
     method = "sparsegpt"
     family = "pruning"
     stat = "hessian"
+    menu = SPARSITY_MENU
     sparsity: float | None = 0.5
     nm: str | None = None
     damp: float = 0.01
@@ -69,6 +71,14 @@ class SparseGPT(MethodConfig):
     def validate(self) -> None:
         check_sparsity_options(self.sparsity, self.nm)
         check_damp(self.damp)
+
+    def storage(self, out_features, in_features):
+        if self.nm:
+            return sparse_storage(kept_count(None, self.nm, out_features, in_features), out_features, in_features)
+        # round(sparsity * out * B) dropped in each block of B columns (the last may be narrower)
+        nnz = sum(out_features * min(BLOCK, in_features - s) - round(self.sparsity * out_features * min(BLOCK, in_features - s))
+                  for s in range(0, in_features, BLOCK))
+        return sparse_storage(nnz, out_features, in_features)
 
 
 @register(SparseGPT)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.config import MethodConfig, register
-from llmpress.methods.magnitude import check_sparsity_options, nm_mask, parse_nm, topk_mask
+from llmpress.methods.magnitude import (SPARSITY_MENU, check_sparsity_options, kept_count, nm_mask, parse_nm,
+                                       sparse_storage, topk_mask)
 from llmpress.modules import SparseLinear
 
 
@@ -23,11 +24,18 @@ class Wanda(MethodConfig):
     method = "wanda"
     family = "pruning"
     stat = "norms"     # input channel norms only: no Gram matrix needed
+    menu = SPARSITY_MENU
     sparsity: float | None = 0.5
     nm: str | None = None
 
     def validate(self) -> None:
         check_sparsity_options(self.sparsity, self.nm)
+
+    def storage(self, out_features, in_features):
+        # unstructured sparsity is per row: round(sparsity * in) dropped in each row
+        nnz = (kept_count(None, self.nm, out_features, in_features) if self.nm else
+               out_features * (in_features - round(self.sparsity * in_features)))
+        return sparse_storage(nnz, out_features, in_features)
 
 
 @register(Wanda)
