@@ -18,14 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from llmpress import GPTQ, SVDLLM, SparseGPT, Plan  # noqa: E402
-from llmpress.allocate import (_dense_stats, allocate, effective_rank_ratios, owl_block_sparsity,  # noqa: E402
-                               plot_allocation, to_plan)
+from llmpress.allocate import allocate, to_plan  # noqa: E402
+from llmpress.baselines import effective_rank_ratios, owl_block_sparsity  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
-from llmpress.budget import Budget, Table, measure_sensitivity, menu_configs, option_cost, table_key  # noqa: E402
+from llmpress.budget import Budget, menu_configs, option_cost, plan_for_budget, sensitivity_table  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402
 from llmpress.eval import model_size, perplexity  # noqa: E402
 from llmpress.models import load_model  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
+from llmpress.report import plot_allocation  # noqa: E402
+from llmpress.walk import dense_statistics  # noqa: E402
 
 
 def main() -> None:
@@ -45,21 +47,14 @@ def main() -> None:
     held_out = calibration_tokens(tok, "wikipedia", 68, 512, seed=0)[-4:]
     ids = eval_tokens(tok, "wikitext2")
     menu = menu_configs("gptq,sparsegpt,svd-llm")
-    key = table_key(dense, tokens, menu, a.sample_windows)
-    if Path(a.table).is_file() and Table.load(a.table).meta.get("key") == key:
-        table = Table.load(a.table)
-    else:
-        table = measure_sensitivity(dense, tokens, menu, sample_windows=a.sample_windows)
-        table.meta["key"] = key
-        Path(a.table).parent.mkdir(parents=True, exist_ok=True)
-        table.save(a.table)
+    table, _ = sensitivity_table(dense, tokens, menu, a.sample_windows, a.table)
     print(f"sensitivity table: {table.meta['seconds']:.0f}s to measure", flush=True)
     stats = None
 
     def dense_stats():
         nonlocal stats
         if stats is None:
-            stats = _dense_stats(dense, tokens)
+            stats = dense_statistics(dense, tokens)
         return stats
 
     runs: dict[str, dict] = {}
@@ -83,9 +78,19 @@ def main() -> None:
             predicted[f"{spec.metric}={spec.target:.4f}/{alloc}"] = info
     print(json.dumps(predicted, indent=1), flush=True)
 
-    def allocated(spec: Budget, allocator: str, table=table, **kw):
+    def planned(spec: Budget, allocator: str):
+        """The library call the CLI makes (the table read back from its file)."""
         def build():
-            choice, info = allocate(table, spec, allocator, **kw)
+            r = plan_for_budget(dense, tokens, spec, menu, allocator, held_out=held_out, table_path=a.table,
+                                sample_windows=a.sample_windows, search_steps=a.search_steps,
+                                refine_rounds=a.refine_rounds, progress=False)
+            return r.plan, (r.choice, r.info, r.table)
+        return build
+
+    def allocated(spec: Budget, allocator: str, table):
+        """A variant of the table (restricted menu, another error estimate), allocated directly."""
+        def build():
+            choice, info = allocate(table, spec, allocator)
             return to_plan(table, choice), (choice, info, table)
         return build
 
@@ -99,18 +104,16 @@ def main() -> None:
 
     # in order of priority: the later ones are the cheapest to leave out
     plans = [
-        ("params0.5/knapsack", allocated(p05, "knapsack")),
+        ("params0.5/knapsack", planned(p05, "knapsack")),
         ("params0.5/owl-sparsegpt", owl),
         ("params0.5/effective-rank-svd-llm", erank),
         ("bits3/uniform-gptq-3", lambda: (Plan.uniform(GPTQ(bits=3, group_size=128)), None)),
-        (f"bits{gptq3_bits:.3f}/knapsack", allocated(Budget("bits", gptq3_bits), "knapsack")),
-        ("bits3.0/knapsack", allocated(Budget.parse("bits=3.0"), "knapsack")),
-        ("params0.5/search", allocated(p05, "search", model=dense, stats_tokens=tokens, eval_tokens=held_out,
-                                       steps=a.search_steps)),
-        ("params0.5/refine", allocated(p05, "refine", model=dense, stats_tokens=tokens, eval_tokens=held_out,
-                                       rounds=a.refine_rounds)),
+        (f"bits{gptq3_bits:.3f}/knapsack", planned(Budget("bits", gptq3_bits), "knapsack")),
+        ("bits3.0/knapsack", planned(Budget.parse("bits=3.0"), "knapsack")),
+        ("params0.5/search", planned(p05, "search")),
+        ("params0.5/refine", planned(p05, "refine")),
         ("params0.5/uniform-sparsegpt-0.5", lambda: (Plan.uniform(SparseGPT(sparsity=0.5)), None)),
-        ("params0.5/lagrange", allocated(p05, "lagrange")),
+        ("params0.5/lagrange", planned(p05, "lagrange")),
         # one axis at a time, against the single-axis baselines above (same table, fewer options)
         ("params0.5/knapsack-sparsegpt-only", allocated(p05, "knapsack", table=table.restricted(["sparsegpt"]))),
         ("params0.5/knapsack-svd-llm-only", allocated(p05, "knapsack", table=table.restricted(["svd-llm"]))),

@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from llmpress.allocate import _Assembly, _Tail, knapsack, knapsack_among, neighbours, summarize, to_plan  # noqa: E402
+from llmpress.allocate import knapsack, knapsack_among, summarize, to_plan  # noqa: E402
+from llmpress.search import _Assembly, _Tail, neighbours  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
 from llmpress.budget import Budget, Table  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402

@@ -29,25 +29,24 @@ from llmpress.config import config_from_dict, handler_for  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402
 from llmpress.eval import perplexity  # noqa: E402
 from llmpress.models import load_model  # noqa: E402
-from llmpress.pipeline import _collect_block_stats, _run_block, capture_block_inputs, compress  # noqa: E402
+from llmpress.pipeline import compress  # noqa: E402
+from llmpress.walk import BlockWalk  # noqa: E402
 
 
 @torch.no_grad()
 def single_layer_kl(model, tokens, table: Table, choice: dict[str, int], windows: int) -> dict[str, dict[int, float]]:
-    adapter = adapter_for(model)
-    blocks = adapter.blocks(model)
-    hidden, kwargs = capture_block_inputs(model, blocks, tokens, 8)
+    walk = BlockWalk(model, progress=False)
+    adapter, blocks = walk.adapter, walk.blocks
+    hidden = walk.capture(tokens)
 
     def tail(h, start):                          # blocks[start:] + norm + head -> log-probs (S, T, V)
-        for b in blocks[start:]:
-            h = _run_block(b, h, kwargs, 8)
-        return torch.log_softmax(model.lm_head(model.model.norm(h)).float(), -1)
+        return torch.log_softmax(walk.head_logits(walk.forward_from(h, start)), -1)
 
     ref = tail(hidden[:windows], 0)
     out: dict[str, dict[int, float]] = {}
     bar = tqdm(total=len(table.layers), desc="single-layer KL", unit="layer")
     for i, block in enumerate(blocks):
-        y_all, stats = _collect_block_stats(block, adapter, adapter.blocks_path, i, {}, hidden, kwargs, 8, all_groups=True)
+        y_all, stats = walk.collect(block, hidden, walk.all_heads())
         for group in adapter.input_groups:
             for local in group:
                 name = f"{adapter.blocks_path}.{i}.{local}"
@@ -62,7 +61,7 @@ def single_layer_kl(model, tokens, table: Table, choice: dict[str, int], windows
                     config = config_from_dict(options[j]["config"])
                     setattr(block.get_submodule(parent), attr, handler_for(config)(linear, config, stats[local])[0])
                     try:
-                        y = _run_block(block, hidden[:windows], kwargs, 8)
+                        y = walk.run(block, hidden[:windows])
                     finally:
                         setattr(block.get_submodule(parent), attr, linear)
                     logq = tail(y, i + 1)

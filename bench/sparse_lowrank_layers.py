@@ -23,7 +23,7 @@ from llmpress.data import calibration_tokens  # noqa: E402
 from llmpress.methods.lowrank import whitened_factors, whitened_svd  # noqa: E402
 from llmpress.methods.sparsegpt import sparsegpt_solve  # noqa: E402
 from llmpress.models import load_model  # noqa: E402
-from llmpress.pipeline import _collect_block_stats, capture_block_inputs  # noqa: E402
+from llmpress.walk import BlockWalk  # noqa: E402
 
 
 def output_error(dw: torch.Tensor, h: torch.Tensor) -> float:
@@ -41,10 +41,11 @@ def main() -> None:
     model, tok = load_model("smollm2-135m")
     adapter = adapter_for(model)
     blocks = adapter.blocks(model)
-    hidden, kwargs = capture_block_inputs(model, blocks, calibration_tokens(tok, "wikipedia", 64, 512, seed=0), 8)
+    walk = BlockWalk(model, progress=False)
+    hidden = walk.capture(calibration_tokens(tok, "wikipedia", 64, 512, seed=0))
     print("block layer sparsegpt-50% " + " ".join(f"f={f}:iter{k}" for f in shares for k in range(3)))
     for i, block in enumerate(blocks[:max(want) + 1]):
-        out, stats = _collect_block_stats(block, adapter, adapter.blocks_path, i, {}, hidden, kwargs, 8, all_groups=True)
+        out, stats = walk.collect(block, hidden, walk.all_heads())
         if i in want:
             for group in adapter.input_groups:
                 for name in group:

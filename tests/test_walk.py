@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from llmpress import GPTQ, RTN, LLMPressError, Plan, SparseGPT
+from llmpress import GPTQ, Plan, SparseGPT
 from llmpress.arch import adapter_for
 from llmpress.cli import main
 from llmpress.modules import CompressedLinear
