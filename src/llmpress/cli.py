@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--json", help="write the run's results here")
     c.add_argument("--trust-remote-code", action="store_true")
     _add_device_args(c)
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run (killed, crashed) from its first unfinished block; the "
+                        "settings, model and calibration data must be the same")
     c.add_argument("--offload", metavar="DIR",
                    help="larger than memory: read each block from the checkpoint's safetensors shards when its turn "
                         "comes and write it, compressed, to DIR (Hugging Face folders only; chosen automatically, "
@@ -149,12 +152,7 @@ def cmd_compress(a) -> dict:
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     model, tokenizer, source, scratch = _load_for_compress(a, dtype)
-    try:
-        return _compress_loaded(a, model, tokenizer, source, plan, budget, device)
-    finally:
-        if scratch is not None:
-            import shutil
-            shutil.rmtree(scratch, ignore_errors=True)
+    return _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
 
 
 def _load_for_compress(a, dtype):
@@ -167,7 +165,7 @@ def _load_for_compress(a, dtype):
         need, free = checkpoint_bytes(where) * _widening(where, dtype), _available_memory()
         if free is not None and need > 0.8 * free:
             out = Path(a.out)
-            scratch = out.parent / f".{out.name}.offload-{os.getpid()}"
+            scratch = out.parent / f".{out.name}.offload"
             print(f"the model needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available: offloading "
                   f"blocks through {scratch}", file=sys.stderr)
     if a.offload is not None or scratch is not None:
@@ -202,7 +200,7 @@ def _available_memory() -> int | None:
     return None
 
 
-def _compress_loaded(a, model, tokenizer, source, plan, budget, device) -> dict:
+def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch) -> dict:
     from llmpress.arch import adapter_for
     from llmpress.export import save_compressed
     from llmpress.pipeline import compress
@@ -223,8 +221,20 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device) -> dict:
             tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
         calib = {"source": a.calib, "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed}
     one_pass = a.one_pass or a.stats_cache is not None
+    checkpoint = None
+    if a.stats_cache is None:
+        from llmpress.checkpoint import Checkpoint, run_key
+        out = Path(a.out)
+        folder = Path(a.offload or scratch or out.parent / f".{out.name}.partial")
+        settings = {"layers": {k: v.to_dict() for k, v in layer_configs.items()}, "calibration": calib,
+                    "propagate": not one_pass, "dtype": str(model.dtype), "batch_size": 8}
+        checkpoint = Checkpoint(folder, settings, run_key(model, tokens, source), resume=a.resume)
+        if checkpoint.done:
+            print(f"resuming from {folder}: {checkpoint.done} blocks already compressed", file=sys.stderr)
+    elif a.resume:
+        raise LLMPressError("--resume does not apply to a --stats-cache run")
     report = compress(model, layer_configs, tokens, propagate=not one_pass, stats_cache=a.stats_cache,
-                      device=device, source=source)
+                      device=device, source=source, checkpoint=checkpoint)
     if calib:
         calib["propagate"] = not one_pass
     fallbacks = {k: v for k, v in report.layers.items() if "fallback" in v}
@@ -235,6 +245,8 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device) -> dict:
                 "layers": {k: v.to_dict() for k, v in layer_configs.items()},
                 "calibration": calib, "seed": a.seed, "report": report.layers, "size": size}
     out = save_compressed(model, tokenizer, a.out, manifest, overwrite=a.overwrite)
+    if checkpoint is not None:
+        checkpoint.remove()                           # saved: the per-block checkpoint is no longer needed
     result = {"out": str(out), "compress_seconds": report.seconds, **size, "calibration": calib,
               "fallbacks": fallbacks, "allocation": allocation}
     if allocation is not None:

@@ -36,6 +36,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of pack_bits: uint8 bytes -> uint8 vector of `numel` values (on packed's device)."""
     if bits == 8:
         return packed[:numel].clone()
+    if 8 % bits == 0:          # 1, 2, 4 bits: whole values per byte, value j of a byte at bits j*b..
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed[:, None] >> shifts) & (2 ** bits - 1)).reshape(-1)[:numel]
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     planes = ((packed[:, None] >> shifts) & 1).reshape(-1)[:numel * bits].view(numel, bits)
     return (planes << shifts[:bits]).sum(1, dtype=torch.int32).to(torch.uint8)
@@ -108,8 +111,12 @@ class QuantLinear(CompressedLinear):
             self.out_features, self.n_groups).float()
 
     def dense_weight(self) -> torch.Tensor:
-        g = torch.arange(self.in_features, device=self.scale.device) // self.group_size   # column -> group
-        return (self.int_weight().float() - self.zeros()[:, g]) * self.scale.float()[:, g]
+        q, zero, scale = self.int_weight(), self.zeros(), self.scale.float()     # (out, in), (out, G), (out, G)
+        if self.in_features % self.group_size == 0:      # whole groups: broadcast instead of gathering
+            q = q.view(self.out_features, self.n_groups, self.group_size).float()
+            return ((q - zero[:, :, None]) * scale[:, :, None]).view(self.out_features, self.in_features)
+        g = torch.arange(self.in_features, device=scale.device) // self.group_size   # column -> group
+        return (q.float() - zero[:, g]) * scale[:, g]
 
     def spec(self) -> dict:
         return {"type": "QuantLinear", "in_features": self.in_features, "out_features": self.out_features,

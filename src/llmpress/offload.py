@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from llmpress.arch import adapter_for, check_supported
+from llmpress.checkpoint import block_metadata, read_block
 from llmpress.errors import LLMPressError
 
 
@@ -123,16 +124,23 @@ class OffloadedCheckpoint:
             return                                          # already in memory
         done = self.block_file(i)
         if done.is_file():
-            tensors = load_file(str(done))
-        else:
-            prefix = f"{adapter.blocks_path}.{i}."
-            tensors = {k[len(prefix):]: v for k, v in self._read([prefix + k for k in block.state_dict()]).items()}
+            read_block(block, done)
+            self._note(model)
+            return
+        prefix = f"{adapter.blocks_path}.{i}."
+        tensors = {k[len(prefix):]: v for k, v in self._read([prefix + k for k in block.state_dict()]).items()}
         block.to_empty(device="cpu")
         missing, unexpected = block.load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise LLMPressError(f"block {i}: checkpoint tensors do not match the model (missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]})")
         self._note(model)
+
+    def forget_blocks_from(self, first: int) -> None:
+        """Delete finished-block files from block `first` on (a fresh run, or what a resumed run redoes)."""
+        for f in self.scratch.glob("block-*.safetensors"):
+            if int(f.stem.split("-")[1]) >= first:
+                f.unlink()
 
     def release_block(self, model: nn.Module, i: int) -> None:
         adapter_for(model).blocks(model)[i].to("meta")
@@ -144,9 +152,10 @@ class OffloadedCheckpoint:
         """Write finished block i (compressed) to the scratch folder (temporary name, then rename)
         and release it from memory."""
         block = adapter_for(model).blocks(model)[i]
-        tmp = self.block_file(i).with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in block.state_dict().items()}, str(tmp))
-        os.replace(tmp, self.block_file(i))
+        if not self.block_file(i).is_file():           # a checkpoint in this folder may have written it
+            tmp = self.block_file(i).with_suffix(".tmp")
+            save_file({k: v.contiguous() for k, v in block.state_dict().items()}, str(tmp), block_metadata(block))
+            os.replace(tmp, self.block_file(i))
         self.release_block(model, i)
 
     def load_all(self, model: nn.Module) -> None:

@@ -29,7 +29,7 @@ class CompressReport:
 def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: torch.Tensor | None = None,
              batch_size: int = 8, progress: bool = True, propagate: bool = True,
              stats_cache: str | Path | None = None, measure_error: bool = False,
-             device: str | torch.device | None = "cpu", source=None) -> CompressReport:
+             device: str | torch.device | None = "cpu", source=None, checkpoint=None) -> CompressReport:
     """Compress `model` in place. layer_configs: {fqn: config} (a resolved Plan); tokens: (N, T)
     calibration token ids, needed when any config declares a statistic.
 
@@ -40,7 +40,9 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     measure_error=True records each layer's relative output error ||(W - W') X||^2 / ||W X||^2 on the
     calibration inputs (exact, from the Gram matrix), also for data-free methods.
     device: where each block and its solves run (weights wait on the CPU between blocks); source:
-    an llmpress.offload.OffloadedCheckpoint the blocks are read from (models larger than memory).
+    an llmpress.offload.OffloadedCheckpoint the blocks are read from (models larger than memory);
+    checkpoint: an llmpress.checkpoint.Checkpoint that records every finished block, and whose
+    recorded blocks are restored instead of compressed again (resume after a kill).
     """
     walk = BlockWalk(model, device, batch_size, progress, source)
     adapter, blocks = walk.adapter, walk.blocks
@@ -66,10 +68,24 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         digest = tokens_digest(tokens)
         keys = [block_key(b, digest, i) for i, b in enumerate(blocks)]
         cached = all(cache.has(k) for k in keys)
-    if needs_data and not cached:
+    start = 0 if checkpoint is None else checkpoint.done
+    if checkpoint is not None and cache is not None:
+        raise LLMPressError("a statistics cache and a checkpoint do not go together; use one or the other")
+    if source is not None:
+        source.forget_blocks_from(start)               # a block file the checkpoint did not record is redone
+    for i, entries in (checkpoint.entries().items() if start else ()):
+        if source is None:
+            checkpoint.restore_block(blocks[i], i)
+        report.layers.update(entries)
+    if needs_data and start == 0 and not cached:
         hidden = walk.capture(tokens)
+    elif needs_data and start < len(blocks):
+        walk.capture(tokens[:1])                       # the blocks' keyword arguments (positions, mask)
+        hidden = checkpoint.tensors("hidden")["hidden"]
+        walk.storage = walk._storage_for(hidden)
+        hidden = hidden.to(walk.storage)
 
-    for i, block in walk.steps("compress"):
+    for i, block in walk.steps("compress", order=range(start, len(blocks))):
         prefix = f"{walk.prefix}.{i}."
         todo = {prefix + n: layer_configs[prefix + n] for g in adapter.input_groups for n in g
                 if prefix + n in layer_configs}
@@ -102,6 +118,9 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         if needs_data and propagate and i + 1 < len(blocks):
             with torch.no_grad():
                 hidden = walk.run(block, hidden)   # (N, T, C) into block i+1
+        if checkpoint is not None:
+            checkpoint.save_block(block, i, hidden if needs_data and i + 1 < len(blocks) else None,
+                                  {k: v for k, v in report.layers.items() if k.startswith(prefix)})
     if source is not None:
         source.load_all(model)            # the finished (compressed) blocks back from the scratch folder
     report.seconds = time.perf_counter() - t0
