@@ -79,7 +79,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         report.layers.update(entries)
     if needs_data and start == 0 and not cached:
         hidden = walk.capture(tokens)
-    elif needs_data and start < len(blocks):
+    elif needs_data and 0 < start < len(blocks):
         walk.capture(tokens[:1])                       # the blocks' keyword arguments (positions, mask)
         hidden = checkpoint.tensors("hidden")["hidden"]
         walk.storage = walk._storage_for(hidden)
