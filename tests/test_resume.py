@@ -73,3 +73,30 @@ def test_resume_refuses_other_settings_and_damaged_files(sharded, tmp_path):
     assert damaged.returncode == 2 and "damaged" in damaged.stderr
     nothing = _compress(model, tmp_path / "other", text, "--resume")
     assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr
+
+
+def test_killed_sensitivity_table_keeps_its_finished_blocks(sharded, tmp_path):
+    """`--budget`: the table run killed after block 1 resumes at block 2 and gives the same table."""
+    model, text = sharded
+
+    def budget_run(out, table, kill_after=None):
+        env = {**os.environ, "PYTHONPATH": SRC}
+        env.pop(KILL_ENV, None)
+        if kill_after is not None:
+            env[KILL_ENV] = str(kill_after)
+        cmd = [sys.executable, "-m", "llmpress", "compress", "--model", str(model), "--budget", "bits=5",
+               "--menu", "rtn,magnitude", "--calib", str(text), "--num-samples", "6", "--seq-len", "32",
+               "--sample-windows", "2", "--sensitivity", str(table), "--out", str(out)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    ref = budget_run(tmp_path / "ref", tmp_path / "ref-table.json")
+    assert ref.returncode == 0, ref.stderr
+    killed = budget_run(tmp_path / "out", tmp_path / "table.json", kill_after=1)
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "table.json").exists()
+    assert json.loads((tmp_path / "table.json.partial" / "run.json").read_text())["done"] == 2
+    resumed = budget_run(tmp_path / "out", tmp_path / "table.json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at block 2" in resumed.stdout
+    assert json.loads((tmp_path / "table.json").read_text())["layers"] == \
+        json.loads((tmp_path / "ref-table.json").read_text())["layers"]
+    assert not (tmp_path / "table.json.partial").exists()

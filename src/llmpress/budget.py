@@ -219,11 +219,14 @@ def block_output_grads(walk, windows: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int = 16,
-                        batch_size: int = 8, progress: bool = True, device="cpu", source=None) -> Table:
+                        batch_size: int = 8, progress: bool = True, device="cpu", source=None,
+                        checkpoint=None) -> Table:
     """Per layer and option: the option's error in its block's output, block-local, weighted by the
     loss's gradient there (see the module docstring). Statistics come from one forward per block of
     all calibration tokens through the dense model; the error is measured on the first
-    `sample_windows` calibration windows. Does not modify `model`."""
+    `sample_windows` calibration windows. Does not modify `model`. checkpoint: an
+    llmpress.checkpoint.Checkpoint recording the gradients and each finished block's rows (a
+    killed run resumes at its first unfinished block)."""
     from llmpress.modules import linear_bytes
     from llmpress.walk import BlockWalk
 
@@ -232,14 +235,28 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
         raise LLMPressError(f"sample_windows must be in 1..{tokens.shape[0]} (the calibration windows); got {sample_windows}")
     walk = BlockWalk(model, device, batch_size, progress=False, source=source)
     adapter = walk.adapter
-    grads = block_output_grads(walk, tokens[:sample_windows])
+    start = 0 if checkpoint is None else checkpoint.done
+    if checkpoint is not None and checkpoint.has("grads"):
+        saved = checkpoint.tensors("grads")
+        grads = [saved[f"block.{i}"].to(walk.storage) for i in range(len(walk))]
+    else:
+        grads = block_output_grads(walk, tokens[:sample_windows])
+        if checkpoint is not None:
+            checkpoint.save_extra("grads", {f"block.{i}": g for i, g in enumerate(grads)})
     n_tokens = sample_windows * (tokens.shape[1] - 1)
-    hidden = walk.capture(tokens)
     layers: dict[str, dict] = {}
-    bar = tqdm(total=len(walk) * sum(len(g) for g in adapter.input_groups), desc="sensitivity", unit="layer",
+    if start:                                   # resumed: the finished blocks' rows, the next block's inputs
+        for rows in checkpoint.entries().values():
+            layers.update(rows)
+        walk.capture(tokens[:1])
+        hidden = checkpoint.tensors("hidden")["hidden"].to(walk.storage)
+    else:
+        hidden = walk.capture(tokens)
+    per_block = sum(len(g) for g in adapter.input_groups)
+    bar = tqdm(total=len(walk) * per_block, initial=start * per_block, desc="sensitivity", unit="layer",
                disable=not progress)
-    dense_bpp = None
-    for i, block in walk.steps(keep=False):
+    dense_bpp = next(model.parameters()).element_size()
+    for i, block in walk.steps(keep=False, order=range(start, len(walk))):
         out, stats = walk.collect(block, hidden, walk.all_heads())
         x_sub, y_sub = hidden[:sample_windows], out[:sample_windows]
         energy = y_sub.double().square().sum().item()
@@ -270,6 +287,9 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
                 layers[walk.name(i, local)] = {"out": o_f, "in": i_f, "params": o_f * i_f, "options": options}
                 bar.update()
         hidden = out                                      # dense outputs feed the next block
+        if checkpoint is not None:
+            checkpoint.record(i, {"hidden": {"hidden": hidden}} if i + 1 < len(walk) else {},
+                              {n: layers[n] for n in layers if n.startswith(walk.name(i, ""))})
     bar.close()
     meta = {"menu": [c.to_dict() for c in menu], "sample_windows": sample_windows, "tokens": list(tokens.shape),
             "dense_bytes_per_param": dense_bpp, "device": str(walk.device),
@@ -296,11 +316,18 @@ def sensitivity_table(model, tokens: torch.Tensor, menu: list[MethodConfig], sam
         if progress:
             print(f"sensitivity table read from {path}")
         return table, path
-    table = measure_sensitivity(model, tokens, menu, sample_windows=sample_windows, batch_size=batch_size,
-                                progress=progress, device=device, source=source)
-    table.meta["key"] = key
+    from llmpress.checkpoint import Checkpoint
     path.parent.mkdir(parents=True, exist_ok=True)
+    # a killed measurement resumes from its partial folder (same key: same model, tokens and menu)
+    partial = Checkpoint.resume_or_start(path.with_name(path.name + ".partial"),
+                                         {"sample_windows": sample_windows, "batch_size": batch_size}, key)
+    if partial.done and progress:
+        print(f"sensitivity: resuming at block {partial.done} from {partial.folder}")
+    table = measure_sensitivity(model, tokens, menu, sample_windows=sample_windows, batch_size=batch_size,
+                                progress=progress, device=device, source=source, checkpoint=partial)
+    table.meta["key"] = key
     table.save(path)
+    partial.remove()
     if progress:
         print(f"sensitivity measured in {table.meta['seconds']:.0f}s, saved to {path}")
     return table, path

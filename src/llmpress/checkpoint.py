@@ -65,6 +65,15 @@ class Checkpoint:
     calibration settings, propagation...); key: identifies the model weights and calibration
     tokens. resume=False starts a fresh folder (an existing one is replaced)."""
 
+    @classmethod
+    def resume_or_start(cls, folder: str | Path, settings: dict, key: str) -> "Checkpoint":
+        """Resume when `folder` holds a checkpoint of this very run (same key and settings), start
+        afresh otherwise: for caches such as the sensitivity table, whose key says everything."""
+        try:
+            return cls(folder, settings, key, resume=True)
+        except LLMPressError:
+            return cls(folder, settings, key, resume=False)
+
     def __init__(self, folder: str | Path, settings: dict, key: str, resume: bool):
         self.folder = Path(folder)
         self.settings, self.key = json.loads(json.dumps(settings)), key
@@ -124,6 +133,18 @@ class Checkpoint:
         self.state = state
         if os.environ.get(KILL_ENV) == str(i):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def save_extra(self, stem: str, tensors: dict[str, torch.Tensor]) -> None:
+        """A file that belongs to the whole run, not to one block (the table's loss gradients)."""
+        digest = save_tensors(tensors, self.folder / f"{stem}.safetensors")
+        state = {**self.state, "files": {**self.state["files"], f"{stem}.safetensors": digest}}
+        tmp = self.folder / (RUN + ".tmp")
+        tmp.write_text(json.dumps(state))
+        _durable_replace(tmp, self.folder / RUN)
+        self.state = state
+
+    def has(self, stem: str) -> bool:
+        return f"{stem}.safetensors" in self.state["files"]
 
     def entries(self) -> dict[int, dict]:
         return {int(k): v for k, v in self.state["blocks"].items()}
