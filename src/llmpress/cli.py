@@ -149,7 +149,13 @@ def cmd_compress(a) -> dict:
         plan = Plan.load(a.plan) if a.plan else Plan.uniform(_config_from_args(a))
     check_out_dir(a.out, a.overwrite)
     from llmpress.walk import resolve_device, resolve_dtype
+    from llmpress.distributed import init_from_env, local_device
     device = resolve_device(a.device)
+    if init_from_env(device):                       # under torchrun: data-parallel calibration
+        device = local_device(device)
+        if a.budget or a.resume:
+            raise LLMPressError("under torchrun, compress supports --method / --plan without --resume "
+                                "(the sensitivity table and checkpoints are single-process)")
     dtype = resolve_dtype(a.dtype, device)
     model, tokenizer, source, scratch = _load_for_compress(a, dtype)
     return _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
@@ -221,8 +227,10 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
             tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
         calib = {"source": a.calib, "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed}
     one_pass = a.one_pass or a.stats_cache is not None
+    from llmpress.distributed import world
+    rank, n_ranks = world()
     checkpoint = None
-    if a.stats_cache is None:
+    if a.stats_cache is None and n_ranks == 1:
         from llmpress.checkpoint import Checkpoint, run_key
         out = Path(a.out)
         folder = Path(a.offload or scratch or out.parent / f".{out.name}.partial")
@@ -234,7 +242,9 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
     elif a.resume:
         raise LLMPressError("--resume does not apply to a --stats-cache run")
     report = compress(model, layer_configs, tokens, propagate=not one_pass, stats_cache=a.stats_cache,
-                      device=device, source=source, checkpoint=checkpoint)
+                      device=device, source=source, checkpoint=checkpoint, progress=rank == 0)
+    if rank != 0:                                   # rank 0 writes the output
+        return {"rank": rank, "compress_seconds": report.seconds, "reduced_bytes": report.reduced_bytes}
     if calib:
         calib["propagate"] = not one_pass
     fallbacks = {k: v for k, v in report.layers.items() if "fallback" in v}
@@ -248,7 +258,8 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
     if checkpoint is not None:
         checkpoint.remove()                           # saved: the per-block checkpoint is no longer needed
     result = {"out": str(out), "compress_seconds": report.seconds, **size, "calibration": calib,
-              "fallbacks": fallbacks, "allocation": allocation}
+              "fallbacks": fallbacks, "allocation": allocation, "processes": n_ranks,
+              "reduced_bytes": report.reduced_bytes}
     if allocation is not None:
         from llmpress.report import plot_allocation
         plot_allocation(allocated.table, allocated.choice, out / "allocation.png",
@@ -398,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     except LLMPressError as e:
         print(f"llmpress: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llmpress.config import MethodConfig, group_solver_for, group_transform_for, handler_for
+from llmpress.distributed import broadcast_results
 from llmpress.errors import LLMPressError
 from llmpress.stats import StatsCache, block_key, tokens_digest
 from llmpress.walk import BlockWalk
@@ -24,6 +25,7 @@ class CompressReport:
     seconds: float = 0.0
     layers: dict[str, dict] = field(default_factory=dict)    # fqn -> {method, seconds, info...}
     device: str = "cpu"
+    reduced_bytes: int = 0     # under torch.distributed: statistics bytes this rank all-reduced
 
 
 def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: torch.Tensor | None = None,
@@ -54,6 +56,8 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         raise LLMPressError("the plan uses calibrated methods (or measure_error) but no calibration tokens were given")
     if stats_cache is not None and propagate:
         raise LLMPressError("a statistics cache needs propagate=False (propagated statistics depend on the methods)")
+    if walk.world > 1 and (checkpoint is not None or stats_cache is not None):
+        raise LLMPressError("checkpoints and statistics caches are single-process; under torchrun run without them")
     if source is None:       # offloaded weights are checked as each block is read
         for fqn in layer_configs:
             check_finite(fqn, model.get_submodule(fqn).weight)
@@ -104,7 +108,9 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
             if not propagate:
                 hidden = hidden_out
         group_info = _group_transforms(block, adapter, prefix, todo, stats)
-        for members, config, t, results in _solve(block, adapter, prefix, todo, stats):
+        for k, (members, config, t, results) in enumerate(_solve(block, adapter, prefix, todo, stats, walk)):
+            if walk.world > 1:            # solved by one rank, broadcast to all
+                results = broadcast_results(results, k % walk.world, walk.device)
             for local, (new, info) in zip(members, results):
                 old = block.get_submodule(local)
                 new = new.to(old.weight.device)
@@ -124,6 +130,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     if source is not None:
         source.load_all(model)            # the finished (compressed) blocks back from the scratch folder
     report.seconds = time.perf_counter() - t0
+    report.reduced_bytes = walk.reduced_bytes
     return report
 
 
@@ -151,22 +158,29 @@ def relative_output_error(w_old: torch.Tensor, w_new: torch.Tensor, stats) -> fl
     return ((d @ g) * d).sum().item() / max(((w_old @ g) * w_old).sum().item(), 1e-30)
 
 
-def _solve(block, adapter, prefix, todo, stats):
-    """Yields (members, config, seconds, [(module, info)]): one call per input group whose members
-    share a config and whose method has a group solver, one call per layer otherwise."""
+def _solve(block, adapter, prefix, todo, stats, walk):
+    """Yields (members, config, seconds, [(module, info)]): one job per input group whose members
+    share a config and whose method has a group solver, one per layer otherwise. Under
+    torch.distributed job k is solved by rank k % world only (the others get None)."""
+    jobs = []
     for group in adapter.input_groups:
         present = [n for n in group if prefix + n in todo]
         configs = [todo[prefix + n] for n in present]
         solver = group_solver_for(configs[0]) if configs else None
         if solver is not None and len(present) > 1 and all(c == configs[0] for c in configs):
-            t = time.perf_counter()
-            results = solver([block.get_submodule(n) for n in present], configs[0], stats.get(present[0]))
-            yield present, configs[0], time.perf_counter() - t, results
+            jobs.append((present, configs[0], solver))
+        else:
+            jobs += [([n], c, None) for n, c in zip(present, configs)]
+    for k, (members, config, solver) in enumerate(jobs):
+        if k % walk.world != walk.rank:
+            yield members, config, 0.0, None
             continue
-        for n, config in zip(present, configs):
-            t = time.perf_counter()
-            result = handler_for(config)(block.get_submodule(n), config, stats.get(n))
-            yield [n], config, time.perf_counter() - t, [result]
+        t = time.perf_counter()
+        if solver is not None:
+            results = solver([block.get_submodule(n) for n in members], config, stats.get(members[0]))
+        else:
+            results = [handler_for(config)(block.get_submodule(members[0]), config, stats.get(members[0]))]
+        yield members, config, time.perf_counter() - t, results
 
 
 def _group_transforms(block, adapter, prefix, todo, stats) -> dict[str, dict]:

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmpress.arch import adapter_for
+from llmpress.distributed import all_reduce_stats, world
 from llmpress.errors import LLMPressError
 from llmpress.stats import InputStats, collect_inputs
 
@@ -97,6 +98,8 @@ class BlockWalk:
         self.source = source
         self.kwargs: dict = {}            # what block 0 was called with besides the hidden states
         self.storage = self.device        # where hidden states are kept between blocks
+        self.rank, self.world = world()   # under torch.distributed: this rank's slice of the windows
+        self.reduced_bytes = 0            # statistics bytes this rank sent into all-reduces
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -113,6 +116,10 @@ class BlockWalk:
         identical for every batch of the same shape), moved to the compute device."""
         if tokens is None or tokens.ndim != 2 or tokens.numel() == 0:
             raise LLMPressError("calibration tokens must be a non-empty (N, T) tensor")
+        if self.world > 1:
+            if tokens.shape[0] < self.world:
+                raise LLMPressError(f"{tokens.shape[0]} calibration windows cannot be split over {self.world} processes")
+            tokens = tokens.tensor_split(self.world)[self.rank]     # this rank's contiguous slice
         captured: list[torch.Tensor] = []
         kwargs_seen: dict = {}
 
@@ -190,6 +197,8 @@ class BlockWalk:
         modules = {h: block.get_submodule(h) for h in heads}
         with collect_inputs(modules, heads) as stats, torch.no_grad():
             out = self.run(block, hidden)
+        if self.world > 1:                # every rank saw its slice: sum the statistics
+            self.reduced_bytes += all_reduce_stats(stats)
         return out, self.share(stats)
 
     def share(self, by_head: dict[str, InputStats]) -> dict[str, InputStats]:
