@@ -29,9 +29,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "dtype.json"))
     ap.add_argument("--windows", type=int, default=20)
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="rows to (re)measure; others are kept from --out")
     a = ap.parse_args()
-    rows = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    out = Path(a.out)
+    rows = json.loads(out.read_text())["rows"] if out.is_file() else {}
+    for dtype in (getattr(torch, d) for d in a.dtypes.split(",")):
         name = str(dtype).removeprefix("torch.")
         model, tok = load_model("smollm2-135m", dtype=dtype)
         tokens = calibration_tokens(tok, "wikipedia", 64, 512, seed=0)
@@ -46,10 +48,12 @@ def main() -> None:
         rows[name] = {"dense_perplexity": dense_ppl, "gptq_perplexity": ppl, "compress_seconds": rep.seconds,
                       "dense_eval_seconds": dense_eval_s, "gptq_eval_seconds": time.perf_counter() - t,
                       "bits_per_weight": model_size(model)["bits_per_weight"]}
-        if dtype == torch.bfloat16:   # the same compressed weights, run in float32
-            model.float()
+        print(name, json.dumps(rows[name]), flush=True)
+        if dtype == torch.bfloat16:   # the same compressed weights, run in float32 (nn.Module.float:
+            torch.nn.Module.float(model)   # transformers refuses .float() on a GGUF-loaded model)
             rows[name]["gptq_perplexity_run_in_float32"] = perplexity(model, ids, 2048, a.windows, progress=False)["perplexity"]
         print(name, json.dumps(rows[name]), flush=True)
+        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "windows": a.windows, "rows": rows}, indent=1) + "\n")
         del model
     f32, b16 = rows["float32"]["gptq_perplexity"], rows["bfloat16"]["gptq_perplexity"]
     rows["ratio_bf16_to_fp32"] = b16 / f32
