@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -157,53 +156,10 @@ def cmd_compress(a) -> dict:
             raise LLMPressError("under torchrun, compress supports --method / --plan without --resume "
                                 "(the sensitivity table and checkpoints are single-process)")
     dtype = resolve_dtype(a.dtype, device)
-    model, tokenizer, source, scratch = _load_for_compress(a, dtype)
+    from llmpress.models import load_for_compress
+    model, tokenizer, source, scratch = load_for_compress(a.model, dtype, a.offload, Path(a.out),
+                                                          trust_remote_code=a.trust_remote_code)
     return _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
-
-
-def _load_for_compress(a, dtype):
-    """(model, tokenizer, offloaded source or None, temporary scratch folder to remove or None)."""
-    from llmpress.models import load_model, resolve_source
-    from llmpress.offload import checkpoint_bytes, load_skeleton
-    kind, where = resolve_source(a.model)
-    scratch = None
-    if a.offload is None and kind == "hf_dir":
-        need, free = checkpoint_bytes(where) * _widening(where, dtype), _available_memory()
-        if free is not None and need > 0.8 * free:
-            out = Path(a.out)
-            scratch = out.parent / f".{out.name}.offload"
-            print(f"the model needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available: offloading "
-                  f"blocks through {scratch}", file=sys.stderr)
-    if a.offload is not None or scratch is not None:
-        if kind != "hf_dir":
-            raise LLMPressError(f"--offload reads a Hugging Face folder with safetensors weights; {a.model} is a "
-                                f"{kind} source (save it as a Hugging Face folder first)")
-        model, tokenizer, source = load_skeleton(where, a.offload or scratch, dtype)
-        if tokenizer is None:
-            raise LLMPressError(f"{a.model} has no tokenizer files")
-        return model, tokenizer, source, scratch
-    model, tokenizer = load_model(a.model, dtype=dtype, trust_remote_code=a.trust_remote_code)
-    return model, tokenizer, None, None
-
-
-def _widening(folder, dtype) -> float:
-    """How much larger than on disk the weights are in memory (a bf16 checkpoint loaded as float32: 2)."""
-    import torch
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-    stored = getattr(torch, stored) if isinstance(stored, str) else stored
-    return 1.0 if dtype is None else dtype.itemsize / stored.itemsize
-
-
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch) -> dict:
@@ -233,7 +189,7 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
     if a.stats_cache is None and n_ranks == 1:
         from llmpress.checkpoint import Checkpoint, run_key
         out = Path(a.out)
-        folder = Path(a.offload or scratch or out.parent / f".{out.name}.partial")
+        folder = scratch or out.parent / f".{out.name}.partial"      # the offload folder doubles as it
         settings = {"layers": {k: v.to_dict() for k, v in layer_configs.items()}, "calibration": calib,
                     "propagate": not one_pass, "dtype": str(model.dtype), "batch_size": 8}
         checkpoint = Checkpoint(folder, settings, run_key(model, tokens, source), resume=a.resume)

@@ -3,6 +3,7 @@ a `.gguf` file, the alias `smollm2-135m` (the embedded default model), or a Hub 
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -77,3 +78,50 @@ def load_model(spec: str, dtype: torch.dtype | None = torch.float32, trust_remot
         raise LLMPressError(f"could not load the weights of {spec!r}: {str(e).splitlines()[0][:200]}")
     model.eval()
     return model, tokenizer
+
+
+def load_for_compress(spec: str, dtype: torch.dtype | None, offload: str | Path | None, out: Path,
+                      trust_remote_code: bool = False):
+    """-> (model, tokenizer, offloaded source or None, the offload folder used or None).
+
+    With `offload`, or when a Hugging Face folder's weights would take more than 80 % of the
+    available memory (then in `.OUT.offload` beside the output), the model is a skeleton whose
+    blocks are read from its safetensors shards as the walk reaches them (llmpress.offload)."""
+    from llmpress.offload import checkpoint_bytes, load_skeleton
+    kind, where = resolve_source(spec)
+    if offload is None and kind == "hf_dir":
+        need, free = checkpoint_bytes(where) * _widening(where, dtype), available_memory()
+        if free is not None and need > 0.8 * free:
+            offload = out.parent / f".{out.name}.offload"
+            print(f"the model needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available: offloading "
+                  f"blocks through {offload}", file=sys.stderr)
+    if offload is None:
+        model, tokenizer = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+        return model, tokenizer, None, None
+    if kind != "hf_dir":
+        raise LLMPressError(f"--offload reads a Hugging Face folder with safetensors weights; {spec} is a "
+                            f"{kind} source (save it as a Hugging Face folder first)")
+    model, tokenizer, source = load_skeleton(where, offload, dtype)
+    if tokenizer is None:
+        raise LLMPressError(f"{spec} has no tokenizer files")
+    return model, tokenizer, source, Path(offload)
+
+
+def _widening(folder: Path, dtype: torch.dtype | None) -> float:
+    """How much larger than on disk the weights are in memory (a bf16 checkpoint loaded as float32: 2)."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    return 1.0 if dtype is None else dtype.itemsize / stored.itemsize
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes; None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
