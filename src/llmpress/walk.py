@@ -163,13 +163,12 @@ class BlockWalk:
         block = self.blocks[i]
         if self.source is not None:
             self.source.load_block(self.model, i)
-        if self.device.type != "cpu":
-            block.to(self.device)
+        home = next(iter(block.state_dict().values())).device      # where it waits between visits
+        block.to(self.device)
         try:
             yield block
         finally:
-            if self.device.type != "cpu":
-                block.to("cpu")
+            block.to(home)
             if self.source is not None:     # written to the scratch folder, or just dropped
                 (self.source.finish_block if keep else self.source.release_block)(self.model, i)
 
