@@ -25,19 +25,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from llmpress.errors import LLMPressError
+from llmpress.export import sha256_file
 
 RUN = "run.json"
 FORMAT = 1
 # Test hook: SIGKILL this process right after block K is recorded (deterministic kill point).
 KILL_ENV = "LLMPRESS_KILL_AFTER_BLOCK"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _durable_replace(tmp: Path, path: Path) -> None:
@@ -57,7 +50,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     _durable_replace(tmp, path)
-    return _sha256(path)
+    return sha256_file(path)
 
 
 class Checkpoint:
@@ -109,7 +102,7 @@ class Checkpoint:
             raise LLMPressError(f"cannot resume with different settings ({shown})")
         for name, digest in state["files"].items():
             f = self.folder / name
-            if not f.is_file() or _sha256(f) != digest:
+            if not f.is_file() or sha256_file(f) != digest:
                 raise LLMPressError(f"cannot resume: {f} is missing or damaged (SHA-256 differs from {RUN}); "
                                     f"start again without --resume")
         self.state = state

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from llmpress.arch import adapter_for, check_supported
-from llmpress.checkpoint import block_metadata, read_block
+from llmpress.checkpoint import block_metadata, read_block, save_tensors
 from llmpress.errors import LLMPressError
 
 
@@ -153,9 +151,7 @@ class OffloadedCheckpoint:
         and release it from memory."""
         block = adapter_for(model).blocks(model)[i]
         if not self.block_file(i).is_file():           # a checkpoint in this folder may have written it
-            tmp = self.block_file(i).with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in block.state_dict().items()}, str(tmp), block_metadata(block))
-            os.replace(tmp, self.block_file(i))
+            save_tensors(block.state_dict(), self.block_file(i), block_metadata(block))
         self.release_block(model, i)
 
     def load_all(self, model: nn.Module) -> None:
