@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
 CACHE = ROOT / "bench" / ".cache"
 LLMPRESS = [sys.executable, "-m", "llmpress.cli"]
 
@@ -47,8 +48,8 @@ def main() -> None:
     hf = CACHE / "qwen2.5-coder-0.5b-f32"
     if not (hf / "config.json").is_file():
         code = ("import sys; sys.path.insert(0, %r); from llmpress.models import load_model; "
-                "m, t = load_model(%r); m.save_pretrained(%r, max_shard_size='500MB'); t.save_pretrained(%r)"
-                % (str(ROOT / "src"), a.gguf, str(hf), str(hf)))
+                "from llmpress.offload import save_hf_folder; m, t = load_model(%r); "
+                "save_hf_folder(m, t, %r, max_shard_bytes=500 << 20)" % (str(ROOT / "src"), a.gguf, str(hf)))
         run([sys.executable, "-c", code])
     weights = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
     results: dict = {"date": time.strftime("%Y-%m-%d"), "model": "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M, dequantized to float32)",
@@ -65,8 +66,9 @@ def main() -> None:
         print(f"{mode}: {r['seconds']:.0f}s wall, compress {r['compress_seconds']:.0f}s, peak RSS "
               f"{r['peak_rss_bytes'] / 2**20:.0f} MiB = {r['peak_rss_over_float32_size']:.2f}x the float32 weights", flush=True)
         Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
-    a_mem = (CACHE / "qwen-gptq4-in-memory" / "model.safetensors").read_bytes()
-    a_off = (CACHE / "qwen-gptq4-offload" / "model.safetensors").read_bytes()
+    from llmpress.export import weights_file
+    a_mem = weights_file(CACHE / "qwen-gptq4-in-memory").read_bytes()
+    a_off = weights_file(CACHE / "qwen-gptq4-offload").read_bytes()
     results["offload_output_identical"] = a_mem == a_off
     print(f"offloaded output identical to in-memory: {results['offload_output_identical']}", flush=True)
     if not a.skip_eval:

@@ -32,7 +32,7 @@ def test_compress_then_eval_end_to_end(tiny_hf_dir, tmp_path, text_file, capsys)
     result = json.loads(js.read_text())
     assert result["compress_seconds"] > 0 and result["bits_per_weight"] < 5
     manifest = json.loads((out / "llmpress.json").read_text())
-    assert set(manifest["files"]) >= {"model.safetensors", "config.json"}
+    assert set(manifest["files"]) >= {"llmpress.safetensors", "config.json"}
     assert manifest["layers"]["model.layers.0.mlp.down_proj"]["bits"] == 4
     assert manifest["versions"]["torch"] == torch.__version__
 
@@ -92,3 +92,15 @@ def test_unreachable_hub_id_is_a_clear_error(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "Hugging Face Hub" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_verify_command(tiny_hf_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _run(capsys, "compress", "--model", tiny_hf_dir, "--method", "rtn", "--out", out)[0] == 0
+    code, stdout, _ = _run(capsys, "verify", out)
+    assert code == 0 and "match the manifest" in stdout
+    data = bytearray((out / "llmpress.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "llmpress.safetensors").write_bytes(bytes(data))
+    code, _, err = _run(capsys, "verify", out)
+    assert code == 2 and "corrupt" in err

@@ -33,7 +33,7 @@ def test_compress_save_load_identical_logits_and_smaller(tiny_model, config, tmp
     assert torch.equal(reloaded(ids).logits, logits)
     assert model_size(reloaded) == size
     # stored bytes on disk cover the reported size (plus embeddings, norms, header)
-    assert (out / "model.safetensors").stat().st_size >= size["bytes"]
+    assert (out / "llmpress.safetensors").stat().st_size >= size["bytes"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())   # no temporary left behind
 
 
@@ -110,9 +110,9 @@ def test_corrupt_file_is_detected(tiny_model, tmp_path):
     compress(tiny_model, _resolve(tiny_model, Plan.uniform(RTN())), progress=False)
     out = save_compressed(tiny_model, None, tmp_path / "out", {})
     verify(out)
-    data = bytearray((out / "model.safetensors").read_bytes())
+    data = bytearray((out / "llmpress.safetensors").read_bytes())
     data[-1] ^= 0xFF
-    (out / "model.safetensors").write_bytes(bytes(data))
+    (out / "llmpress.safetensors").write_bytes(bytes(data))
     with pytest.raises(LLMPressError, match="corrupt"):
         load_compressed(out)
 
@@ -177,3 +177,25 @@ def test_one_pass_differs_from_propagated_but_both_work(tiny_model, calib_tokens
     # block 0 sees the same inputs either way; block 1 does not
     assert torch.equal(a.model.layers[0].mlp.down_proj.qweight, b.model.layers[0].mlp.down_proj.qweight)
     assert not torch.equal(a.model.layers[1].mlp.down_proj.qweight, b.model.layers[1].mlp.down_proj.qweight)
+
+
+def test_plain_transformers_refuses_a_native_folder(tiny_model, tmp_path):
+    """Never silently wrong: without llmpress, the compressed layers would load as random weights."""
+    from transformers import AutoModelForCausalLM
+    compress(tiny_model, _resolve(tiny_model, Plan.uniform(RTN())), progress=False)
+    out = save_compressed(tiny_model, None, tmp_path / "out", {})
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(out)
+    load_compressed(out)                                    # llmpress itself reads it
+
+
+def test_save_hf_folder_round_trips_for_offload(tiny_model, tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+    from llmpress.offload import save_hf_folder
+    path = save_hf_folder(tiny_model, tiny_tokenizer, tmp_path / "hf", max_shard_bytes=50_000)
+    assert len(list(path.glob("model-*.safetensors"))) > 2 and (path / "model.safetensors.index.json").is_file()
+    again = AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.randint(0, 256, (1, 16))
+    assert torch.equal(again(ids).logits, tiny_model(ids).logits)
+    with pytest.raises(LLMPressError, match="already exists"):
+        save_hf_folder(tiny_model, tiny_tokenizer, path)

@@ -53,7 +53,7 @@ def test_killed_run_resumes_bit_identical(sharded, tmp_path, offload):
     resumed = _compress(model, tmp_path / "out", text, *extra, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and "2 blocks already compressed" in resumed.stderr
-    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+    assert (tmp_path / "out" / "llmpress.safetensors").read_bytes() == (tmp_path / "ref" / "llmpress.safetensors").read_bytes()
     assert not (folder / "run.json").exists()                 # cleaned up after the save
     manifest = json.loads((tmp_path / "out" / "llmpress.json").read_text())
     assert set(manifest["report"]) == set(json.loads((tmp_path / "ref" / "llmpress.json").read_text())["report"])

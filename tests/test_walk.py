@@ -122,7 +122,7 @@ def test_cli_offload_writes_the_same_model(tmp_path, tiny_tokenizer, text_file, 
         code, _, err = _run(capsys, "compress", "--model", path, "--method", "gptq", "--bits", "4", "--group-size", "32",
                             "--calib", text_file, "--num-samples", "4", "--seq-len", "32", "--out", out, *extra)
         assert code == 0, err
-        outs[mode] = (out / "model.safetensors").read_bytes()
+        outs[mode] = (out / "llmpress.safetensors").read_bytes()
     assert outs["memory"] == outs["offload"]
 
 

@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--overwrite", action="store_true")
     _add_device_args(w)
 
+    v = sub.add_parser("verify", help="re-hash every file of an llmpress folder against its manifest")
+    v.add_argument("dir")
+
     r = sub.add_parser("report", help="re-render report.md and plots from DIR/report.json")
     r.add_argument("dir")
 
@@ -350,6 +353,12 @@ def cmd_sweep(a) -> None:
     print(path.read_text())
 
 
+def cmd_verify(a) -> None:
+    from llmpress.export import verify
+    m = verify(a.dir)
+    print(f"{a.dir}: {len(m['files'])} files match the manifest (llmpress format {m['format_version']})")
+
+
 def cmd_report(a) -> None:
     from llmpress.report import render
     if not (Path(a.dir) / "report.json").is_file():
@@ -361,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
         {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "sweep": cmd_sweep,
-         "report": cmd_report}[a.command](a)
+         "report": cmd_report, "verify": cmd_verify}[a.command](a)
     except LLMPressError as e:
         print(f"llmpress: error: {e}", file=sys.stderr)
         return 2

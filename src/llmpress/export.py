@@ -20,8 +20,11 @@ from llmpress.errors import LLMPressError
 from llmpress.modules import MODULE_TYPES, CompressedLinear
 
 MANIFEST = "llmpress.json"
-WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
+# Not `model.safetensors`: plain transformers must fail loudly on a native llmpress folder (it would
+# otherwise load the dense architecture with every compressed layer re-initialised at random).
+WEIGHTS = "llmpress.safetensors"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = {1: "model.safetensors", 2: WEIGHTS}   # format version -> its weights file
 
 
 def sha256_file(path: Path) -> str:
@@ -103,9 +106,14 @@ def read_manifest(path: str | Path) -> dict:
         m = json.loads((Path(path) / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LLMPressError(f"{path}: unreadable {MANIFEST}: {e}")
-    if m.get("format") != "llmpress" or m.get("format_version") != FORMAT_VERSION:
-        raise LLMPressError(f"{path}: not an llmpress format {FORMAT_VERSION} folder")
+    if m.get("format") != "llmpress" or m.get("format_version") not in READABLE_VERSIONS:
+        raise LLMPressError(f"{path}: not an llmpress folder of format {sorted(READABLE_VERSIONS)}")
     return m
+
+
+def weights_file(path: str | Path) -> Path:
+    """The safetensors file of an llmpress folder (its name depends on the format version)."""
+    return Path(path) / READABLE_VERSIONS[read_manifest(path)["format_version"]]
 
 
 def verify(path: str | Path) -> dict:
@@ -133,10 +141,11 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None):
     for fqn, spec in m["modules"].items():
         parent, _, attr = fqn.rpartition(".")
         setattr(model.get_submodule(parent), attr, MODULE_TYPES[spec["type"]].empty(spec))
+    weights = path / READABLE_VERSIONS[m["format_version"]]
     try:
-        tensors = load_file(str(path / WEIGHTS))
+        tensors = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types on a corrupt header
-        raise LLMPressError(f"{path / WEIGHTS}: cannot read safetensors ({e})")
+        raise LLMPressError(f"{weights}: cannot read safetensors ({e})")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if k not in m["tied"]]
     if missing or unexpected:
