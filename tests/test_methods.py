@@ -82,3 +82,23 @@ def test_svd_exact_rank_and_error_is_discarded_energy():
     assert torch.linalg.matrix_rank(approx).item() == r
     s = torch.linalg.svdvals(w.double())
     assert torch.allclose((approx - w.double()).square().sum(), s[r:].square().sum(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_layers_run_packed_in_bfloat16(symmetric):
+    """bf16 activations go through torch's int4 kernel (no dense weight built); the result matches
+    the dequantized weight up to bf16 rounding of activations and scales."""
+    from llmpress.methods.rtn import RTN, apply_rtn
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96, bias=True)
+    q, _ = apply_rtn(linear, RTN(bits=4, group_size=32, symmetric=symmetric), None)
+    x = torch.randn(3, 5, 128)
+    ref = torch.nn.functional.linear(x, q.dense_weight(), q.bias.float())
+    xb = x.to(torch.bfloat16)
+    assert q.runs_packed(xb) and not q.runs_packed(x)
+    built = []
+    q.dense_weight = lambda: built.append(1)           # the packed path must not rebuild it
+    y = q(xb)
+    assert not built and y.dtype == torch.bfloat16 and y.shape == (3, 5, 96)
+    assert (y.float() - ref).abs().max() < 0.03 * ref.abs().max()
+    assert q._packed[0].numel() == 96 * 128 // 2          # half a byte per weight

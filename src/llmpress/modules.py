@@ -54,6 +54,7 @@ class CompressedLinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._weight_cache: torch.Tensor | None = None
+        self._packed: tuple | None = None        # a runtime's packed form of the stored weight
 
     def dense_weight(self) -> torch.Tensor:  # (out, in), float32, on the module's device
         raise NotImplementedError
@@ -65,11 +66,11 @@ class CompressedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._weight_cache = None
+        self._weight_cache = self._packed = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
-        self._weight_cache = None           # moved or cast: a cached weight would be stale
+        self._weight_cache = self._packed = None    # moved or cast: a derived form would be stale
         return super()._apply(fn, *args, **kwargs)
 
     def weight_for_forward(self) -> torch.Tensor:
@@ -117,6 +118,36 @@ class QuantLinear(CompressedLinear):
             return ((q - zero[:, :, None]) * scale[:, :, None]).view(self.out_features, self.in_features)
         g = torch.arange(self.in_features, device=scale.device) // self.group_size   # column -> group
         return (q.float() - zero[:, g]) * scale[:, g]
+
+    # Packed execution: torch's CPU int4 kernel takes bf16 activations, groups of 32/64/128/256
+    # that divide in_features, and computes (q - 8) * scale + offset per (group, row). fp32
+    # activations would make it ~25x slower, so it serves bf16 models; everything else rebuilds the
+    # dense weight per forward.
+    INT4_GROUPS = (32, 64, 128, 256)
+
+    def runs_packed(self, x: torch.Tensor) -> bool:
+        return (self.bits == 4 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and self.group_size in self.INT4_GROUPS and self.in_features % self.group_size == 0)
+
+    def _int4(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight in the kernel's packed layout (out, in / 2) uint8, scales and offsets
+        (groups, out, 2) bf16), built once: half a byte per weight, no dense copy."""
+        if self._packed is None:
+            q = self.int_weight().to(torch.int32)                              # (out, in) in 0..15
+            scale = self.scale.float()                                         # (out, G)
+            offset = (8 - self.zeros()) * scale                                # (q - z) s = (q - 8) s + (8 - z) s
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+            sz = torch.stack([scale.T, offset.T], -1).to(torch.bfloat16).contiguous()
+            self._packed = (packed, sz)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.runs_packed(x):
+            return super().forward(x)
+        packed, sz = self._int4()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self.group_size, sz)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def spec(self) -> dict:
         return {"type": "QuantLinear", "in_features": self.in_features, "out_features": self.out_features,
@@ -200,7 +231,7 @@ def with_dense_cache(module: nn.Module) -> nn.Module:
     """Make a compressed layer keep its rebuilt dense weight (until moved or reloaded): for the
     temporary working copies of a search that runs the same layers many times, never for a model
     that is handed to the user. Returns the module."""
-    if isinstance(module, CompressedLinear) and type(module).forward is CompressedLinear.forward:
+    if isinstance(module, CompressedLinear) and not isinstance(module, LowRankLinear):   # factors run as they are
         with torch.no_grad():
             module._weight_cache = module.dense_weight()
     return module
