@@ -104,3 +104,44 @@ def test_verify_command(tiny_hf_dir, tmp_path, capsys):
     (out / "llmpress.safetensors").write_bytes(bytes(data))
     code, _, err = _run(capsys, "verify", out)
     assert code == 2 and "corrupt" in err
+
+
+def test_export_compressed_tensors_and_dense_reload_in_plain_transformers(tiny_hf_dir, tmp_path, text_file, capsys):
+    """Mixed 4/8-bit GPTQ with a sparse layer: compressed-tensors (quantized layers packed, the sparse
+    one dense) and dense exports both reload with AutoModelForCausalLM, logits equal to llmpress's."""
+    from transformers import AutoModelForCausalLM
+    from llmpress.models import load_model
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "rules": [
+        {"pattern": "*.mlp.down_proj", "config": {"method": "sparsegpt", "sparsity": 0.5}},
+        {"pattern": "*.mlp.*", "config": {"method": "gptq", "bits": 8, "group_size": 32}},
+        {"pattern": "*", "config": {"method": "gptq", "bits": 4, "group_size": 32}}]}))
+    out = tmp_path / "c"
+    code, _, err = _run(capsys, "compress", "--model", tiny_hf_dir, "--plan", plan, "--calib", text_file,
+                        "--num-samples", "4", "--seq-len", "32", "--out", out)
+    assert code == 0, err
+    ours, _ = load_model(str(out))
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = ours(ids).logits
+    for fmt in ("compressed-tensors", "dense"):
+        dest = tmp_path / fmt
+        code, _, err = _run(capsys, "export", out, "--format", fmt, "--out", dest)
+        assert code == 0, err
+        reloaded = AutoModelForCausalLM.from_pretrained(dest)
+        assert torch.equal(reloaded(ids).logits, ref), fmt
+    config = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == "pack-quantized" and len(config["config_groups"]) == 2
+    # on disk, the quantized layers (4/8-bit codes + fp32 scales per 32) save at least half of
+    # their fp32 bytes against the dense export
+    quantized = sum(m.in_features * m.out_features * 4 for m in ours.modules() if hasattr(m, "int_weight"))
+    saved = (tmp_path / "dense" / "model.safetensors").stat().st_size - \
+        (tmp_path / "compressed-tensors" / "model.safetensors").stat().st_size
+    assert saved > 0.5 * quantized
+
+
+def test_export_refuses_what_compressed_tensors_cannot_hold(tiny_hf_dir, tmp_path, capsys):
+    out = tmp_path / "asym"
+    assert _run(capsys, "compress", "--model", tiny_hf_dir, "--method", "rtn", "--bits", "4", "--group-size", "48",
+                "--asymmetric", "--out", out)[0] == 0
+    code, _, err = _run(capsys, "export", out, "--format", "compressed-tensors", "--out", tmp_path / "x")
+    assert code == 2 and "asymmetric" in err and not (tmp_path / "x").exists()

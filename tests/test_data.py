@@ -69,3 +69,11 @@ def test_perplexity_protocol(tiny_model):
     assert perplexity(tiny_model, ids, seq_len=32, max_windows=2, progress=False)["windows"] == 2
     with pytest.raises(LLMPressError, match="fewer than one window"):
         perplexity(tiny_model, ids[:10], seq_len=32, progress=False)
+
+
+def test_a_local_corpus_that_is_missing_is_a_clear_error(monkeypatch, tmp_path):
+    from llmpress import data
+    from llmpress.errors import LLMPressError
+    monkeypatch.setattr(data, "data_dirs", lambda: [tmp_path])
+    with pytest.raises(LLMPressError, match="LLMPRESS_DATA_DIR"):
+        data.load_text("wikipedia")

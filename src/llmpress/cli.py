@@ -102,6 +102,12 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--overwrite", action="store_true")
     _add_device_args(w)
 
+    x = sub.add_parser("export", help="write an llmpress folder in a format that loads without llmpress")
+    x.add_argument("dir", help="an llmpress output folder")
+    x.add_argument("--format", required=True, choices=["compressed-tensors", "dense"],
+                   help="compressed-tensors: pack-quantized (transformers, vLLM); dense: every layer merged back")
+    x.add_argument("--out", required=True)
+
     v = sub.add_parser("verify", help="re-hash every file of an llmpress folder against its manifest")
     v.add_argument("dir")
 
@@ -353,6 +359,18 @@ def cmd_sweep(a) -> None:
     print(path.read_text())
 
 
+def cmd_export(a) -> None:
+    from llmpress.export import load_compressed, read_manifest
+    from llmpress.formats import export_compressed_tensors, export_dense
+    read_manifest(a.dir)                                   # an llmpress folder, before anything heavy
+    if Path(a.out).exists():
+        raise LLMPressError(f"{a.out} already exists")
+    model, tokenizer = load_compressed(a.dir)
+    write = export_compressed_tensors if a.format == "compressed-tensors" else export_dense
+    out = write(model, tokenizer, a.out)
+    print(f"{a.dir} -> {out} ({a.format}; loads with transformers' from_pretrained, no trust_remote_code)")
+
+
 def cmd_verify(a) -> None:
     from llmpress.export import verify
     m = verify(a.dir)
@@ -370,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
         {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "sweep": cmd_sweep,
-         "report": cmd_report, "verify": cmd_verify}[a.command](a)
+         "report": cmd_report, "verify": cmd_verify, "export": cmd_export}[a.command](a)
     except LLMPressError as e:
         print(f"llmpress: error: {e}", file=sys.stderr)
         return 2

@@ -45,6 +45,9 @@ def _local_file(name: str) -> Path | None:
 
 
 def _from_hub(name: str) -> str:
+    if name not in _HUB:
+        raise LLMPressError(f"{name!r} is a local corpus and was not found in any data folder ({_searched()}); "
+                            f"set $LLMPRESS_DATA_DIR to the folder holding {_FILES[name]}")
     path, config, split, column = _HUB[name]
     try:
         import datasets

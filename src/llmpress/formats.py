@@ -1,0 +1,137 @@
+"""Exports that load without llmpress: `dense` (a plain Hugging Face folder) and `compressed-tensors`
+(pack-quantized, the format vLLM and transformers read).
+
+- dense: every compressed layer merged back into a dense nn.Linear (sparse values scattered,
+  low-rank factors multiplied, quantized weights dequantized): runs anywhere, saves nothing.
+- compressed-tensors: each quantized layer's integer codes packed into int32 words with the
+  compressed-tensors library's own packer, its scales, its shape; one config group per
+  (bits, group size), targeting its layers by exact regular expressions; layers that are not
+  quantized (sparse, low-rank, dense) are stored dense and not targeted. Symmetric grids whose
+  group size divides the input size only: transformers cannot load asymmetric zero points today,
+  and the format's group strategy has no shorter last group; such layers are refused with the
+  reason (re-plan them, or export `dense`).
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmpress.arch import adapter_for
+from llmpress.errors import LLMPressError
+from llmpress.modules import CompressedLinear, QuantLinear
+
+FORMATS = ("compressed-tensors", "dense")
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Replace every compressed layer of `model` (in place) by a dense nn.Linear holding its weight."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, CompressedLinear):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              dtype=model.dtype, device="meta")
+            dense.weight = nn.Parameter(module.dense_weight().to(model.dtype), requires_grad=False)
+            if module.bias is not None:
+                dense.bias = nn.Parameter(module.bias.to(model.dtype), requires_grad=False)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, dense)
+    return model
+
+
+def check_compressed_tensors(model: nn.Module) -> dict[tuple[int, int], list[str]]:
+    """{(bits, group size): [fqn, ...]} of the quantized layers, refusing what the format cannot hold."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    problems = []
+    for name in adapter_for(model).linear_names(model):
+        m = model.get_submodule(name)
+        if not isinstance(m, QuantLinear):
+            continue
+        if not m.symmetric:
+            problems.append(f"{name}: asymmetric zero points (transformers does not load them)")
+        elif m.in_features % m.group_size:
+            problems.append(f"{name}: group size {m.group_size} does not divide its {m.in_features} inputs")
+        groups.setdefault((m.bits, m.group_size), []).append(name)
+    if problems:
+        raise LLMPressError("cannot export to compressed-tensors: " + "; ".join(problems[:3]) +
+                            (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "") +
+                            ". Re-plan those layers (symmetric, a group size dividing the inputs) or export dense")
+    return groups
+
+
+def export_compressed_tensors(model: nn.Module, tokenizer, out: str | Path) -> Path:
+    """Write `model` (an llmpress-compressed model) as a compressed-tensors pack-quantized folder."""
+    try:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    except ImportError as e:
+        raise LLMPressError(f"the compressed-tensors export needs `pip install 'llmpress[export]'` ({e})")
+    groups = check_compressed_tensors(model)
+    if not groups:
+        raise LLMPressError("the model has no quantized layers; export it as `dense`")
+    tensors: dict[str, torch.Tensor] = {}
+    quantized = {n for names in groups.values() for n in names}
+    for name in quantized:
+        m = model.get_submodule(name)
+        signed = (m.int_weight().to(torch.int16) - 2 ** (m.bits - 1)).to(torch.int8)       # (out, in)
+        tensors[f"{name}.weight_packed"] = pack_to_int32(signed, m.bits)
+        tensors[f"{name}.weight_scale"] = m.scale.to(model.dtype)                           # (out, G)
+        tensors[f"{name}.weight_shape"] = torch.tensor([m.out_features, m.in_features])
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.to(model.dtype)
+    rest = densify(_without(model, quantized))
+    config_groups = {
+        f"group_{k}": QuantizationScheme(
+            targets=["re:^" + re.escape(n) + "$" for n in names],
+            weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group",
+                                     group_size=group_size))
+        for k, ((bits, group_size), names) in enumerate(sorted(groups.items()))}
+    qconfig = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
+                                 quantization_status="compressed", ignore=["lm_head"])
+    return _write_folder(rest, tokenizer, out, tensors, qconfig.to_dict())
+
+
+def export_dense(model: nn.Module, tokenizer, out: str | Path) -> Path:
+    return _write_folder(densify(model), tokenizer, out, {}, None)
+
+
+class _Placeholder(nn.Module):
+    """Stands in for a layer whose tensors are written separately (keeps densify off it)."""
+
+
+def _without(model: nn.Module, names: set[str]) -> nn.Module:
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, _Placeholder())
+    return model
+
+
+def _write_folder(model: nn.Module, tokenizer, out, extra: dict, quantization_config: dict | None) -> Path:
+    from safetensors.torch import save_file
+    from llmpress.export import _dedup_state_dict
+    out = Path(out)
+    if out.exists():
+        raise LLMPressError(f"{out} already exists")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tensors, _ = _dedup_state_dict(model)
+        tensors.update(extra)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        if quantization_config is not None:
+            config.quantization_config = quantization_config
+        config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
