@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.llmpress-installed
 PYTEST_ARGS ?=
-DEMO_WINDOWS ?= 20
+DEMO_WINDOWS ?= 4
 
 .PHONY: setup test test-slow demo clean
 

@@ -145,3 +145,11 @@ def test_export_refuses_what_compressed_tensors_cannot_hold(tiny_hf_dir, tmp_pat
                 "--asymmetric", "--out", out)[0] == 0
     code, _, err = _run(capsys, "export", out, "--format", "compressed-tensors", "--out", tmp_path / "x")
     assert code == 2 and "asymmetric" in err and not (tmp_path / "x").exists()
+
+
+def test_demo_runs_end_to_end(tiny_hf_dir, capsys):
+    """The demo's whole path (budget, compress, export, reload, measure) on the tiny model."""
+    code, out, err = _run(capsys, "demo", "--model", tiny_hf_dir, "--seq-len", "64", "--max-windows", "1",
+                          "--num-samples", "4", "--budget", "bits=5")
+    assert code == 0, err
+    assert "compressed-tensors, transformers" in out and "int4 packed" in out and "dense (float32)" in out

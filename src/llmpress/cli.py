@@ -114,9 +114,12 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="re-render report.md and plots from DIR/report.json")
     r.add_argument("dir")
 
-    d = sub.add_parser("demo", help="one method of each family on the embedded model, at ~8 bits per weight")
+    d = sub.add_parser("demo", help="the embedded model compressed to a budget, exported, reloaded and measured against dense")
     d.add_argument("--model", default="smollm2-135m")
     _add_eval_args(d)
+    d.add_argument("--budget", default="bits=4.25", help="average bits per weight over GPTQ 3/4/8-bit g64 options")
+    d.add_argument("--num-samples", type=int, default=16, help="calibration windows of 512 tokens")
+    d.add_argument("--out", help="keep the llmpress and compressed-tensors folders here (default: a temporary folder)")
     return ap
 
 
@@ -318,35 +321,9 @@ def cmd_eval(a) -> dict:
 
 
 def cmd_demo(a) -> None:
-    import copy
-    from llmpress.arch import adapter_for
-    from llmpress.data import eval_tokens
-    from llmpress.eval import model_size, perplexity
-    from llmpress.methods.lowrank import SVD
-    from llmpress.methods.magnitude import Magnitude
-    from llmpress.methods.rtn import RTN
-    from llmpress.models import load_model
-    from llmpress.pipeline import compress
-    from llmpress.plan import Plan
-
-    dense, tokenizer = load_model(a.model)
-    ids = eval_tokens(tokenizer, a.dataset)
-    # One method per family at a comparable size, about 8-9 bits per weight (fp16 scales / values /
-    # factors): 8-bit RTN (8 + 16/128 + the 576-column layers' shorter last group = 8.135),
-    # 50 % magnitude (16 * 0.5 + 1-bit mask = 9), SVD at half the params (8).
-    configs = [RTN(bits=8, group_size=128), Magnitude(sparsity=0.5), SVD(param_ratio=0.5)]
-    rows = [("dense (fp32)", model_size(dense), perplexity(dense, ids, a.seq_len, a.max_windows), 0.0)]
-    for config in configs:
-        model = copy.deepcopy(dense)
-        report = compress(model, Plan.uniform(config).resolve(adapter_for(model).linear_names(model)))
-        rows.append((config.label(), model_size(model), perplexity(model, ids, a.seq_len, a.max_windows), report.seconds))
-        del model
-    print(f"\n{a.model} on {a.dataset}, seq_len {a.seq_len}, {rows[0][2]['windows']} windows "
-          f"(the embedded model's weights went through GGUF Q4_1 once)")
-    w = max(len(r[0]) for r in rows)
-    print(f"{'method':<{w}} {'bytes':>12} {'bits/weight':>11} {'perplexity':>10} {'compress s':>10}")
-    for label, size, ppl, secs in rows:
-        print(f"{label:<{w}} {size['bytes']:>12,} {size['bits_per_weight']:>11.3f} {ppl['perplexity']:>10.3f} {secs:>10.1f}")
+    from llmpress.demo import run_demo
+    run_demo(a.model, budget=a.budget, dataset=a.dataset, seq_len=a.seq_len, max_windows=a.max_windows,
+             num_samples=a.num_samples, out=a.out)
 
 
 def cmd_sweep(a) -> None:
