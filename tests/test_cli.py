@@ -153,3 +153,30 @@ def test_demo_runs_end_to_end(tiny_hf_dir, capsys):
                           "--num-samples", "4", "--budget", "bits=5")
     assert code == 0, err
     assert "compressed-tensors, transformers" in out and "int4 packed" in out and "dense (float32)" in out
+
+
+def test_export_gguf_reloads_in_transformers_with_equal_logits(tiny_hf_dir, tmp_path, text_file, capsys):
+    """4-bit and 8-bit symmetric group-32 layers are written as Q4_0 / Q8_0 blocks as they are (no
+    re-quantization), the sparse one as F32, q/k rows permuted as llama.cpp expects: transformers'
+    GGUF reader gives back llmpress's logits exactly."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+    from llmpress.models import load_model
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "rules": [
+        {"pattern": "*.mlp.down_proj", "config": {"method": "sparsegpt", "sparsity": 0.5}},
+        {"pattern": "*.mlp.*", "config": {"method": "gptq", "bits": 8, "group_size": 32}},
+        {"pattern": "*", "config": {"method": "gptq", "bits": 4, "group_size": 32}}]}))
+    out = tmp_path / "c"
+    assert _run(capsys, "compress", "--model", tiny_hf_dir, "--plan", plan, "--calib", text_file,
+                "--num-samples", "4", "--seq-len", "32", "--out", out)[0] == 0
+    code, stdout, err = _run(capsys, "export", out, "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert code == 0, err
+    assert "no tokenizer metadata" in err and "Q4_0" in stdout
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.1.ffn_up.weight"] == "Q8_0"
+    assert types["blk.0.ffn_down.weight"] == "F32"
+    ours, _ = load_model(str(out))
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(theirs(ids).logits, ours(ids).logits)

@@ -104,8 +104,9 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write an llmpress folder in a format that loads without llmpress")
     x.add_argument("dir", help="an llmpress output folder")
-    x.add_argument("--format", required=True, choices=["compressed-tensors", "dense"],
-                   help="compressed-tensors: pack-quantized (transformers, vLLM); dense: every layer merged back")
+    x.add_argument("--format", required=True, choices=["compressed-tensors", "gguf", "dense"],
+                   help="compressed-tensors: pack-quantized (transformers, vLLM); gguf: llama.cpp (4/8-bit "
+                        "symmetric group-32 layers as Q4_0/Q8_0, others F32); dense: every layer merged back")
     x.add_argument("--out", required=True)
 
     v = sub.add_parser("verify", help="re-hash every file of an llmpress folder against its manifest")
@@ -343,6 +344,21 @@ def cmd_export(a) -> None:
     if Path(a.out).exists():
         raise LLMPressError(f"{a.out} already exists")
     model, tokenizer = load_compressed(a.dir)
+    if a.format == "gguf":
+        from llmpress.gguf_export import export_gguf
+        from llmpress.models import resolve_source
+        source = read_manifest(a.dir).get("source_model")
+        try:
+            kind, where = resolve_source(source) if source else (None, None)
+        except LLMPressError:
+            kind = where = None
+        if kind != "gguf":
+            print("note: the source model is not a GGUF file, so the export carries no tokenizer metadata "
+                  "(transformers loads it; llama.cpp needs a tokenizer)", file=sys.stderr)
+        types = export_gguf(model, a.out, where if kind == "gguf" else None)
+        counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
+        print(f"{a.dir} -> {a.out} (gguf; tensor types {counts})")
+        return
     write = export_compressed_tensors if a.format == "compressed-tensors" else export_dense
     out = write(model, tokenizer, a.out)
     print(f"{a.dir} -> {out} ({a.format}; loads with transformers' from_pretrained, no trust_remote_code)")

@@ -1,0 +1,146 @@
+"""Export to GGUF (llama.cpp's format) for the llama architecture, holding exactly llmpress's weights.
+
+Per tensor, the type follows from the compressed layer, with no re-quantization:
+- a symmetric 4-bit layer with groups of 32 IS GGUF Q4_0 (w = (q - 8) * d, d fp16 per 32 weights):
+  its codes and fp16 scales are written as Q4_0 blocks as they are;
+- a symmetric 8-bit layer with groups of 32 IS Q8_0 (w = qs * d with qs = q - 128);
+- every other linear (other grids, sparse, low-rank, dense) is written merged, in F32 (exact);
+- norms in F32; embeddings / LM head copied byte for byte from the source GGUF when the model came
+  from one (llmpress never changes them), F32 otherwise.
+q_proj / k_proj rows are permuted as llama.cpp's converter does (readers undo it).
+Hyper-parameters come from the model config; the tokenizer (and chat template) from the source
+GGUF: without a GGUF source the file has no tokenizer metadata, which transformers does not need
+but llama.cpp does (say so; converting a Hugging Face tokenizer is not built yet).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmpress.errors import LLMPressError
+from llmpress.modules import CompressedLinear, QuantLinear
+
+Q4_0_BLOCK = 32
+
+
+def encode_q4_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
+    """codes (out, in) in 0..15 and scale (out, in / 32) fp16 -> Q4_0 bytes (out, in / 32 * 18):
+    per block the fp16 d, then 16 bytes whose low nibbles hold weights 0..15 and high nibbles 16..31."""
+    out_f, in_f = codes.shape
+    q = codes.to(torch.uint8).view(out_f, in_f // 32, 32)
+    qs = q[..., :16] | (q[..., 16:] << 4)                                       # (out, B, 16)
+    d = scale.to(torch.float16).contiguous().view(torch.uint8).view(out_f, in_f // 32, 2)
+    return torch.cat([d, qs], -1).reshape(out_f, -1).numpy()
+
+
+def encode_q8_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
+    """codes (out, in) in 0..255 (zero 128) and scale (out, in / 32) -> Q8_0 bytes (out, in / 32 * 34)."""
+    out_f, in_f = codes.shape
+    qs = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8).view(out_f, in_f // 32, 32)
+    d = scale.to(torch.float16).contiguous().view(torch.uint8).view(out_f, in_f // 32, 2)
+    return torch.cat([d, qs], -1).reshape(out_f, -1).numpy()
+
+
+def _qk_permutation(rows: int, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order: within each head, the two rotary halves interleaved."""
+    return torch.arange(rows).view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+
+
+def gguf_type_of(module: nn.Module) -> str:
+    if isinstance(module, QuantLinear) and module.symmetric and module.group_size == Q4_0_BLOCK \
+            and module.in_features % Q4_0_BLOCK == 0 and module.bits in (4, 8):
+        return "Q4_0" if module.bits == 4 else "Q8_0"
+    return "F32"
+
+
+def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | None = None) -> dict:
+    """Write `model` (llama architecture) to the GGUF file `out`; returns {tensor name: type}."""
+    import gguf
+    from llmpress.arch import adapter_for
+
+    config = model.config
+    if config.model_type != "llama":
+        raise LLMPressError(f"GGUF export is built for the llama architecture (SmolLM, Llama); got {config.model_type}")
+    out = Path(out)
+    if out.exists():
+        raise LLMPressError(f"{out} already exists")
+    adapter = adapter_for(model)
+    n_blocks = len(adapter.blocks(model))
+    reader = gguf.GGUFReader(str(source_gguf)) if source_gguf else None
+    source_tensors = {t.name: t for t in reader.tensors} if reader else {}
+    tmp = out.with_name(f".{out.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_name(getattr(config, "_name_or_path", "") or "llmpress export")
+    writer.add_block_count(n_blocks)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    if reader is not None:                                  # tokenizer and chat template, as they were
+        for key, field in reader.fields.items():
+            if key.startswith("tokenizer."):
+                sub = field.types[1] if len(field.types) > 1 else None
+                writer.add_key_value(key, field.contents(), field.types[0], sub)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
+    types: dict[str, str] = {}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    linears = set(adapter.linear_names(model))
+    with torch.no_grad():
+        for fqn, module in model.named_modules():
+            params = dict(module.named_parameters(recurse=False))
+            if fqn in linears:
+                target = names.get_name(fqn + ".weight", try_suffixes=(".weight",))
+                heads = {"self_attn.q_proj": config.num_attention_heads,
+                         "self_attn.k_proj": config.num_key_value_heads}.get(fqn.split(".", 3)[-1])
+                perm = _qk_permutation(module.out_features, heads) if heads else None
+                kind = gguf_type_of(module)
+                if kind == "F32":
+                    w = module.dense_weight() if isinstance(module, CompressedLinear) else module.weight.float()
+                    w = w if perm is None else w[perm]
+                    writer.add_tensor(target, w.contiguous().numpy())
+                else:
+                    codes, scale = module.int_weight(), module.scale
+                    if perm is not None:
+                        codes, scale = codes[perm], scale[perm]
+                    data = (encode_q4_0 if kind == "Q4_0" else encode_q8_0)(codes, scale)
+                    writer.add_tensor(target, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+                types[target] = kind
+                if getattr(module, "bias", None) is not None:
+                    raise LLMPressError(f"{fqn} has a bias; the llama GGUF layout has none")
+                continue
+            for pname, p in params.items():
+                full = f"{fqn}.{pname}" if fqn else pname
+                if fqn == "lm_head" and tied:
+                    continue
+                target = names.get_name(full, try_suffixes=(".weight",))
+                if target is None:
+                    raise LLMPressError(f"no GGUF name for {full}")
+                src = source_tensors.get(target)
+                if src is not None and src.tensor_type not in (gguf.GGMLQuantizationType.F32,) \
+                        and fqn in ("model.embed_tokens", "lm_head"):
+                    # unchanged by llmpress: the source's bytes, exactly what the model was loaded from
+                    writer.add_tensor(target, np.asarray(src.data), raw_dtype=src.tensor_type)
+                    types[target] = src.tensor_type.name
+                else:
+                    writer.add_tensor(target, p.detach().float().contiguous().numpy())
+                    types[target] = "F32"
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        shutil.move(str(tmp), str(out))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return types
