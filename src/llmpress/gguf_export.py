@@ -57,8 +57,14 @@ def gguf_type_of(module: nn.Module) -> str:
     return "F32"
 
 
-def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | None = None) -> dict:
-    """Write `model` (llama architecture) to the GGUF file `out`; returns {tensor name: type}."""
+def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | None = None,
+                float_type: str = "F32", copy_embeddings: bool = True, encode=None) -> dict:
+    """Write `model` (llama architecture) to the GGUF file `out`; returns {tensor name: type}.
+
+    float_type: F32 (exact) or F16 for the linears that are not stored on a GGUF grid;
+    copy_embeddings: the source GGUF's embedding bytes (else written in float_type);
+    encode(fqn, weight (out, in) float32, already permuted) -> (bytes array, GGMLQuantizationType)
+    or None: an override for block linears (benchmarks use it to write reference quantizations)."""
     import gguf
     from llmpress.arch import adapter_for
 
@@ -68,6 +74,8 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
     out = Path(out)
     if out.exists():
         raise LLMPressError(f"{out} already exists")
+    if float_type not in ("F32", "F16"):
+        raise LLMPressError(f"float_type must be F32 or F16, got {float_type!r}")
     adapter = adapter_for(model)
     n_blocks = len(adapter.blocks(model))
     reader = gguf.GGUFReader(str(source_gguf)) if source_gguf else None
@@ -104,10 +112,16 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
                          "self_attn.k_proj": config.num_key_value_heads}.get(fqn.split(".", 3)[-1])
                 perm = _qk_permutation(module.out_features, heads) if heads else None
                 kind = gguf_type_of(module)
-                if kind == "F32":
+                if kind == "F32" or encode is not None:
                     w = module.dense_weight() if isinstance(module, CompressedLinear) else module.weight.float()
-                    w = w if perm is None else w[perm]
-                    writer.add_tensor(target, w.contiguous().numpy())
+                    w = (w if perm is None else w[perm]).contiguous().numpy()
+                    custom = encode(fqn, w) if encode is not None else None
+                    if custom is not None:
+                        writer.add_tensor(target, custom[0], raw_dtype=custom[1])
+                        kind = custom[1].name
+                    else:
+                        kind = float_type
+                        writer.add_tensor(target, w.astype(np.float16 if float_type == "F16" else np.float32))
                 else:
                     codes, scale = module.int_weight(), module.scale
                     if perm is not None:
@@ -126,14 +140,16 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
                 if target is None:
                     raise LLMPressError(f"no GGUF name for {full}")
                 src = source_tensors.get(target)
-                if src is not None and src.tensor_type not in (gguf.GGMLQuantizationType.F32,) \
-                        and fqn in ("model.embed_tokens", "lm_head"):
+                embedding = fqn in ("model.embed_tokens", "lm_head")
+                if copy_embeddings and embedding and src is not None:
                     # unchanged by llmpress: the source's bytes, exactly what the model was loaded from
                     writer.add_tensor(target, np.asarray(src.data), raw_dtype=src.tensor_type)
                     types[target] = src.tensor_type.name
-                else:
-                    writer.add_tensor(target, p.detach().float().contiguous().numpy())
-                    types[target] = "F32"
+                else:                                           # norms stay F32, as llama.cpp keeps them
+                    kind = float_type if embedding else "F32"
+                    writer.add_tensor(target, p.detach().float().contiguous().numpy().astype(
+                        np.float16 if kind == "F16" else np.float32))
+                    types[target] = kind
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
