@@ -180,3 +180,17 @@ def test_export_gguf_reloads_in_transformers_with_equal_logits(tiny_hf_dir, tmp_
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     assert torch.equal(theirs(ids).logits, ours(ids).logits)
+
+
+def test_eval_speed_against_the_base_in_one_run(tiny_hf_dir, tmp_path, text_file, capsys):
+    out, js = tmp_path / "q", tmp_path / "e.json"
+    assert _run(capsys, "compress", "--model", tiny_hf_dir, "--method", "rtn", "--bits", "4", "--group-size", "32",
+                "--out", out)[0] == 0
+    code, stdout, err = _run(capsys, "eval", "--model", out, "--dtype", "bfloat16", "--kl-base", tiny_hf_dir,
+                             "--dataset", text_file, "--seq-len", "32", "--kl-windows", "1", "--speed", "--json", js)
+    assert code == 0, err
+    r = json.loads(js.read_text())
+    assert r["dtype"] == "bfloat16" and r["base"]["decode_tokens_per_s"] > 0
+    assert r["decode_speedup"] == pytest.approx(r["decode_tokens_per_s"] / r["base"]["decode_tokens_per_s"])
+    # 4-bit codes packed for the int4 kernel + bf16 rest, against the float32 base
+    assert r["weight_memory_ratio"] < 0.75

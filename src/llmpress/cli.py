@@ -80,7 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="first N documents per task")
     e.add_argument("--kl-base", help="base model to measure KL divergence and top-1 agreement against")
     e.add_argument("--kl-windows", type=int, default=4, help="windows of --seq-len tokens for KL (default 4)")
-    e.add_argument("--speed", action="store_true", help="prefill / decode tokens/s, peak memory, layer timings")
+    e.add_argument("--speed", action="store_true", help="prefill / decode tokens/s, peak memory, layer timings "
+                                                         "(with --kl-base: the base model's too, and the ratios)")
+    e.add_argument("--base-dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the --kl-base model (default float32: the dense reference)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json")
     e.add_argument("--trust-remote-code", action="store_true")
@@ -304,19 +307,29 @@ def cmd_eval(a) -> dict:
             r = zs[t]
             print(f"  {t:<14} acc {r['acc']:.4f}" + (f"  acc_norm {r['acc_norm']:.4f}" if "acc_norm" in r else "")
                   + f"  (n={r['n']})")
+    if a.speed:                        # before a base model is loaded: peak memory is this model's
+        result.update(ev.speed(model))
+        result["weight_bytes"] = ev.weight_bytes(model)
+        result["layer_speed"] = ev.layer_speed(model)
+        print(f"  prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s "
+              f"(batch 1); weights {result['weight_bytes'] / 2**20:.0f} MiB in memory, process peak "
+              f"{result['peak_memory_bytes'] / 2**20:.0f} MiB")
     if a.kl_base:
-        base, _ = load_model(a.kl_base, dtype=dtype)
+        base, _ = load_model(a.kl_base, dtype=None if a.base_dtype == "auto" else getattr(torch, a.base_dtype))
         base.to(device)
         ids = eval_tokens(tokenizer, a.dataset or "wikitext2")
         result.update(ev.kl_to_base(model, base, ids, a.seq_len, a.kl_windows))
         result["kl_base"] = a.kl_base
-        del base
         print(f"  KL to {a.kl_base}: {result['kl']:.5f} nats/token, top-1 agreement {result['top1_agreement']:.4f}")
-    if a.speed:
-        result.update(ev.speed(model))
-        result["layer_speed"] = ev.layer_speed(model)
-        print(f"  prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s "
-              f"(batch 1); peak memory {result['peak_memory_bytes'] / 2**20:.0f} MiB")
+        if a.speed:                    # the same measurement on the base model, in this run
+            base_speed = ev.speed(base)
+            result["base"] = {k: base_speed[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+            result["base"]["weight_bytes"] = ev.weight_bytes(base)
+            result["decode_speedup"] = result["decode_tokens_per_s"] / base_speed["decode_tokens_per_s"]
+            result["weight_memory_ratio"] = result["weight_bytes"] / result["base"]["weight_bytes"]
+            print(f"  base: decode {base_speed['decode_tokens_per_s']:.1f} tok/s -> {result['decode_speedup']:.2f}x; "
+                  f"weights in memory {result['weight_memory_ratio']:.2f}x the base's")
+        del base
     _write_json(a.json, result)
     return result
 

@@ -18,20 +18,6 @@ import torch
 from llmpress.errors import LLMPressError
 
 
-def weight_bytes(model) -> int:
-    """Bytes of every parameter and buffer the model holds in memory (tied tensors once)."""
-    seen, total = set(), 0
-    for t in (*model.parameters(), *model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    for m in model.modules():                                # packed runtime forms, if built
-        packed = getattr(m, "_packed", None)
-        if packed is not None:
-            total += sum(t.numel() * t.element_size() for t in packed)
-    return total
-
-
 def run_demo(model_spec: str = "smollm2-135m", budget: str = "bits=4.25", dataset: str = "wikitext2",
              seq_len: int = 2048, max_windows: int = 4, num_samples: int = 16, calib_seq_len: int = 512,
              seed: int = 0, out: str | Path | None = None) -> list[dict]:
@@ -41,7 +27,7 @@ def run_demo(model_spec: str = "smollm2-135m", budget: str = "bits=4.25", datase
     from llmpress.arch import adapter_for
     from llmpress.budget import Budget, plan_for_budget
     from llmpress.data import calibration_tokens, eval_tokens
-    from llmpress.eval import model_size, perplexity, speed
+    from llmpress.eval import model_size, perplexity, speed, weight_bytes
     from llmpress.export import load_compressed, save_compressed
     from llmpress.formats import export_compressed_tensors
     from llmpress.models import load_model

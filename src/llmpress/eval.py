@@ -110,6 +110,21 @@ def speed(model: nn.Module, prompt_len: int = 256, decode_tokens: int = 32, batc
     return out
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (tied tensors once), plus any packed
+    runtime form its compressed layers built."""
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    for m in model.modules():
+        packed = getattr(m, "_packed", None)
+        if packed is not None:
+            total += sum(t.numel() * t.element_size() for t in packed)
+    return total
+
+
 def peak_memory_bytes() -> int:
     """Peak resident memory of this process so far (Linux ru_maxrss is in KiB)."""
     import resource
