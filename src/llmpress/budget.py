@@ -248,8 +248,7 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
     if start:                                   # resumed: the finished blocks' rows, the next block's inputs
         for rows in checkpoint.entries().values():
             layers.update(rows)
-        walk.capture(tokens[:1])
-        hidden = checkpoint.tensors("hidden")["hidden"].to(walk.storage)
+        hidden = walk.resume(tokens, checkpoint.tensors("hidden")["hidden"])
     else:
         hidden = walk.capture(tokens)
     per_block = sum(len(g) for g in adapter.input_groups)

@@ -84,10 +84,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     if needs_data and start == 0 and not cached:
         hidden = walk.capture(tokens)
     elif needs_data and 0 < start < len(blocks):
-        walk.capture(tokens[:1])                       # the blocks' keyword arguments (positions, mask)
-        hidden = checkpoint.tensors("hidden")["hidden"]
-        walk.storage = walk._storage_for(hidden)
-        hidden = hidden.to(walk.storage)
+        hidden = walk.resume(tokens, checkpoint.tensors("hidden")["hidden"])
 
     for i, block in walk.steps("compress", order=range(start, len(blocks))):
         prefix = f"{walk.prefix}.{i}."

@@ -145,6 +145,13 @@ class BlockWalk:
         self.storage = self._storage_for(hidden)
         return hidden.to(self.storage)
 
+    def resume(self, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Continue a walk from recorded hidden states (N, T, C) of some block: block 0's keyword
+        arguments come from one window of `tokens`; returns `hidden` on the storage device."""
+        self.capture(tokens[:self.world])
+        self.storage = self._storage_for(hidden)
+        return hidden.to(self.storage)
+
     def _storage_for(self, hidden: torch.Tensor) -> torch.device:
         """Keep activations on the compute device when two copies (inputs and outputs of a block)
         take less than half of its free memory; on the CPU otherwise."""
