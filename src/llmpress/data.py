@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from llmpress.errors import LLMPressError
+from llmpress.memory import trim_heap
 
 # name -> path inside the data folder
 _FILES = {
@@ -104,7 +105,9 @@ def eval_tokens(tokenizer, source: str) -> torch.Tensor:
     text = load_text(source)
     if not text.strip():
         raise LLMPressError(f"evaluation text {source!r} is empty")
-    return tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    trim_heap()
+    return ids
 
 
 def calibration_tokens(tokenizer, source: str, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -120,6 +123,8 @@ def calibration_tokens(tokenizer, source: str, num_samples: int, seq_len: int, s
         if p is not None and p.stat().st_size == len(text.encode("utf-8")) and _digest(_read_text(p)) == _digest(text):
             raise LLMPressError(f"{source} is the {name} evaluation text; never calibrate on it")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    del text
+    trim_heap()               # tokenizing a large text leaves hundreds of MB of freed heap behind
     n_windows = ids.numel() // seq_len
     if n_windows < num_samples:
         raise LLMPressError(f"calibration text {source!r} has {ids.numel()} tokens: {n_windows} windows of "

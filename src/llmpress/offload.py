@@ -22,6 +22,7 @@ from torch import nn
 from llmpress.arch import adapter_for, check_supported
 from llmpress.checkpoint import block_metadata, read_block, save_tensors
 from llmpress.errors import LLMPressError
+from llmpress.memory import trim_heap
 
 
 def _shards(folder: Path) -> list[Path]:
@@ -144,6 +145,7 @@ class OffloadedCheckpoint:
 
     def release_block(self, model: nn.Module, i: int) -> None:
         adapter_for(model).blocks(model)[i].to("meta")
+        trim_heap()                                    # the freed dense block goes back to the OS
 
     def block_file(self, i: int) -> Path:
         return self.scratch / f"block-{i:05d}.safetensors"
