@@ -11,7 +11,7 @@ Q4_0 reference through transformers' GGUF reader; llama.cpp decode and prompt to
 2 threads, best of 3); and whether llama.cpp's greedy continuation on ours equals transformers'.
 
     .venv/bin/pip install xllamacpp        # bench-only
-    .venv/bin/python bench/gguf.py [--out bench/results/gguf.json]
+    .venv/bin/python bench/llamacpp.py [--out bench/results/llamacpp.json]
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def main() -> None:
     import gguf
     from transformers import AutoModelForCausalLM
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gguf.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "llamacpp.json"))
     ap.add_argument("--windows", type=int, default=20)
     a = ap.parse_args()
     _, source = resolve_source("smollm2-135m")
