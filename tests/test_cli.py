@@ -106,11 +106,9 @@ def test_verify_command(tiny_hf_dir, tmp_path, capsys):
     assert code == 2 and "corrupt" in err
 
 
-def test_export_compressed_tensors_and_dense_reload_in_plain_transformers(tiny_hf_dir, tmp_path, text_file, capsys):
-    """Mixed 4/8-bit GPTQ with a sparse layer: compressed-tensors (quantized layers packed, the sparse
-    one dense) and dense exports both reload with AutoModelForCausalLM, logits equal to llmpress's."""
-    from transformers import AutoModelForCausalLM
-    from llmpress.models import load_model
+def _mixed_plan_model(tiny_hf_dir, tmp_path, text_file, capsys):
+    """The tiny model compressed with 4-bit attention, 8-bit gate/up (GPTQ, groups of 32) and a 50 %
+    SparseGPT down_proj: every export path meets a quantized, another-width and a sparse layer."""
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"version": 1, "rules": [
         {"pattern": "*.mlp.down_proj", "config": {"method": "sparsegpt", "sparsity": 0.5}},
@@ -120,6 +118,15 @@ def test_export_compressed_tensors_and_dense_reload_in_plain_transformers(tiny_h
     code, _, err = _run(capsys, "compress", "--model", tiny_hf_dir, "--plan", plan, "--calib", text_file,
                         "--num-samples", "4", "--seq-len", "32", "--out", out)
     assert code == 0, err
+    return out
+
+
+def test_export_compressed_tensors_and_dense_reload_in_plain_transformers(tiny_hf_dir, tmp_path, text_file, capsys):
+    """Mixed 4/8-bit GPTQ with a sparse layer: compressed-tensors (quantized layers packed, the sparse
+    one dense) and dense exports both reload with AutoModelForCausalLM, logits equal to llmpress's."""
+    from transformers import AutoModelForCausalLM
+    from llmpress.models import load_model
+    out = _mixed_plan_model(tiny_hf_dir, tmp_path, text_file, capsys)
     ours, _ = load_model(str(out))
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = ours(ids).logits
@@ -162,14 +169,7 @@ def test_export_gguf_reloads_in_transformers_with_equal_logits(tiny_hf_dir, tmp_
     import gguf
     from transformers import AutoModelForCausalLM
     from llmpress.models import load_model
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"version": 1, "rules": [
-        {"pattern": "*.mlp.down_proj", "config": {"method": "sparsegpt", "sparsity": 0.5}},
-        {"pattern": "*.mlp.*", "config": {"method": "gptq", "bits": 8, "group_size": 32}},
-        {"pattern": "*", "config": {"method": "gptq", "bits": 4, "group_size": 32}}]}))
-    out = tmp_path / "c"
-    assert _run(capsys, "compress", "--model", tiny_hf_dir, "--plan", plan, "--calib", text_file,
-                "--num-samples", "4", "--seq-len", "32", "--out", out)[0] == 0
+    out = _mixed_plan_model(tiny_hf_dir, tmp_path, text_file, capsys)
     code, stdout, err = _run(capsys, "export", out, "--format", "gguf", "--out", tmp_path / "m.gguf")
     assert code == 0, err
     assert "no tokenizer metadata" in err and "Q4_0" in stdout

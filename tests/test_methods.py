@@ -117,3 +117,18 @@ def test_gguf_block_encoders_are_bit_exact(bits):
     kind = gguf.GGMLQuantizationType.Q4_0 if bits == 4 else gguf.GGMLQuantizationType.Q8_0
     decoded = gguf.quants.dequantize(encode(q.int_weight(), q.scale), kind)
     assert np.array_equal(decoded.astype(np.float32), q.dense_weight().numpy())
+
+
+def test_int8_per_channel_layers_run_packed_in_bfloat16():
+    from llmpress.methods.rtn import RTN, apply_rtn
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=False)
+    q, _ = apply_rtn(linear, RTN(bits=8, group_size=4096), None)       # one group: per channel
+    x = torch.randn(2, 7, 96)
+    ref = torch.nn.functional.linear(x, q.dense_weight())
+    xb = x.to(torch.bfloat16)
+    assert q.runs_packed(xb)
+    y = q(xb)
+    assert q._packed[0].dtype == torch.int8 and (y.float() - ref).abs().max() < 0.02 * ref.abs().max()
+    grouped, _ = apply_rtn(linear, RTN(bits=8, group_size=32), None)
+    assert not grouped.runs_packed(xb)                                  # the kernel has one scale per row

@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded model compressed to a budget, exported, reloaded and measured against dense")
     d.add_argument("--model", default="smollm2-135m")
     _add_eval_args(d)
-    d.add_argument("--budget", default="bits=4.25", help="average bits per weight over GPTQ 3/4/8-bit g64 options")
+    d.add_argument("--budget", default="bits=4.5", help="average bits per weight over GPTQ 4-bit g64 / 8-bit per-row options")
     d.add_argument("--num-samples", type=int, default=16, help="calibration windows of 512 tokens")
     d.add_argument("--out", help="keep the llmpress and compressed-tensors folders here (default: a temporary folder)")
     return ap

@@ -1,7 +1,8 @@
 """`llmpress demo`: the product's job end to end on the embedded model, in a few minutes on 2 cores.
 
 A calibrated compression to one budget (average bits per weight, allocated across layers by the
-knapsack over a measured sensitivity table of GPTQ 3/4/8-bit options), saved, exported to
+knapsack over a measured sensitivity table of GPTQ 4-bit (groups of 64) and 8-bit (one scale per
+row) options: both kinds run packed in llmpress's bf16 runtime), saved, exported to
 compressed-tensors and reloaded by plain transformers, then measured against the dense model:
 perplexity, bytes, decode speed and weight memory, both for transformers on the export (which
 dequantizes at load) and for llmpress's own runtime (4-bit layers packed, bf16 activations).
@@ -18,7 +19,7 @@ import torch
 from llmpress.errors import LLMPressError
 
 
-def run_demo(model_spec: str = "smollm2-135m", budget: str = "bits=4.25", dataset: str = "wikitext2",
+def run_demo(model_spec: str = "smollm2-135m", budget: str = "bits=4.5", dataset: str = "wikitext2",
              seq_len: int = 2048, max_windows: int = 4, num_samples: int = 16, calib_seq_len: int = 512,
              seed: int = 0, out: str | Path | None = None) -> list[dict]:
     from transformers import AutoModelForCausalLM
@@ -38,9 +39,10 @@ def run_demo(model_spec: str = "smollm2-135m", budget: str = "bits=4.25", datase
     ids = eval_tokens(tokenizer, dataset)
     calib_seq_len = min(calib_seq_len, getattr(dense.config, "max_position_embeddings", calib_seq_len))
     tokens = calibration_tokens(tokenizer, "wikipedia", num_samples, calib_seq_len, seed)
-    # group 64 divides both 576 and 1536 inputs: every option exports to compressed-tensors and the
-    # 4-bit layers can run packed
-    menu = [GPTQ(bits=b, group_size=64) for b in (3, 4, 8)]
+    # 4-bit in groups of 64 (divides 576 and 1536) and 8-bit with one group per row (a group as wide
+    # as the widest input): both export to compressed-tensors and run packed under bf16
+    widest = max(dense.get_submodule(n).in_features for n in adapter_for(dense).linear_names(dense))
+    menu = [GPTQ(bits=4, group_size=64), GPTQ(bits=8, group_size=widest)]
     rows = []
 
     def measure(label, model, note, t_compress=None):
@@ -75,7 +77,8 @@ def run_demo(model_spec: str = "smollm2-135m", budget: str = "bits=4.25", datase
         measure(f"{budget}, llmpress runtime (bf16, int4 packed)", packed, "4-bit layers through torch's int4 kernel")
     print(f"\n{model_spec} on {dataset}: perplexity over {rows[0]['windows']} windows of {seq_len} tokens; "
           f"calibration {num_samples} x {calib_seq_len} `wikipedia`; allocation {allocation.info['allocator']} "
-          f"at {budget} over GPTQ 3/4/8-bit g64 ({allocation.info['bits_per_weight']:.3f} bits/weight planned)")
+          f"at {budget} over GPTQ 4-bit g64 / 8-bit per row ({allocation.info['bits_per_weight']:.3f} bits/weight "
+          f"planned; sensitivity table {allocation.info['sensitivity_table']})")
     if model_spec == "smollm2-135m":
         print("(the embedded model's weights went through GGUF Q4_1 once; comparisons stay valid)")
     w = max(len(r["label"]) for r in rows)

@@ -51,9 +51,10 @@ def check_compressed_tensors(model: nn.Module) -> dict[tuple[int, int], list[str
             continue
         if not m.symmetric:
             problems.append(f"{name}: asymmetric zero points (transformers does not load them)")
-        elif m.in_features % m.group_size:
+        elif m.in_features % m.group_size and m.n_groups > 1:
             problems.append(f"{name}: group size {m.group_size} does not divide its {m.in_features} inputs")
-        groups.setdefault((m.bits, m.group_size), []).append(name)
+        # one group spanning the inputs is the format's per-channel strategy (group size 0 here)
+        groups.setdefault((m.bits, 0 if m.n_groups == 1 else m.group_size), []).append(name)
     if problems:
         raise LLMPressError("cannot export to compressed-tensors: " + "; ".join(problems[:3]) +
                             (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "") +
@@ -85,16 +86,16 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out: str | Path) -> P
     config_groups = {
         f"group_{k}": QuantizationScheme(
             targets=["re:^" + re.escape(n) + "$" for n in names],
-            weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group",
-                                     group_size=group_size))
+            weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True,
+                                     strategy="group" if group_size else "channel", group_size=group_size or None))
         for k, ((bits, group_size), names) in enumerate(sorted(groups.items()))}
     qconfig = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
                                  quantization_status="compressed", ignore=["lm_head"])
-    return _write_folder(rest, tokenizer, out, tensors, qconfig.to_dict())
+    return write_hf_folder(rest, tokenizer, out, tensors, qconfig.to_dict())
 
 
 def export_dense(model: nn.Module, tokenizer, out: str | Path) -> Path:
-    return _write_folder(densify(model), tokenizer, out, {}, None)
+    return write_hf_folder(densify(model), tokenizer, out)
 
 
 class _Placeholder(nn.Module):
@@ -108,7 +109,13 @@ def _without(model: nn.Module, names: set[str]) -> nn.Module:
     return model
 
 
-def _write_folder(model: nn.Module, tokenizer, out, extra: dict, quantization_config: dict | None) -> Path:
+def write_hf_folder(model: nn.Module, tokenizer, out, extra: dict | None = None,
+                    quantization_config: dict | None = None, max_shard_bytes: int | None = None) -> Path:
+    """A plain Hugging Face folder: the model's tensors (tied ones once) plus `extra` tensors, in one
+    `model.safetensors` or, with max_shard_bytes, in shards with an index; config (its GGUF
+    quantization_config dropped, ours set when given) and tokenizer. Written to a temporary folder
+    beside `out`, then renamed."""
+    import json
     from safetensors.torch import save_file
     from llmpress.export import _dedup_state_dict
     out = Path(out)
@@ -119,11 +126,29 @@ def _write_folder(model: nn.Module, tokenizer, out, extra: dict, quantization_co
     tmp.mkdir(parents=True)
     try:
         tensors, _ = _dedup_state_dict(model)
-        tensors.update(extra)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        tensors = {k: v.contiguous() for k, v in {**tensors, **(extra or {})}.items()}
+        if max_shard_bytes is None:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            shards: list[dict[str, torch.Tensor]] = [{}]
+            size = 0
+            for name, t in tensors.items():
+                nbytes = t.numel() * t.element_size()
+                if shards[-1] and size + nbytes > max_shard_bytes:
+                    shards.append({})
+                    size = 0
+                shards[-1][name] = t
+                size += nbytes
+            weight_map = {}
+            for k, shard in enumerate(shards):
+                fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({n: fname for n in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         config = model.config
-        if hasattr(config, "quantization_config"):
+        if hasattr(config, "quantization_config"):      # a GGUF source's: these weights are plain
             del config.quantization_config
         if quantization_config is not None:
             config.quantization_config = quantization_config

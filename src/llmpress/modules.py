@@ -126,8 +126,11 @@ class QuantLinear(CompressedLinear):
     INT4_GROUPS = (32, 64, 128, 256)
 
     def runs_packed(self, x: torch.Tensor) -> bool:
-        return (self.bits == 4 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-                and self.group_size in self.INT4_GROUPS and self.in_features % self.group_size == 0)
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+            return False
+        if self.bits == 8:        # torch's int8 kernel: symmetric, one scale per output channel
+            return self.symmetric and self.n_groups == 1
+        return self.bits == 4 and self.group_size in self.INT4_GROUPS and self.in_features % self.group_size == 0
 
     def _int4(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight in the kernel's packed layout (out, in / 2) uint8, scales and offsets
@@ -141,11 +144,22 @@ class QuantLinear(CompressedLinear):
             self._packed = (packed, sz)
         return self._packed
 
+    def _int8(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes - 128 as int8 (out, in), per-channel scales (out,) bf16), built once."""
+        if self._packed is None:
+            q = (self.int_weight().to(torch.int16) - 128).to(torch.int8)
+            self._packed = (q, self.scale[:, 0].to(torch.bfloat16))
+        return self._packed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.runs_packed(x):
             return super().forward(x)
-        packed, sz = self._int4()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self.group_size, sz)
+        x2 = x.reshape(-1, self.in_features)
+        if self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(x2, *self._int8())
+        else:
+            packed, sz = self._int4()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 

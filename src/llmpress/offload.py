@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from llmpress.arch import adapter_for, check_supported
@@ -197,43 +195,7 @@ def load_skeleton(folder: str | Path, scratch: str | Path, dtype: torch.dtype | 
 
 
 def save_hf_folder(model: nn.Module, tokenizer, path: str | Path, max_shard_bytes: int = 2 << 30) -> Path:
-    """Save a dense model as a plain Hugging Face folder (config, tokenizer, safetensors shards with
-    an index), e.g. a GGUF source dequantized once, so that --offload can read it block by block.
-    Tied tensors (lm_head = embed_tokens) are stored once. Written to a temporary folder, then renamed."""
-    import shutil
-    from llmpress.export import _dedup_state_dict
-    path = Path(path)
-    if path.exists():
-        raise LLMPressError(f"{path} already exists")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    try:
-        tensors, _ = _dedup_state_dict(model)
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t
-            size += nbytes
-        weight_map = {}
-        for k, shard in enumerate(shards):
-            fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in shard})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        config = model.config
-        if hasattr(config, "quantization_config"):      # the GGUF source's: the folder is dense
-            del config.quantization_config
-        config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    """Save a dense model as a plain Hugging Face folder in safetensors shards with an index, e.g. a
+    GGUF source dequantized once, so that --offload can read it block by block."""
+    from llmpress.formats import write_hf_folder
+    return write_hf_folder(model, tokenizer, path, max_shard_bytes=max_shard_bytes)
