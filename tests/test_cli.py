@@ -159,7 +159,7 @@ def test_demo_runs_end_to_end(tiny_hf_dir, capsys):
     code, out, err = _run(capsys, "demo", "--model", tiny_hf_dir, "--seq-len", "64", "--max-windows", "1",
                           "--num-samples", "4", "--budget", "bits=5")
     assert code == 0, err
-    assert "compressed-tensors, transformers" in out and "int4 packed" in out and "dense (float32)" in out
+    assert "compressed-tensors, transformers" in out and "runtime (bf16, packed)" in out and "dense (float32)" in out
 
 
 def test_export_gguf_reloads_in_transformers_with_equal_logits(tiny_hf_dir, tmp_path, text_file, capsys):

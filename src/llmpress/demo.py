@@ -45,12 +45,12 @@ def run_demo(model_spec: str = "smollm2-135m", budget: str = "bits=4.5", dataset
     menu = [GPTQ(bits=4, group_size=64), GPTQ(bits=8, group_size=widest)]
     rows = []
 
-    def measure(label, model, note, t_compress=None):
+    def measure(label, model, note, t_compress=None, bits=True):
         ppl = perplexity(model, ids, seq_len, max_windows, progress=False)
         sp = speed(model, prompt_len=128, decode_tokens=32, batch_sizes=(1,), repeats=2)
-        size = model_size(model)
         rows.append({"label": label, "perplexity": ppl["perplexity"], "windows": ppl["windows"],
-                     "bits_per_weight": size["bits_per_weight"], "weight_mib": weight_bytes(model) / 2**20,
+                     "bits_per_weight": model_size(model)["bits_per_weight"] if bits else None,
+                     "weight_mib": weight_bytes(model) / 2**20,
                      "decode_tokens_per_s": sp["decode_tokens_per_s"], "compress_s": t_compress, "note": note})
         print(f"  measured: {label}", flush=True)
 
@@ -71,10 +71,11 @@ def run_demo(model_spec: str = "smollm2-135m", budget: str = "bits=4.5", dataset
             raise LLMPressError("the compressed-tensors export does not reproduce llmpress's logits")
         disk = sum(f.stat().st_size for f in Path(ct).iterdir() if f.suffix == ".safetensors")
         measure(f"{budget} -> compressed-tensors, transformers", reloaded,
-                f"{disk / 2**20:.0f} MiB on disk; transformers dequantizes at load", t_compress)
+                f"{disk / 2**20:.0f} MiB on disk; transformers dequantizes at load", t_compress, bits=False)
         del reloaded
         packed, _ = load_compressed(native, dtype=torch.bfloat16)
-        measure(f"{budget}, llmpress runtime (bf16, int4 packed)", packed, "4-bit layers through torch's int4 kernel")
+        measure(f"{budget}, llmpress runtime (bf16, packed)", packed,
+                "4-bit / 8-bit layers through torch's int4 / int8 kernels")
     print(f"\n{model_spec} on {dataset}: perplexity over {rows[0]['windows']} windows of {seq_len} tokens; "
           f"calibration {num_samples} x {calib_seq_len} `wikipedia`; allocation {allocation.info['allocator']} "
           f"at {budget} over GPTQ 4-bit g64 / 8-bit per row ({allocation.info['bits_per_weight']:.3f} bits/weight "
@@ -86,6 +87,7 @@ def run_demo(model_spec: str = "smollm2-135m", budget: str = "bits=4.5", dataset
           f"{'compress s':>10}  note")
     for r in rows:
         cs = f"{r['compress_s']:.0f}" if r["compress_s"] else ""
-        print(f"{r['label']:<{w}} {r['perplexity']:>10.3f} {r['bits_per_weight']:>11.3f} {r['weight_mib']:>11.1f} "
+        bits = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] is not None else "-"
+        print(f"{r['label']:<{w}} {r['perplexity']:>10.3f} {bits:>11} {r['weight_mib']:>11.1f} "
               f"{r['decode_tokens_per_s']:>12.1f} {cs:>10}  {r['note']}")
     return rows
