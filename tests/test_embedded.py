@@ -80,3 +80,30 @@ def test_compress_save_reload_on_embedded(smollm, wikitext_ids, dense_ppl, confi
     assert math.isfinite(ppl) and ppl > dense_ppl["perplexity"]
     if config == RTN(bits=8, group_size=128):
         assert ppl <= 1.01 * dense_ppl["perplexity"]
+
+
+@pytest.mark.model
+def test_gguf_export_of_the_embedded_model(smollm, tmp_path):
+    """Real shapes (9 query heads, 3 key/value heads: the q/k permutations differ) and the source
+    GGUF's tokenizer and embeddings copied: transformers reads the file back with llmpress's
+    logits, and its tokenizer from the file equals the original."""
+    import copy
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from llmpress.gguf_export import export_gguf
+    from llmpress.models import resolve_source
+    from llmpress.pipeline import compress
+    dense, tokenizer = smollm
+    model = copy.deepcopy(dense)
+    compress(model, Plan.uniform(RTN(bits=4, group_size=32)).resolve(adapter_for(model).linear_names(model)),
+             progress=False)
+    _, source = resolve_source("smollm2-135m")
+    types = export_gguf(model, tmp_path / "m.gguf", source)
+    assert types["blk.0.attn_k.weight"] == "Q4_0" and types["token_embd.weight"] == "Q8_0"
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 49152
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    probe = tokenizer("The history of the Roman Empire", return_tensors="pt").input_ids
+    assert torch.equal(theirs(probe).logits, model(probe).logits)
+    again = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert again("The history of the Roman Empire").input_ids == probe[0].tolist()
