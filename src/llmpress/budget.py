@@ -234,6 +234,8 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
     if not 0 < sample_windows <= tokens.shape[0]:
         raise LLMPressError(f"sample_windows must be in 1..{tokens.shape[0]} (the calibration windows); got {sample_windows}")
     walk = BlockWalk(model, device, batch_size, progress=False, source=source)
+    if walk.world > 1:
+        raise LLMPressError("the sensitivity table is measured in one process; run it outside torchrun")
     adapter = walk.adapter
     start = 0 if checkpoint is None else checkpoint.done
     if checkpoint is not None and checkpoint.has("grads"):
