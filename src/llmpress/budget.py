@@ -162,16 +162,10 @@ class Table:
 def table_key(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int, source=None) -> str:
     """Identifies a table: the calibration tokens, the menu, the number of windows and the decoder
     blocks' weights (an offloaded checkpoint: its fingerprint, weights are not read for this)."""
-    from llmpress.stats import tensor_bytes, tokens_digest
+    from llmpress.stats import hash_block_weights, tokens_digest
     h = hashlib.sha256(f"sensitivity-{TABLE_VERSION}:{tokens_digest(tokens)}:{sample_windows}".encode())
     h.update(json.dumps([c.to_dict() for c in menu]).encode())
-    if source is not None:
-        h.update(source.fingerprint().encode())
-        return h.hexdigest()
-    for name, t in sorted(model.state_dict().items()):
-        if ".layers." in name:
-            h.update(name.encode())
-            h.update(tensor_bytes(t))
+    hash_block_weights(h, model, source)
     return h.hexdigest()
 
 

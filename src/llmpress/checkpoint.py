@@ -119,18 +119,17 @@ class Checkpoint:
         for stem, group in tensors.items():
             name = f"{stem}.safetensors"
             files[name] = save_tensors(group, self.folder / name, metadata if stem.startswith("block-") else None)
-        state = {**self.state, "done": i + 1, "files": files, "blocks": {**self.state["blocks"], str(i): entries}}
-        tmp = self.folder / (RUN + ".tmp")
-        tmp.write_text(json.dumps(state))
-        _durable_replace(tmp, self.folder / RUN)
-        self.state = state
+        self._commit({**self.state, "done": i + 1, "files": files, "blocks": {**self.state["blocks"], str(i): entries}})
         if os.environ.get(KILL_ENV) == str(i):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def save_extra(self, stem: str, tensors: dict[str, torch.Tensor]) -> None:
         """A file that belongs to the whole run, not to one block (the table's loss gradients)."""
         digest = save_tensors(tensors, self.folder / f"{stem}.safetensors")
-        state = {**self.state, "files": {**self.state["files"], f"{stem}.safetensors": digest}}
+        self._commit({**self.state, "files": {**self.state["files"], f"{stem}.safetensors": digest}})
+
+    def _commit(self, state: dict) -> None:
+        """Record `state` in run.json durably (written last, after the files it names)."""
         tmp = self.folder / (RUN + ".tmp")
         tmp.write_text(json.dumps(state))
         _durable_replace(tmp, self.folder / RUN)
@@ -196,16 +195,8 @@ def read_block(block: nn.Module, path: Path) -> None:
 def run_key(model: nn.Module, tokens: torch.Tensor | None, source=None) -> str:
     """SHA-256 over the decoder blocks' weights (or an offloaded checkpoint's fingerprint) and the
     calibration tokens."""
-    from llmpress.arch import adapter_for
-    from llmpress.stats import tensor_bytes, tokens_digest
+    from llmpress.stats import hash_block_weights, tokens_digest
     h = hashlib.sha256(b"llmpress-run-1")
     h.update((tokens_digest(tokens) if tokens is not None else "no-tokens").encode())
-    if source is not None:
-        h.update(source.fingerprint().encode())
-        return h.hexdigest()
-    prefix = adapter_for(model).blocks_path + "."
-    for name, t in model.state_dict().items():
-        if name.startswith(prefix):
-            h.update(name.encode())
-            h.update(tensor_bytes(t))
+    hash_block_weights(h, model, source)
     return h.hexdigest()

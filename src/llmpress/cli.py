@@ -353,14 +353,14 @@ def cmd_sweep(a) -> None:
 def cmd_export(a) -> None:
     from llmpress.export import load_compressed, read_manifest
     from llmpress.formats import export_compressed_tensors, export_dense
-    read_manifest(a.dir)                                   # an llmpress folder, before anything heavy
+    manifest = read_manifest(a.dir)                        # an llmpress folder, before anything heavy
     if Path(a.out).exists():
         raise LLMPressError(f"{a.out} already exists")
     model, tokenizer = load_compressed(a.dir)
     if a.format == "gguf":
         from llmpress.gguf_export import export_gguf
         from llmpress.models import resolve_source
-        source = read_manifest(a.dir).get("source_model")
+        source = manifest.get("source_model")
         try:
             kind, where = resolve_source(source) if source else (None, None)
         except LLMPressError:

@@ -46,7 +46,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 
 class CompressedLinear(nn.Module):
     """Base: a linear layer whose weight is rebuilt from its stored form at every forward: the
-    module holds only what it stores (no dense copy; see `cached_weights` for a scoped cache)."""
+    module holds only what it stores (no dense copy; `with_dense_cache` opts a search's temporary
+    working copy into one)."""
 
     in_features: int
     out_features: int

@@ -124,6 +124,20 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def hash_block_weights(h, model: nn.Module, source=None) -> None:
+    """Feed `h` the decoder blocks' weights, name by name in sorted order, or an offloaded
+    checkpoint's fingerprint (its weights are not read for this). Keys of tables and checkpoints."""
+    if source is not None:
+        h.update(source.fingerprint().encode())
+        return
+    from llmpress.arch import adapter_for
+    prefix = adapter_for(model).blocks_path + "."
+    for name, t in sorted(model.state_dict().items()):
+        if name.startswith(prefix):
+            h.update(name.encode())
+            h.update(tensor_bytes(t))
+
+
 def tokens_digest(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
