@@ -15,7 +15,8 @@ from llmpress.methods.gptq import GPTQ
 from llmpress.methods.awq import AWQ
 from llmpress.methods.sparsegpt import SparseGPT
 from llmpress.methods.wanda import Wanda
+from llmpress.methods.qlr import GPTQLowRank
 
 __version__ = "0.1.0"
 __all__ = ["LLMPressError", "MethodConfig", "config_from_dict", "Plan", "RTN", "GPTQ", "AWQ", "Magnitude", "Wanda",
-           "SparseGPT", "SVD", "ASVD", "SVDLLM"]
+           "SparseGPT", "SVD", "ASVD", "SVDLLM", "GPTQLowRank"]

@@ -4,6 +4,7 @@
   (row, group), b-bit packed zero points for asymmetric grids.
 - SparseLinear: the kept values (fp16) in row-major order plus a 1-bit-per-weight mask.
 - LowRankLinear: two factors (fp16) that run as two matmuls, x -> x @ down.T @ up.T.
+- QuantLowRankLinear: a QuantLinear plus a LowRank correction of its error (fp16 factors).
 
 Every module's `state_dict()` is exactly what is written to disk, and `spec()` + `empty(spec)`
 rebuild an empty shell of the right shapes for loading. Float parts are held in their storage
@@ -242,6 +243,38 @@ class LowRankLinear(CompressedLinear):
                    torch.zeros(s["out_features"]) if s["bias"] else None)
 
 
+class QuantLowRankLinear(CompressedLinear):
+    """y = Q x + up @ (down @ x): a quantized layer plus a low-rank correction of its error, run as
+    the quantized matmul (packed where QuantLinear runs packed) plus two thin matmuls."""
+
+    def __init__(self, quant: QuantLinear, up: torch.Tensor, down: torch.Tensor, bias=None):
+        super().__init__()
+        self.in_features, self.out_features = quant.in_features, quant.out_features
+        self.rank = up.shape[1]
+        self.quant = quant                                                  # bias-free
+        self.register_buffer("up", up.to(STORAGE_DTYPE).contiguous())      # (out, r)
+        self.register_buffer("down", down.to(STORAGE_DTYPE).contiguous())  # (r, in)
+        self._init_bias(bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.quant.dense_weight() + self.up.float() @ self.down.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._weight_cache is not None:
+            return super().forward(x)
+        y = self.quant(x) + F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def spec(self) -> dict:
+        return {"type": "QuantLowRankLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "quant": self.quant.spec(), "rank": self.rank, "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, s: dict) -> "QuantLowRankLinear":
+        return cls(QuantLinear.empty(s["quant"]), torch.zeros(s["out_features"], s["rank"]),
+                   torch.zeros(s["rank"], s["in_features"]), torch.zeros(s["out_features"]) if s["bias"] else None)
+
+
 def with_dense_cache(module: nn.Module) -> nn.Module:
     """Make a compressed layer keep its rebuilt dense weight (until moved or reloaded): for the
     temporary working copies of a search that runs the same layers many times, never for a model
@@ -252,7 +285,7 @@ def with_dense_cache(module: nn.Module) -> nn.Module:
     return module
 
 
-MODULE_TYPES = {c.__name__: c for c in (QuantLinear, SparseLinear, LowRankLinear)}
+MODULE_TYPES = {c.__name__: c for c in (QuantLinear, SparseLinear, LowRankLinear, QuantLowRankLinear)}
 
 
 def linear_bytes(module: nn.Module) -> int:

@@ -8,7 +8,9 @@ output rows), so the stored layer is a plain QuantLinear and the model computes 
 
 Differences from the reference implementation, by design: the search minimizes each input group's
 own output error sum_k ||(W_k - W'_k) X||^2, computed exactly from the shared Gram matrix X^T X (the
-reference runs the enclosing attention / MLP module); weight clipping search is not done. A group
+reference runs the enclosing attention / MLP module); the clipping search (clip="mse", the
+reference's `auto_clip`) picks each group's range by the squared rounding error weighted by the
+diagonal of the scaled inputs' Gram matrix, not by running the layer on sampled tokens. A group
 with nothing to fold into (o_proj under grouped-query attention) is quantized with plain RTN, and
 the report says so.
 """
@@ -19,13 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.config import MethodConfig, register
-from llmpress.methods.rtn import RTN, apply_rtn, check_quant_options, quant_storage, rtn_quantize
+from llmpress.methods.rtn import (RTN, apply_rtn, check_quant_options, quant_linear_from_codes, quant_storage,
+                                  rtn_quantize)
 
 N_GRID = 20
 
 
 def awq_search(weights: list[torch.Tensor], gram: torch.Tensor, abs_mean: torch.Tensor, bits: int,
-               group_size: int, symmetric: bool) -> tuple[torch.Tensor, float, float]:
+               group_size: int, symmetric: bool, clip: str | None = None) -> tuple[torch.Tensor, float, float]:
     """weights: the group's (out_k, in) matrices; gram (in, in) = X^T X / n; abs_mean (in,).
     Returns (scale s (in,), best alpha, relative output error at it)."""
     w = torch.cat(weights).float()                              # (sum out_k, in)
@@ -36,8 +39,9 @@ def awq_search(weights: list[torch.Tensor], gram: torch.Tensor, abs_mean: torch.
         alpha = k / N_GRID
         s = x_mean ** alpha
         s = s / (s.max() * s.min()).sqrt()                      # keep the scaled weights' range sane
-        q, scale, zero = rtn_quantize(w * s[None, :], bits, group_size, symmetric)
-        g = torch.arange(w.shape[1], device=w.device) // group_size
+        q, scale, zero = rtn_quantize(w * s[None, :], bits, group_size, symmetric, clip,
+                                      torch.diagonal(gram) / s ** 2)
+        g = torch.arange(w.shape[1], device=w.device) // (group_size or w.shape[1])
         delta = (q - zero[:, g]) * scale[:, g] / s[None, :] - w   # (sum out_k, in)
         err = torch.einsum("oi,ij,oj->", delta, gram, delta).item()
         if err < best[2]:
@@ -72,7 +76,8 @@ def awq_group_transform(block, adapter, head, members, configs, stats) -> dict:
         return {"awq": "group members have different settings: plain RTN"}
     linears = [block.get_submodule(n) for n in members]
     s, alpha, rel_err = awq_search([m.weight.detach() for m in linears], stats.hessian(), stats.abs_mean(),
-                                   config.bits, config.group_size, config.symmetric)
+                                   config.bits, config.group_size, config.symmetric, config.clip)
+    stats.memo.pop("awq_scale", None)
     if alpha == 0.0:
         return {"awq_alpha": 0.0, "awq_output_error": rel_err}
     folded = _fold(block, adapter, head, s)
@@ -81,6 +86,7 @@ def awq_group_transform(block, adapter, head, members, configs, stats) -> dict:
     with torch.no_grad():
         for m in linears:
             m.weight.mul_(s[None, :].to(m.weight.dtype))
+    stats.memo["awq_scale"] = s            # apply_awq's clipping search weighs by the scaled inputs
     return {"awq_alpha": alpha, "awq_output_error": rel_err, "awq_folded_into": folded}
 
 
@@ -90,11 +96,12 @@ class AWQ(MethodConfig):
     family = "quantization"
     stat = "hessian"
     bits: int = 4
-    group_size: int = 128
+    group_size: int = 128       # 0: per channel
     symmetric: bool = True
+    clip: str | None = None     # "mse": search each group's clipping range (AWQ's auto_clip)
 
     def validate(self) -> None:
-        check_quant_options(self.bits, self.group_size)
+        check_quant_options(self.bits, self.group_size, self.clip)
 
     def storage(self, out_features, in_features):
         return quant_storage(self.bits, self.group_size, self.symmetric, out_features, in_features)
@@ -103,4 +110,12 @@ class AWQ(MethodConfig):
 @register(AWQ, group_transform=awq_group_transform)
 def apply_awq(linear, config: AWQ, stats):
     # the scales are already folded in by the group transform: what is left is round-to-nearest
-    return apply_rtn(linear, RTN(config.bits, config.group_size, config.symmetric), None)
+    if config.clip is None or stats is None:
+        return apply_rtn(linear, RTN(config.bits, config.group_size, config.symmetric, config.clip), None)
+    s = stats.memo.get("awq_scale")         # absent when the group transform did not run: unscaled
+    weights = torch.diagonal(stats.hessian()).float()
+    if s is not None:
+        weights = weights / s.float() ** 2
+    w = linear.weight.detach().float()
+    q, scale, zero = rtn_quantize(w, config.bits, config.group_size, config.symmetric, config.clip, weights)
+    return quant_linear_from_codes(linear, q, scale, zero, config.bits, config.group_size, config.symmetric), {}

@@ -18,34 +18,40 @@ from llmpress.methods.rtn import QUANT_MENU, check_quant_options, quant_storage,
 
 
 def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-               act_order: bool = False, damp: float = 0.01):
+               act_order: bool = False, damp: float = 0.01, clip: str | None = None):
     """w (out, in), h (in, in) -> (codes (out, in), scale (out, G), zero (out, G), info).
 
-    Groups are runs of `group_size` input columns in the original order (the last may be shorter).
-    Without act_order a group's grid is fitted when the sweep reaches it (on the error-updated
-    weights); with act_order (columns visited by decreasing h_jj) grids are fitted up front from the
-    original weights ("static groups"), so the stored layout needs no permutation index.
+    Groups are runs of `group_size` input columns in the original order (the last may be shorter;
+    0: one group per row). Without act_order a group's grid is fitted when the sweep reaches it (on
+    the error-updated weights); with act_order (columns visited by decreasing h_jj) or a single
+    group, grids are fitted up front from the original weights ("static groups"), so the stored
+    layout needs no permutation index. clip="mse": each grid's clipping range is searched for the
+    smallest rounding error weighted by h_jj (quant_grid).
     If the damped Hessian cannot be inverted even at DAMP_STEPS x damp, falls back to RTN (info says so).
     """
     out_f, in_f = w.shape
+    group_size = group_size or in_f
     w, h, dead = hessian.prepare(w, h)
+    diag = torch.diagonal(h).float()
     n_groups = -(-in_f // group_size)
+    static = act_order or n_groups == 1
     scale_t = torch.empty(n_groups, out_f, device=w.device)   # transposed: one contiguous row per group
     zero_t = torch.empty(n_groups, out_f, device=w.device)
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(in_f, device=w.device)
-    if act_order:
+    if static:
         for g in range(n_groups):
-            scale_t[g], zero_t[g] = quant_grid(w[:, g * group_size:(g + 1) * group_size], bits, symmetric)
+            cols = slice(g * group_size, (g + 1) * group_size)
+            scale_t[g], zero_t[g] = quant_grid(w[:, cols], bits, symmetric, clip, diag[cols])
         w = w[:, perm]
         h = h[perm][:, perm]
     upper, used = hessian.inverse_cholesky(h, damp)
     if upper is None:
-        q, scale, zero = rtn_quantize(w[:, torch.argsort(perm)], bits, group_size, symmetric)
+        q, scale, zero = rtn_quantize(w[:, torch.argsort(perm)], bits, group_size, symmetric, clip, diag)
         return q, scale, zero, {"fallback": "rtn", "reason": "Cholesky failed at every damping"}
     group_of = (perm // group_size).tolist()          # group of each visited column
     codes = torch.zeros(out_f, in_f, device=w.device)
     # Block width: a multiple of group_size near 128, so a group never straddles two blocks.
-    block = group_size * max(1, 128 // group_size) if not act_order else 128
+    block = group_size * max(1, 128 // group_size) if not static else 128
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         w1 = w[:, i1:i2].clone()                      # (out, B) updated in place
@@ -54,8 +60,9 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
         for i in range(i2 - i1):
             col = i1 + i
             g = group_of[col]
-            if not act_order and col % group_size == 0:
-                scale_t[g], zero_t[g] = quant_grid(w1[:, i:i + group_size], bits, symmetric)
+            if not static and col % group_size == 0:
+                scale_t[g], zero_t[g] = quant_grid(w1[:, i:i + group_size], bits, symmetric, clip,
+                                                   diag[col:col + group_size])
             s, z = scale_t[g], zero_t[g]
             q = quantize_to_grid(w1[:, i], s, z, bits)
             codes[:, col] = q
@@ -78,15 +85,16 @@ class GPTQ(MethodConfig):
     stat = "hessian"
     menu = QUANT_MENU
     bits: int = 4
-    group_size: int = 128
+    group_size: int = 128       # 0: per channel (one scale per output row)
     symmetric: bool = True
     # static act-order: the default of llm-compressor ("static") and GPTQModel (desc_act); free at
     # inference since the groups keep their original column layout
     act_order: bool = True
     damp: float = 0.01
+    clip: str | None = None     # "mse": search each group's clipping range (Hessian-weighted error)
 
     def validate(self) -> None:
-        check_quant_options(self.bits, self.group_size)
+        check_quant_options(self.bits, self.group_size, self.clip)
         check_damp(self.damp)
 
     def storage(self, out_features, in_features):
@@ -97,7 +105,7 @@ def solve_group(linears, config: GPTQ, stats):
     """Members of an input group share H, and GPTQ treats rows independently given H: stack them."""
     w = torch.cat([m.weight.detach() for m in linears])              # (sum out_k, in)
     codes, scale, zero, info = gptq_solve(w, stats.hessian(), config.bits, config.group_size,
-                                          config.symmetric, config.act_order, config.damp)
+                                          config.symmetric, config.act_order, config.damp, config.clip)
     out, start = [], 0
     for m in linears:
         rows = slice(start, start + m.out_features)

@@ -15,22 +15,51 @@ from llmpress.errors import LLMPressError
 from llmpress.modules import STORAGE_DTYPE, QuantLinear, pack_bits
 
 
-def quant_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+# MSE clipping: the range is shrunk by each of these factors and the one with the smallest
+# (weighted) squared rounding error is kept, per row and group (GPTQ reference `mse` option,
+# AWQ's `auto_clip`; 1.0 = no clipping).
+CLIP_SHRINKS = tuple(1.0 - 0.02 * k for k in range(26))      # 1.00, 0.98, ..., 0.50
+
+
+def quant_grid(w: torch.Tensor, bits: int, symmetric: bool, clip: str | None = None,
+               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point for each row of w (rows, cols) over all its columns.
 
     Returns scale (rows,) rounded to the fp16 it is stored as, and zero (rows,) in [0, 2**bits - 1].
     Symmetric: zero = 2**(bits-1), q in [0, 2**bits - 1] covers [-absmax, absmax].
     Asymmetric: the range [min(w, 0), max(w, 0)] maps onto [0, 2**bits - 1].
+    clip="mse": the range shrunk by the factor in CLIP_SHRINKS that minimizes each row's
+    sum_j weights_j (w_ij - w'_ij)^2 (weights (cols,): e.g. the Hessian diagonal, so the error
+    is measured where the inputs are large; uniform when None).
     """
+    if clip is None:
+        return _grid(w, bits, symmetric, 1.0)
+    if clip != "mse":
+        raise LLMPressError(f"clip must be None or 'mse', got {clip!r}")
+    best = best_err = None
+    for shrink in CLIP_SHRINKS:
+        scale, zero = _grid(w, bits, symmetric, shrink)
+        d = w - (quantize_to_grid(w, scale[:, None], zero[:, None], bits) - zero[:, None]) * scale[:, None]
+        err = (d * d) @ weights if weights is not None else (d * d).sum(1)          # (rows,)
+        if best is None:
+            best, best_err = (scale, zero), err
+            continue
+        better = err < best_err
+        best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def _grid(w: torch.Tensor, bits: int, symmetric: bool, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
     qmax = 2 ** bits - 1
     if symmetric:
-        scale = w.abs().amax(dim=1) * 2 / qmax
+        scale = w.abs().amax(dim=1) * shrink * 2 / qmax
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
-        lo = w.amin(dim=1).clamp(max=0)
-        hi = w.amax(dim=1).clamp(min=0)
+        lo = w.amin(dim=1).clamp(max=0) * shrink
+        hi = w.amax(dim=1).clamp(min=0) * shrink
         scale = (hi - lo) / qmax
-    scale = _round_up_to_storage(scale)
+    scale = _round_up_to_storage(scale) if shrink == 1.0 else scale.to(STORAGE_DTYPE).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group
     if not symmetric:
         zero = torch.round(-lo / scale).clamp(0, qmax)
@@ -49,18 +78,22 @@ def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, b
     return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: str | None = None,
+                 weights: torch.Tensor | None = None):
     """w (out, in) float -> (q (out, in) codes, scale (out, n_groups), zero (out, n_groups)).
 
-    Groups are consecutive runs of `group_size` input columns; when group_size does not divide
-    `in`, the last group is shorter (576 columns at group 128 = 4 groups of 128 + 1 of 64).
+    Groups are consecutive runs of `group_size` input columns (0: one group per row, i.e. per
+    channel); when group_size does not divide `in`, the last group is shorter (576 columns at
+    group 128 = 4 groups of 128 + 1 of 64). clip, weights (in,): see quant_grid.
     """
     out_f, in_f = w.shape
+    group_size = group_size or in_f
     q = torch.empty_like(w)
     scales, zeros = [], []
     for start in range(0, in_f, group_size):
         block = w[:, start:start + group_size]
-        scale, zero = quant_grid(block, bits, symmetric)
+        cols = None if weights is None else weights[start:start + group_size]
+        scale, zero = quant_grid(block, bits, symmetric, clip, cols)
         q[:, start:start + group_size] = quantize_to_grid(block, scale[:, None], zero[:, None], bits)
         scales.append(scale)
         zeros.append(zero)
@@ -70,14 +103,14 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
 def quant_linear_from_codes(linear, q, scale, zero, bits, group_size, symmetric) -> QuantLinear:
     """Pack integer codes into a QuantLinear (shared by RTN and GPTQ)."""
     zero_packed = None if symmetric else pack_bits(zero.to(torch.uint8), bits)
-    return QuantLinear(linear.in_features, linear.out_features, bits, group_size, symmetric,
+    return QuantLinear(linear.in_features, linear.out_features, bits, group_size or linear.in_features, symmetric,
                        pack_bits(q.to(torch.uint8), bits), scale, zero_packed, linear.bias)
 
 
 def quant_storage(bits: int, group_size: int, symmetric: bool, out_f: int, in_f: int) -> tuple[int, int]:
     """(bytes, params) of a QuantLinear: packed b-bit codes, an fp16 scale per (row, group), packed
-    b-bit zero points when asymmetric."""
-    groups = math.ceil(in_f / group_size)
+    b-bit zero points when asymmetric. group_size 0: one group per row (per channel)."""
+    groups = math.ceil(in_f / (group_size or in_f))
     nbytes = math.ceil(out_f * in_f * bits / 8) + out_f * groups * 2
     if not symmetric:
         nbytes += math.ceil(out_f * groups * bits / 8)
@@ -87,11 +120,13 @@ def quant_storage(bits: int, group_size: int, symmetric: bool, out_f: int, in_f:
 QUANT_MENU = tuple({"bits": b, "group_size": 128} for b in (2, 3, 4, 8))
 
 
-def check_quant_options(bits: int, group_size: int) -> None:
+def check_quant_options(bits: int, group_size: int, clip: str | None = None) -> None:
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise LLMPressError(f"bits must be an integer in 2..8, got {bits!r}")
-    if not isinstance(group_size, int) or group_size < 1:
-        raise LLMPressError(f"group_size must be a positive integer, got {group_size!r}")
+    if not isinstance(group_size, int) or group_size < 0:
+        raise LLMPressError(f"group_size must be a positive integer (or 0: per channel), got {group_size!r}")
+    if clip not in (None, "mse"):
+        raise LLMPressError(f"clip must be 'mse' (search the clipping range per group) or none, got {clip!r}")
 
 
 @dataclass(frozen=True)
@@ -100,11 +135,12 @@ class RTN(MethodConfig):
     family = "quantization"
     menu = QUANT_MENU
     bits: int = 4
-    group_size: int = 128
+    group_size: int = 128       # 0: per channel (one scale per output row)
     symmetric: bool = True
+    clip: str | None = None     # "mse": search each group's clipping range (data-free: unweighted)
 
     def validate(self) -> None:
-        check_quant_options(self.bits, self.group_size)
+        check_quant_options(self.bits, self.group_size, self.clip)
 
     def storage(self, out_features, in_features):
         return quant_storage(self.bits, self.group_size, self.symmetric, out_features, in_features)
@@ -113,5 +149,5 @@ class RTN(MethodConfig):
 @register(RTN)
 def apply_rtn(linear, config: RTN, stats):
     w = linear.weight.detach().float()
-    q, scale, zero = rtn_quantize(w, config.bits, config.group_size, config.symmetric)
+    q, scale, zero = rtn_quantize(w, config.bits, config.group_size, config.symmetric, config.clip)
     return quant_linear_from_codes(linear, q, scale, zero, config.bits, config.group_size, config.symmetric), {}

@@ -1,0 +1,162 @@
+"""Orthogonal rotations folded into the weights (incoherence processing), before quantization.
+
+QuaRot (Ashkboos et al. 2024, "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs",
+arXiv:2404.00456) and SpinQuant (Liu et al. 2024, arXiv:2405.16406): an RMSNorm model computes the
+same function when its residual stream is rotated by any orthogonal R1, once every norm's scale is
+folded into the linears that read it. Weights then spread their outliers over all channels, which a
+uniform grid represents with less error. Per-head rotations R2 between v_proj and o_proj are
+likewise free. Everything is folded into the weights (no runtime op), so the result is a plain
+model of the same architecture and every export path still holds:
+
+  embeddings E (V, d)        -> E R1
+  q/k/v, gate/up W (out, d)  -> W diag(gamma) R1      (gamma: the preceding RMSNorm's scale, then 1)
+  o/down W (d, in)           -> R1^T W                 (and their biases b -> R1^T b)
+  lm_head W (V, d)           -> W diag(gamma_final) R1 (tied embeddings are untied: E R1 differs)
+  v_proj rows of each head   -> R2^T W_v,h,  o_proj columns of each head -> W_o,h R2
+
+QuaRot's online Hadamard before down_proj (R4) would need a runtime op that no export format
+here carries, so it is not built. `kind="hadamard"` is the randomized Hadamard H diag(+-1)/sqrt(n)
+(Sylvester and Paley constructions; n = 576 = 8 x 72 works); `kind="random"` a random orthogonal
+matrix (QR of a Gaussian). `choose_rotation` picks among seeds by measured output error
+(HeRo-Q's idea: choose the rotation by the quantization error it leads to, not at random).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmpress.arch import adapter_for
+from llmpress.errors import LLMPressError
+
+ROTATABLE = ("llama", "mistral", "qwen2", "qwen3")
+READS_RESIDUAL = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                  "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+WRITES_RESIDUAL = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def _is_prime(q: int) -> bool:
+    return q >= 2 and all(q % p for p in range(2, int(q ** 0.5) + 1))
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Q_ij = chi(j - i), chi the quadratic character mod the prime q."""
+    residues = {(k * k) % q for k in range(1, q)}
+    chi = torch.tensor([0] + [1 if k in residues else -1 for k in range(1, q)], dtype=torch.float64)
+    idx = (torch.arange(q)[None, :] - torch.arange(q)[:, None]) % q
+    return chi[idx]
+
+
+def _paley1(q: int) -> torch.Tensor:
+    """Hadamard matrix of order q + 1 for a prime q = 3 mod 4 (Paley I)."""
+    n = q + 1
+    s = torch.zeros(n, n, dtype=torch.float64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, _jacobsthal(q)
+    return s + torch.eye(n, dtype=torch.float64)
+
+
+def _paley2(q: int) -> torch.Tensor:
+    """Hadamard matrix of order 2 (q + 1) for a prime q = 1 mod 4 (Paley II)."""
+    n = q + 1
+    c = torch.zeros(n, n, dtype=torch.float64)                     # symmetric conference matrix
+    c[0, 1:], c[1:, 0], c[1:, 1:] = 1, 1, _jacobsthal(q)
+    zero = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+    one = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(c, one) + torch.kron(torch.eye(n, dtype=torch.float64), zero)
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """A (n, n) matrix of +-1 with H H^T = n I: Sylvester 2^k, times a Paley block when n = 2^k m."""
+    base = None
+    m, k = n, 0
+    while True:
+        if m == 1:
+            base = torch.ones(1, 1, dtype=torch.float64)
+        elif _is_prime(m - 1) and (m - 1) % 4 == 3:
+            base = _paley1(m - 1)
+        elif m % 2 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+            base = _paley2(m // 2 - 1)
+        if base is not None or m % 2:
+            break
+        m, k = m // 2, k + 1
+    if base is None:
+        raise LLMPressError(f"no Hadamard construction here for size {n}; use kind='random'")
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    for _ in range(k):
+        base = torch.kron(h2, base)
+    if not torch.equal(base @ base.T, n * torch.eye(n, dtype=torch.float64)):
+        raise AssertionError(f"Hadamard construction of size {n} is not orthogonal")
+    return base
+
+
+def rotation_matrix(kind: str, n: int, seed: int) -> torch.Tensor:
+    """(n, n) orthogonal float64: 'hadamard' (randomized: H diag(+-1) / sqrt(n)) or 'random'."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "hadamard":
+        signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
+        return hadamard(n) * signs[None, :] / n ** 0.5
+    if kind == "random":
+        q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r))[None, :]
+    raise LLMPressError(f"unknown rotation {kind!r}; use 'hadamard' or 'random'")
+
+
+def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.data = value.to(param.dtype).contiguous()
+
+
+def check_rotatable(model: nn.Module) -> None:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ROTATABLE:
+        raise LLMPressError(f"rotation is built for {', '.join(ROTATABLE)} (pre-norm RMSNorm blocks); "
+                            f"got {model_type!r}")
+    for fqn, m in model.named_modules():
+        if hasattr(m, "dense_weight"):
+            raise LLMPressError(f"rotate a dense model: {fqn} is already compressed")
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0, heads: bool = True) -> dict:
+    """Rotate `model` in place (function unchanged up to float rounding); returns what was done."""
+    check_rotatable(model)
+    adapter = adapter_for(model)
+    config = model.config
+    d = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    r1 = rotation_matrix(kind, d, seed)
+    r2 = rotation_matrix(kind, head_dim, seed + 1) if heads else None
+
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
+    final_norm = model.get_submodule(adapter.final_norm_path)
+    head_w = head.weight.double() * final_norm.weight.double()[None, :]
+    _set(emb.weight, emb.weight.double() @ r1)
+    if tied:                    # the rotated embedding and the rotated head differ: untie
+        head.weight = nn.Parameter(torch.empty_like(emb.weight))
+        config.tie_word_embeddings = False
+        if hasattr(model, "_tied_weights_keys"):
+            model._tied_weights_keys = None
+    _set(head.weight, head_w @ r1)
+    final_norm.weight.fill_(1.0)
+
+    for block in adapter.blocks(model):
+        for norm_name, readers in READS_RESIDUAL.items():
+            norm = block.get_submodule(norm_name)
+            for name in readers:
+                lin = block.get_submodule(name)
+                _set(lin.weight, lin.weight.double() * norm.weight.double()[None, :] @ r1)
+            norm.weight.fill_(1.0)
+        for name in WRITES_RESIDUAL:
+            lin = block.get_submodule(name)
+            _set(lin.weight, r1.T @ lin.weight.double())
+            if lin.bias is not None:
+                _set(lin.bias, r1.T @ lin.bias.double())
+        if r2 is not None:
+            v, o = block.get_submodule("self_attn.v_proj"), block.get_submodule("self_attn.o_proj")
+            wv = v.weight.double().view(-1, head_dim, d)                  # (kv heads, hd, d)
+            _set(v.weight, torch.einsum("ij,hjd->hid", r2.T, wv).reshape(-1, d))
+            if v.bias is not None:
+                _set(v.bias, (v.bias.double().view(-1, head_dim) @ r2).reshape(-1))
+            wo = o.weight.double().view(d, -1, head_dim)                  # (d, heads, hd)
+            _set(o.weight, (wo @ r2).reshape(d, -1))
+    return {"kind": kind, "seed": seed, "hidden": d, "heads": heads, "untied_embeddings": tied}
