@@ -1,0 +1,100 @@
+"""Issue 13: quality at 3 bits and below. Every run side by side with the method it improves, on the
+embedded model (calibration 64 x 512 `wikipedia` seed 0; WikiText-2 perplexity, seq_len 2048, first
+20 windows; bits per weight over the block linears with every scale, zero point and correction
+counted, as `llmpress eval` measures it). Compress time is shown against the two-forward floor
+(two plain passes of the calibration tokens through the decoder, measured in the same run).
+
+    .venv/bin/python bench/low_bits.py [--only NAME,...] [--out bench/results/low_bits.json]
+
+The embedded weights went through GGUF Q4_1 once (see ../shared/data/README.md): comparisons
+between methods hold, absolute numbers are for this checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from llmpress import Plan  # noqa: E402
+from llmpress.arch import adapter_for  # noqa: E402
+from llmpress.budget import Budget, menu_configs, plan_for_budget  # noqa: E402
+from llmpress.config import parse_method_spec  # noqa: E402
+from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402
+from llmpress.eval import model_size, perplexity  # noqa: E402
+from llmpress.models import load_model  # noqa: E402
+from llmpress.pipeline import compress  # noqa: E402
+from llmpress.rotate import rotate_model  # noqa: E402
+
+# name -> (rotation or None, method spec | ("budget", budget, menu))
+RUNS = {
+    "gptq-w3g64": (None, "gptq:bits=3,group_size=64"),
+    "gptq-w3g64-mse": (None, "gptq:bits=3,group_size=64,clip=mse"),
+    "rot-gptq-w3g64": ("hadamard", "gptq:bits=3,group_size=64"),
+    "rot-gptq-w3g64-mse": ("hadamard", "gptq:bits=3,group_size=64,clip=mse"),
+    "randrot-gptq-w3g64-mse": ("random", "gptq:bits=3,group_size=64,clip=mse"),
+    "gptq-w3ch": (None, "gptq:bits=3,group_size=0"),
+    "gptq-w3ch-mse": (None, "gptq:bits=3,group_size=0,clip=mse"),
+    "rot-gptq-w3ch-mse": ("hadamard", "gptq:bits=3,group_size=0,clip=mse"),
+    "rot-gptq-lr-w3ch-r8": ("hadamard", "gptq-lr:bits=3,group_size=0,rank=8"),
+    "rtn-w3g64": (None, "rtn:bits=3,group_size=64"),
+    "rtn-w3g64-mse": (None, "rtn:bits=3,group_size=64,clip=mse"),
+    "awq-w3g64": (None, "awq:bits=3,group_size=64"),
+    "awq-w3g64-mse": (None, "awq:bits=3,group_size=64,clip=mse"),
+    "gptq-w2g64": (None, "gptq:bits=2,group_size=64"),
+    "rot-gptq-w2g64-mse": ("hadamard", "gptq:bits=2,group_size=64,clip=mse"),
+}
+
+
+def floor_seconds(model, tokens) -> float:
+    with torch.no_grad():
+        t = time.perf_counter()
+        for _ in range(2):
+            for s in range(0, tokens.shape[0], 8):
+                model.model(tokens[s:s + 8], use_cache=False)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "low_bits.json"))
+    ap.add_argument("--only", help="comma-separated run names")
+    ap.add_argument("--max-windows", type=int, default=20)
+    a = ap.parse_args()
+
+    dense, tok = load_model("smollm2-135m")
+    tokens = calibration_tokens(tok, "wikipedia", 64, 512, seed=0)
+    ids = eval_tokens(tok, "wikitext2")
+    names = adapter_for(dense).linear_names(dense)
+    out = Path(a.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results.setdefault("_floor_seconds", floor_seconds(dense, tokens))
+    print(f"two-forward floor: {results['_floor_seconds']:.1f}s", flush=True)
+    for name in (a.only.split(",") if a.only else RUNS):
+        rotation, spec = RUNS[name]
+        model = copy.deepcopy(dense)
+        t = time.perf_counter()
+        rot_info = rotate_model(model, rotation) if rotation else None
+        plan = Plan.uniform(parse_method_spec(spec))
+        report = compress(model, plan.resolve(names), tokens, progress=False)
+        seconds = time.perf_counter() - t
+        ppl = perplexity(model, ids, 2048, a.max_windows, progress=False)
+        size = model_size(model)
+        results[name] = {"rotation": rot_info, "method": spec, "perplexity": ppl["perplexity"],
+                         "windows": ppl.get("windows"), "bits_per_weight": size["bits_per_weight"],
+                         "compress_seconds": seconds, "x_floor": seconds / results["_floor_seconds"],
+                         "fallbacks": sum("fallback" in v for v in report.layers.values())}
+        print(f"{name:28s} ppl {ppl['perplexity']:8.3f}  {size['bits_per_weight']:.3f} bpw  "
+              f"{seconds:6.1f}s ({seconds / results['_floor_seconds']:.1f}x floor)", flush=True)
+        out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
