@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--sparsity", type=float)
     c.add_argument("--nm", help="N:M structured sparsity, e.g. 2:4")
     c.add_argument("--param-ratio", type=float)
+    c.add_argument("--rank", type=int, help="gptq-lr: rank of the low-rank correction")
+    c.add_argument("--clip", choices=["mse"], help="RTN / GPTQ / AWQ: search each group's clipping range")
+    c.add_argument("--rotate", choices=["hadamard", "random"],
+                   help="fold an orthogonal rotation of the residual stream (and per-head v/o) into the weights "
+                        "before compressing (QuaRot-style incoherence; the model's function is unchanged)")
+    c.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs / matrix")
     c.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
     c.add_argument("--damp", type=float, help="GPTQ / SparseGPT: relative Hessian damping (default 0.01)")
     c.add_argument("--alpha", type=float, help="ASVD: activation scaling exponent (default 0.5)")
@@ -130,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
 def _config_from_args(a):
     from llmpress.config import config_from_dict
     opts = {"bits": a.bits, "group_size": a.group_size, "sparsity": a.sparsity, "nm": a.nm,
-            "param_ratio": a.param_ratio, "damp": a.damp, "alpha": a.alpha}
+            "param_ratio": a.param_ratio, "damp": a.damp, "alpha": a.alpha, "rank": a.rank, "clip": a.clip}
     kwargs = {k: v for k, v in opts.items() if v is not None}
     if a.asymmetric:
         kwargs["symmetric"] = False
@@ -185,7 +191,12 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
     from llmpress.data import calibration_tokens
     from llmpress.eval import model_size
 
-    allocation = tokens = calib = None
+    allocation = tokens = calib = rotation = None
+    if a.rotate:
+        if source is not None:
+            raise LLMPressError("--rotate needs the whole model in memory (not with --offload)")
+        from llmpress.rotate import rotate_model
+        rotation = rotate_model(model, a.rotate, a.rotate_seed)
     if budget is not None:
         from llmpress.budget import check_budget, menu_configs, DEFAULT_MENU
         menu = menu_configs(a.menu or DEFAULT_MENU[budget.metric])
@@ -223,7 +234,8 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
     for fqn, info in fallbacks.items():
         print(f"warning: {fqn}: fell back to {info['fallback']} ({info['reason']})", file=sys.stderr)
     size = model_size(model)
-    manifest = {"source_model": a.model, "device": str(device), "plan": plan.to_dict(), "allocation": allocation,
+    manifest = {"source_model": a.model, "device": str(device), "rotation": rotation,
+                "plan": plan.to_dict(), "allocation": allocation,
                 "layers": {k: v.to_dict() for k, v in layer_configs.items()},
                 "calibration": calib, "seed": a.seed, "report": report.layers, "size": size}
     out = save_compressed(model, tokenizer, a.out, manifest, overwrite=a.overwrite)

@@ -57,6 +57,14 @@ def gguf_type_of(module: nn.Module) -> str:
     return "F32"
 
 
+def _same_tensor(src, p: torch.Tensor) -> bool:
+    """Whether the source GGUF tensor dequantizes to exactly the model's parameter (a rotation, for
+    one, changes the embeddings: their source bytes must not be copied then)."""
+    import gguf
+    data = gguf.quants.dequantize(np.asarray(src.data), src.tensor_type)
+    return data.size == p.numel() and torch.equal(torch.from_numpy(data).reshape(p.shape).float(), p.detach().float())
+
+
 def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | None = None,
                 float_type: str = "F32", copy_embeddings: bool = True, encode=None) -> dict:
     """Write `model` (llama architecture) to the GGUF file `out`; returns {tensor name: type}.
@@ -141,8 +149,8 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
                     raise LLMPressError(f"no GGUF name for {full}")
                 src = source_tensors.get(target)
                 embedding = fqn in ("model.embed_tokens", "lm_head")
-                if copy_embeddings and embedding and src is not None:
-                    # unchanged by llmpress: the source's bytes, exactly what the model was loaded from
+                if copy_embeddings and embedding and src is not None and _same_tensor(src, p):
+                    # unchanged by llmpress (not rotated): the source's bytes, exactly what the model was loaded from
                     writer.add_tensor(target, np.asarray(src.data), raw_dtype=src.tensor_type)
                     types[target] = src.tensor_type.name
                 else:                                           # norms stay F32, as llama.cpp keeps them
