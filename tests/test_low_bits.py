@@ -194,3 +194,21 @@ def test_rotation_keeps_embedded_model_logits():
         got = model(ids).logits
     assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
     assert torch.equal(got[0, -1].argmax(), ref[0, -1].argmax())
+
+
+def test_rotation_search_picks_the_smallest_measured_error(tiny_model, calib_tokens):
+    from llmpress.rotate import choose_rotation
+    best, errors = choose_rotation(tiny_model, calib_tokens, "hadamard", range(3), progress=False)
+    assert set(errors) == {0, 1, 2} and errors[best] == min(errors.values())
+    assert len(set(errors.values())) == 3       # the signs change the rotated weights' grid error
+
+
+def test_menu_entries_fix_options():
+    from llmpress.budget import menu_configs
+    menu = menu_configs("gptq:group_size=0,clip=mse;gptq-lr:rank=8")
+    gptq = [c for c in menu if c.method == "gptq"]
+    assert [c.bits for c in gptq] == [2, 3, 4, 8] and all(c.group_size == 0 and c.clip == "mse" for c in gptq)
+    assert {c.rank for c in menu if c.method == "gptq-lr"} == {8}
+    assert menu_configs("gptq,sparsegpt") == menu_configs("gptq;sparsegpt")
+    with pytest.raises(LLMPressError, match="no option"):
+        menu_configs("gptq:colour=red")

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llmpress.config import MethodConfig, config_class, config_from_dict, handler_for, method_names
+from llmpress.config import (MethodConfig, config_class, config_from_dict, handler_for, method_names,
+                             parse_method_spec)
 from llmpress.errors import LLMPressError
 from llmpress.walk import block_hidden
 
@@ -69,14 +70,27 @@ class Budget:
 
 
 def menu_configs(menu: str) -> list[MethodConfig]:
-    """'gptq,sparsegpt' -> every level those methods put on a menu (each config class's `menu`)."""
+    """'gptq,sparsegpt' -> every level those methods put on a menu (each config class's `menu`).
+
+    An entry may fix options of all its levels: 'gptq:group_size=0,clip=mse;gptq-lr;sparsegpt'
+    (with options, entries are separated by ';'). The levels stay the method's own (bits 2/3/4/8
+    for GPTQ); an option given here overrides the level's value."""
     out = []
-    for name in filter(None, (m.strip() for m in menu.split(","))):
+    entries = menu.split(";") if (";" in menu or ":" in menu) else menu.split(",")
+    for entry in filter(None, (m.strip() for m in entries)):
+        name, _, opts = entry.partition(":")
+        name = name.strip()
+        fixed = parse_method_spec(f"{name}:{opts}").to_dict() if opts.strip() else {}
+        explicit = {k.strip().replace("-", "_") for k in (o.partition("=")[0] for o in opts.split(",")) if k.strip()}
+        fixed = {k: v for k, v in fixed.items() if k in explicit}
         levels = config_class(name).menu_levels()
         if not levels:
             with_menu = [m for m in method_names() if config_class(m).menu]
             raise LLMPressError(f"{name!r} has no menu levels; menu methods: {', '.join(with_menu)}")
-        out += levels
+        for level in levels:
+            cfg = config_from_dict({**level.to_dict(), **fixed})
+            if cfg not in out:
+                out.append(cfg)
     if not out:
         raise LLMPressError("the menu is empty")
     return out

@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fold an orthogonal rotation of the residual stream (and per-head v/o) into the weights "
                         "before compressing (QuaRot-style incoherence; the model's function is unchanged)")
     c.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs / matrix")
+    c.add_argument("--rotate-search", type=int, metavar="N",
+                   help="try N seeds from --rotate-seed on and keep the one with the smallest measured quantization "
+                        "output error (3-bit per-channel RTN over every layer, on the calibration data)")
     c.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
     c.add_argument("--damp", type=float, help="GPTQ / SparseGPT: relative Hessian damping (default 0.01)")
     c.add_argument("--alpha", type=float, help="ASVD: activation scaling exponent (default 0.5)")
@@ -195,8 +198,15 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
     if a.rotate:
         if source is not None:
             raise LLMPressError("--rotate needs the whole model in memory (not with --offload)")
-        from llmpress.rotate import rotate_model
-        rotation = rotate_model(model, a.rotate, a.rotate_seed)
+        from llmpress.rotate import choose_rotation, rotate_model
+        seed, searched = a.rotate_seed, None
+        if a.rotate_search:
+            tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
+            seed, searched = choose_rotation(model, tokens, a.rotate,
+                                             range(a.rotate_seed, a.rotate_seed + a.rotate_search))
+        rotation = rotate_model(model, a.rotate, seed)
+        if searched:
+            rotation["search"] = {str(k): v for k, v in searched.items()}
     if budget is not None:
         from llmpress.budget import check_budget, menu_configs, DEFAULT_MENU
         menu = menu_configs(a.menu or DEFAULT_MENU[budget.metric])

@@ -15,9 +15,9 @@ model of the same architecture and every export path still holds:
   v_proj rows of each head   -> R2^T W_v,h,  o_proj columns of each head -> W_o,h R2
 
 QuaRot's online Hadamard before down_proj (R4) would need a runtime op that no export format
-here carries, so it is not built. `kind="hadamard"` is the randomized Hadamard H diag(+-1)/sqrt(n)
-(Sylvester and Paley constructions; n = 576 = 8 x 72 works); `kind="random"` a random orthogonal
-matrix (QR of a Gaussian). `choose_rotation` picks among seeds by measured output error
+here carries, so it is not built. `kind="hadamard"` is the randomized Hadamard diag(+-1) H / sqrt(n)
+(Sylvester and Paley constructions: 576 = 8 x 72 and 1536 = 128 x 12 work); `kind="random"` a
+random orthogonal matrix (QR of a Gaussian). `choose_rotation` picks among seeds by measured output error
 (HeRo-Q's idea: choose the rotation by the quantization error it leads to, not at random).
 """
 from __future__ import annotations
@@ -89,11 +89,11 @@ def hadamard(n: int) -> torch.Tensor:
 
 
 def rotation_matrix(kind: str, n: int, seed: int) -> torch.Tensor:
-    """(n, n) orthogonal float64: 'hadamard' (randomized: H diag(+-1) / sqrt(n)) or 'random'."""
+    """(n, n) orthogonal float64: 'hadamard' (randomized: diag(+-1) H / sqrt(n)) or 'random'."""
     g = torch.Generator().manual_seed(seed)
     if kind == "hadamard":
         signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
-        return hadamard(n) * signs[None, :] / n ** 0.5
+        return signs[:, None] * hadamard(n) / n ** 0.5       # D H: the signs mix before H does
     if kind == "random":
         q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
         return q * torch.sign(torch.diagonal(r))[None, :]
@@ -160,3 +160,42 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0, heads:
             wo = o.weight.double().view(d, -1, head_dim)                  # (d, heads, hd)
             _set(o.weight, (wo @ r2).reshape(d, -1))
     return {"kind": kind, "seed": seed, "hidden": d, "heads": heads, "untied_embeddings": tied}
+
+
+def choose_rotation(model: nn.Module, tokens: torch.Tensor, kind: str = "hadamard", seeds=range(8),
+                    config=None, progress: bool = True) -> tuple[int, dict[int, float]]:
+    """The seed whose rotation gives the smallest quantization output error (HeRo-Q's idea: pick the
+    rotation by the error it causes, measured, instead of taking one at random).
+
+    For each seed: rotate a copy, measure every layer's input Gram matrix on `tokens` (one dense
+    forward), quantize every layer with `config` (default RTN 3-bit per channel: data-free, so the
+    choice reflects the grid, not a solver) and sum the layers' relative output errors
+    ||(W - Q(W)) X||^2 / ||W X||^2. Returns (best seed, {seed: summed error})."""
+    import copy
+
+    from tqdm.auto import tqdm
+
+    from llmpress.config import handler_for
+    from llmpress.methods.rtn import RTN
+    from llmpress.pipeline import relative_output_error
+    from llmpress.walk import dense_statistics
+
+    config = config or RTN(bits=3, group_size=0)
+    adapter = adapter_for(model)
+    head_of = {n: g[0] for g in adapter.input_groups for n in g}
+    errors: dict[int, float] = {}
+    for seed in tqdm(list(seeds), desc="rotation search", disable=not progress):
+        rotated = copy.deepcopy(model)
+        rotate_model(rotated, kind, seed)
+        stats = dense_statistics(rotated, tokens)
+        total = 0.0
+        for fqn in adapter.linear_names(rotated):
+            prefix, _, local = fqn.partition(".self_attn.") if ".self_attn." in fqn else fqn.partition(".mlp.")
+            local = ("self_attn." if "self_attn" in fqn else "mlp.") + local
+            head = f"{prefix}.{head_of[local]}"
+            linear = rotated.get_submodule(fqn)
+            module, _ = handler_for(config)(linear, config, stats[head])
+            total += relative_output_error(linear.weight, module.dense_weight(), stats[head])
+        errors[seed] = total
+        del rotated, stats
+    return min(errors, key=errors.get), errors
