@@ -212,3 +212,36 @@ def test_menu_entries_fix_options():
     assert menu_configs("gptq,sparsegpt") == menu_configs("gptq;sparsegpt")
     with pytest.raises(LLMPressError, match="no option"):
         menu_configs("gptq:colour=red")
+
+
+def test_oats_beats_wanda_at_equal_parameters_on_a_sparse_plus_lowrank_weight():
+    from llmpress import OATS, Wanda
+    from llmpress.modules import SparseLowRankLinear
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(128, 16, generator=g) @ torch.randn(16, 256, generator=g) / 4 + 0.3 * torch.randn(128, 256, generator=g)
+    lin = torch.nn.Linear(256, 128, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    stats = InputStats(256)
+    stats.add(torch.randn(4096, 256, generator=g) * torch.linspace(0.2, 2.0, 256))
+    errs, cfgs = {}, (Wanda(sparsity=0.5), OATS(param_ratio=0.5, iters=10))
+    for cfg in cfgs:
+        module, info = handler_for(cfg)(lin, cfg, stats)
+        errs[cfg.method] = relative_output_error(lin.weight, module.dense_weight(), stats)
+        assert cfg.storage(128, 256)[0] == module.stored_bytes()
+    assert isinstance(module, SparseLowRankLinear)
+    kept = module.sparse.bool_mask().sum(1)
+    assert (kept == info["kept_per_row"]).all()
+    assert cfgs[1].storage(128, 256)[1] <= 0.5 * 128 * 256        # no more parameters than Wanda keeps
+    assert errs["oats"] < errs["wanda"], errs
+
+
+def test_oats_through_pipeline_save_load(tmp_path, tiny_model, calib_tokens, tiny_tokenizer):
+    from llmpress import OATS
+    from llmpress.export import load_compressed, save_compressed
+    names = adapter_for(tiny_model).linear_names(tiny_model)
+    compress(tiny_model, Plan.uniform(OATS(param_ratio=0.6, iters=3)).resolve(names), calib_tokens, progress=False)
+    save_compressed(tiny_model, tiny_tokenizer, tmp_path / "out", {"plan": {}})
+    back, _ = load_compressed(tmp_path / "out")
+    ids = calib_tokens[:2]
+    assert torch.equal(back(ids).logits, tiny_model(ids).logits)

@@ -16,7 +16,8 @@ from llmpress.methods.awq import AWQ
 from llmpress.methods.sparsegpt import SparseGPT
 from llmpress.methods.wanda import Wanda
 from llmpress.methods.qlr import GPTQLowRank
+from llmpress.methods.oats import OATS
 
 __version__ = "0.1.0"
 __all__ = ["LLMPressError", "MethodConfig", "config_from_dict", "Plan", "RTN", "GPTQ", "AWQ", "Magnitude", "Wanda",
-           "SparseGPT", "SVD", "ASVD", "SVDLLM", "GPTQLowRank"]
+           "SparseGPT", "SVD", "ASVD", "SVDLLM", "GPTQLowRank", "OATS"]

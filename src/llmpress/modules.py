@@ -5,6 +5,7 @@
 - SparseLinear: the kept values (fp16) in row-major order plus a 1-bit-per-weight mask.
 - LowRankLinear: two factors (fp16) that run as two matmuls, x -> x @ down.T @ up.T.
 - QuantLowRankLinear: a QuantLinear plus a LowRank correction of its error (fp16 factors).
+- SparseLowRankLinear: a SparseLinear plus a low-rank part (fp16 factors).
 
 Every module's `state_dict()` is exactly what is written to disk, and `spec()` + `empty(spec)`
 rebuild an empty shell of the right shapes for loading. Float parts are held in their storage
@@ -275,6 +276,31 @@ class QuantLowRankLinear(CompressedLinear):
                    torch.zeros(s["rank"], s["in_features"]), torch.zeros(s["out_features"]) if s["bias"] else None)
 
 
+class SparseLowRankLinear(CompressedLinear):
+    """y = S x + up @ (down @ x): a sparse layer plus a low-rank part (OATS-style decomposition)."""
+
+    def __init__(self, sparse: SparseLinear, up: torch.Tensor, down: torch.Tensor, bias=None):
+        super().__init__()
+        self.in_features, self.out_features = sparse.in_features, sparse.out_features
+        self.rank = up.shape[1]
+        self.sparse = sparse                                                # bias-free
+        self.register_buffer("up", up.to(STORAGE_DTYPE).contiguous())      # (out, r)
+        self.register_buffer("down", down.to(STORAGE_DTYPE).contiguous())  # (r, in)
+        self._init_bias(bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.sparse.dense_weight() + self.up.float() @ self.down.float()
+
+    def spec(self) -> dict:
+        return {"type": "SparseLowRankLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "sparse": self.sparse.spec(), "rank": self.rank, "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, s: dict) -> "SparseLowRankLinear":
+        return cls(SparseLinear.empty(s["sparse"]), torch.zeros(s["out_features"], s["rank"]),
+                   torch.zeros(s["rank"], s["in_features"]), torch.zeros(s["out_features"]) if s["bias"] else None)
+
+
 def with_dense_cache(module: nn.Module) -> nn.Module:
     """Make a compressed layer keep its rebuilt dense weight (until moved or reloaded): for the
     temporary working copies of a search that runs the same layers many times, never for a model
@@ -285,7 +311,8 @@ def with_dense_cache(module: nn.Module) -> nn.Module:
     return module
 
 
-MODULE_TYPES = {c.__name__: c for c in (QuantLinear, SparseLinear, LowRankLinear, QuantLowRankLinear)}
+MODULE_TYPES = {c.__name__: c for c in (QuantLinear, SparseLinear, LowRankLinear, QuantLowRankLinear,
+                                         SparseLowRankLinear)}
 
 
 def linear_bytes(module: nn.Module) -> int:
