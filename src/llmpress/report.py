@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 FAMILY_COLOURS = {"dense": "black", "quantization": "tab:blue", "pruning": "tab:orange",
-                  "low-rank": "tab:green", "mixed": "tab:purple"}
+                  "low-rank": "tab:green", "composite": "tab:red", "mixed": "tab:purple"}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
