@@ -245,3 +245,23 @@ def test_oats_through_pipeline_save_load(tmp_path, tiny_model, calib_tokens, tin
     back, _ = load_compressed(tmp_path / "out")
     ids = calib_tokens[:2]
     assert torch.equal(back(ids).logits, tiny_model(ids).logits)
+
+
+@pytest.mark.parametrize("method", ["gptq-lr:bits=3,rank=4", "oats:param_ratio=0.6,iters=3"])
+def test_composites_export_dense_and_compressed_tensors(method, tmp_path, tiny_tokenizer, calib_tokens):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+    from safetensors import safe_open
+    from llmpress.formats import export_compressed_tensors, export_dense
+    model = tiny_llama()
+    names = adapter_for(model).linear_names(model)
+    plan = Plan([("*.mlp.*", parse_method_spec(method)), ("*", GPTQ(bits=4, group_size=32))])
+    compress(model, plan.resolve(names), calib_tokens, progress=False)
+    ids = calib_tokens[:2]
+    ref = model(ids).logits
+    for fmt, export in (("dense", export_dense), ("ct", export_compressed_tensors)):
+        out = export(copy.deepcopy(model), tiny_tokenizer, tmp_path / fmt)
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert not [k for k in f.keys() if ".quant." in k or ".sparse." in k or k.endswith((".up", ".down"))]
+        back = AutoModelForCausalLM.from_pretrained(out)
+        torch.testing.assert_close(back(ids).logits, ref, rtol=1e-4, atol=1e-4)

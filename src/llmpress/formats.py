@@ -29,8 +29,12 @@ FORMATS = ("compressed-tensors", "dense")
 
 def densify(model: nn.Module) -> nn.Module:
     """Replace every compressed layer of `model` (in place) by a dense nn.Linear holding its weight."""
+    done: list[str] = []
     for name, module in list(model.named_modules()):
+        if any(name.startswith(d + ".") for d in done):
+            continue                          # a part of a composite layer that is already merged
         if isinstance(module, CompressedLinear):
+            done.append(name)
             dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                               dtype=model.dtype, device="meta")
             dense.weight = nn.Parameter(module.dense_weight().to(model.dtype), requires_grad=False)
