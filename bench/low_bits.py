@@ -30,6 +30,7 @@ from llmpress.config import parse_method_spec  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402
 from llmpress.eval import model_size, perplexity  # noqa: E402
 from llmpress.models import load_model  # noqa: E402
+from llmpress.modules import with_dense_cache  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
 from llmpress.rotate import rotate_model  # noqa: E402
 
@@ -85,6 +86,8 @@ def main() -> None:
         plan = Plan.uniform(parse_method_spec(spec))
         report = compress(model, plan.resolve(names), tokens, progress=False)
         seconds = time.perf_counter() - t
+        for module in model.modules():        # evaluation only: skip rebuilding weights per window
+            with_dense_cache(module)
         ppl = perplexity(model, ids, 2048, a.max_windows, progress=False)
         size = model_size(model)
         results[name] = {"rotation": rot_info, "method": spec, "perplexity": ppl["perplexity"],
