@@ -34,8 +34,17 @@ from llmpress.modules import with_dense_cache  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
 from llmpress.rotate import rotate_model  # noqa: E402
 
+# the allocator's menu for 3 bits and below: GPTQ with MSE clipping per channel and at group 64,
+# and GPTQ + low-rank correction (2/3 bits, ranks 4/16); sparsity and low rank alone cost more
+# than 3 bits per weight at any level on the menu, so they could not be chosen
+LOW_MENU = "gptq:group_size=0,clip=mse;gptq:group_size=64,clip=mse;gptq-lr"
+
 # name -> (rotation or None, method spec | ("budget", budget, menu))
 RUNS = {
+    "alloc-3.0-rot": ("hadamard", ("budget", "bits=3.0", LOW_MENU)),
+    "alloc-3.25-rot": ("hadamard", ("budget", "bits=3.25", LOW_MENU)),
+    "alloc-2.5-rot": ("hadamard", ("budget", "bits=2.5", LOW_MENU)),
+    "alloc-3.0": (None, ("budget", "bits=3.0", LOW_MENU)),
     "gptq-w3g64": (None, "gptq:bits=3,group_size=64"),
     "gptq-w3g64-mse": (None, "gptq:bits=3,group_size=64,clip=mse"),
     "rot-gptq-w3g64": ("hadamard", "gptq:bits=3,group_size=64"),
@@ -52,6 +61,14 @@ RUNS = {
     "gptq-w2g64": (None, "gptq:bits=2,group_size=64"),
     "rot-gptq-w2g64-mse": ("hadamard", "gptq:bits=2,group_size=64,clip=mse"),
 }
+
+
+def _count(configs: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for c in configs.values():
+        label = "dense" if c is None else c.label()
+        counts[label] = counts.get(label, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def floor_seconds(model, tokens) -> float:
@@ -83,7 +100,17 @@ def main() -> None:
         model = copy.deepcopy(dense)
         t = time.perf_counter()
         rot_info = rotate_model(model, rotation) if rotation else None
-        plan = Plan.uniform(parse_method_spec(spec))
+        allocation = None
+        if isinstance(spec, tuple):
+            _, budget, menu = spec
+            table_path = ROOT / "bench" / ".cache" / f"low-bits-table-{rotation or 'none'}.json"
+            allocated = plan_for_budget(model, tokens, Budget.parse(budget), menu_configs(menu),
+                                        table_path=table_path, progress=False)
+            plan = allocated.plan
+            allocation = {"table_seconds": allocated.table.meta.get("seconds"),
+                          "chosen": _count(allocated.plan.resolve(names))}
+        else:
+            plan = Plan.uniform(parse_method_spec(spec))
         report = compress(model, plan.resolve(names), tokens, progress=False)
         seconds = time.perf_counter() - t
         for module in model.modules():        # evaluation only: skip rebuilding weights per window
@@ -93,7 +120,8 @@ def main() -> None:
         results[name] = {"rotation": rot_info, "method": spec, "perplexity": ppl["perplexity"],
                          "windows": ppl.get("windows"), "bits_per_weight": size["bits_per_weight"],
                          "compress_seconds": seconds, "x_floor": seconds / results["_floor_seconds"],
-                         "fallbacks": sum("fallback" in v for v in report.layers.values())}
+                         "fallbacks": sum("fallback" in v for v in report.layers.values()),
+                         "allocation": allocation}
         print(f"{name:28s} ppl {ppl['perplexity']:8.3f}  {size['bits_per_weight']:.3f} bpw  "
               f"{seconds:6.1f}s ({seconds / results['_floor_seconds']:.1f}x floor)", flush=True)
         out.write_text(json.dumps(results, indent=1))

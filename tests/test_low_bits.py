@@ -265,3 +265,16 @@ def test_composites_export_dense_and_compressed_tensors(method, tmp_path, tiny_t
             assert not [k for k in f.keys() if ".quant." in k or ".sparse." in k or k.endswith((".up", ".down"))]
         back = AutoModelForCausalLM.from_pretrained(out)
         torch.testing.assert_close(back(ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_allocator_table_covers_the_new_options(tiny_model, calib_tokens):
+    from llmpress.budget import Budget, menu_configs, plan_for_budget
+    rotate_model(tiny_model, "hadamard")
+    menu = menu_configs("gptq:group_size=0,clip=mse;gptq-lr:group_size=0;oats")
+    alloc = plan_for_budget(tiny_model, calib_tokens, Budget.parse("bits=3"), menu, sample_windows=2, progress=False)
+    labels = {o["label"] for layer in alloc.table.layers.values() for o in layer["options"] if o["config"]}
+    assert labels == {c.label() for c in menu}
+    names = adapter_for(tiny_model).linear_names(tiny_model)
+    compress(tiny_model, alloc.plan.resolve(names), calib_tokens, progress=False)
+    from llmpress.eval import model_size
+    assert model_size(tiny_model)["bits_per_weight"] <= 3.0
