@@ -32,7 +32,7 @@ from llmpress.eval import model_size, perplexity  # noqa: E402
 from llmpress.models import load_model  # noqa: E402
 from llmpress.modules import with_dense_cache  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
-from llmpress.rotate import rotate_model  # noqa: E402
+from llmpress.rotate import choose_rotation, rotate_model  # noqa: E402
 
 # the allocator's menu for 3 bits and below: GPTQ with MSE clipping per channel and at group 64,
 # and GPTQ + low-rank correction (2/3 bits, ranks 4/16); sparsity and low rank alone cost more
@@ -54,6 +54,9 @@ RUNS = {
     "gptq-w3ch-mse": (None, "gptq:bits=3,group_size=0,clip=mse"),
     "rot-gptq-w3ch-mse": ("hadamard", "gptq:bits=3,group_size=0,clip=mse"),
     "rot-gptq-lr-w3ch-r8": ("hadamard", "gptq-lr:bits=3,group_size=0,rank=8"),
+    "rotsearch-gptq-w3ch-mse": ("hadamard-search", "gptq:bits=3,group_size=0,clip=mse"),
+    "sparsegpt-50": (None, "sparsegpt:sparsity=0.5"),
+    "oats-0.5": (None, "oats:param_ratio=0.5"),
     "rtn-w3g64": (None, "rtn:bits=3,group_size=64"),
     "rtn-w3g64-mse": (None, "rtn:bits=3,group_size=64,clip=mse"),
     "awq-w3g64": (None, "awq:bits=3,group_size=64"),
@@ -99,7 +102,12 @@ def main() -> None:
         rotation, spec = RUNS[name]
         model = copy.deepcopy(dense)
         t = time.perf_counter()
-        rot_info = rotate_model(model, rotation) if rotation else None
+        rot_info = None
+        if rotation == "hadamard-search":       # HeRo-Q's idea: the seed with the smallest measured error
+            seed, searched = choose_rotation(model, tokens[:16], "hadamard", range(8), progress=False)
+            rot_info = {**rotate_model(model, "hadamard", seed), "search": searched}
+        elif rotation:
+            rot_info = rotate_model(model, rotation)
         allocation = None
         if isinstance(spec, tuple):
             _, budget, menu = spec

@@ -159,7 +159,8 @@ def rotate_model(model: nn.Module, kind: str = "hadamard", seed: int = 0, heads:
                 _set(v.bias, (v.bias.double().view(-1, head_dim) @ r2).reshape(-1))
             wo = o.weight.double().view(d, -1, head_dim)                  # (d, heads, hd)
             _set(o.weight, (wo @ r2).reshape(d, -1))
-    return {"kind": kind, "seed": seed, "hidden": d, "heads": heads, "untied_embeddings": tied}
+    return {"kind": kind, "seed": seed, "hidden": d, "heads": heads, "untied_embeddings": tied,
+            "untied_extra_bytes": head.weight.numel() * head.weight.element_size() if tied else 0}
 
 
 def choose_rotation(model: nn.Module, tokens: torch.Tensor, kind: str = "hadamard", seeds=range(8),

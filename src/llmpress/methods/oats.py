@@ -35,8 +35,9 @@ def oats_split(out_f: int, in_f: int, param_ratio: float, rank_ratio: float) -> 
 
 def oats_decompose(w: torch.Tensor, col_norms: torch.Tensor, rank: int, per_row: int, iters: int):
     """w (out, in), col_norms (in,) -> (S (out, in) with `per_row` nonzeros per row, up (out, r), down (r, in))."""
-    d = col_norms.double().clamp(min=1e-8 * col_norms.max().item() + 1e-12)       # (in,)
-    wd = w.double() * d[None, :]
+    # float32: the alternation is approximate anyway, and float64 SVDs would triple its cost
+    d = col_norms.float().clamp(min=1e-8 * col_norms.max().item() + 1e-12)        # (in,)
+    wd = w.float() * d[None, :]
     s = torch.zeros_like(wd)
     for _ in range(iters):
         u, sv, vh = torch.linalg.svd(wd - s, full_matrices=False)
@@ -47,7 +48,7 @@ def oats_decompose(w: torch.Tensor, col_norms: torch.Tensor, rank: int, per_row:
     u, sv, vh = torch.linalg.svd(wd - s, full_matrices=False)
     root = sv[:rank].sqrt()
     up, down = u[:, :rank] * root, root[:, None] * vh[:rank] / d[None, :]
-    return (s / d[None, :]).float(), up.float(), down.float()
+    return s / d[None, :], up, down
 
 
 @dataclass(frozen=True)
