@@ -278,3 +278,27 @@ def test_allocator_table_covers_the_new_options(tiny_model, calib_tokens):
     compress(tiny_model, alloc.plan.resolve(names), calib_tokens, progress=False)
     from llmpress.eval import model_size
     assert model_size(tiny_model)["bits_per_weight"] <= 3.0
+
+
+def test_cli_export_lora_adapter_reloads_exactly(tmp_path, tiny_hf_dir):
+    pytest.importorskip("compressed_tensors")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+    from llmpress.cli import main
+    from llmpress.export import load_compressed
+    out = tmp_path / "out"
+    main(["compress", "--model", str(tiny_hf_dir), "--method", "gptq-lr", "--bits", "3", "--group-size", "32",
+          "--rank", "4", "--calib", str(tiny_hf_dir / "config.json"), "--num-samples", "4",
+          "--seq-len", "16", "--out", str(out)])
+    ours, _ = load_compressed(out)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = ours(ids).logits
+    main(["export", str(out), "--format", "compressed-tensors", "--out", str(tmp_path / "ct"),
+          "--adapter-out", str(tmp_path / "lora")])
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
+    assert not torch.allclose(base(ids).logits, ref, atol=1e-4)          # the corrections matter
+    with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "lora")
+    torch.testing.assert_close(with_adapter(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    assert main(["export", str(out), "--format", "dense", "--out", str(tmp_path / "d"),
+                 "--adapter-out", str(tmp_path / "l2")]) != 0
+    assert not (tmp_path / "d").exists() and not (tmp_path / "l2").exists()

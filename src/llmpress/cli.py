@@ -120,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="compressed-tensors: pack-quantized (transformers, vLLM); gguf: llama.cpp (4/8-bit "
                         "symmetric group-32 layers as Q4_0/Q8_0, others F32); dense: every layer merged back")
     x.add_argument("--out", required=True)
+    x.add_argument("--adapter-out", help="compressed-tensors: write gptq-lr layers' low-rank corrections as a PEFT "
+                                         "LoRA adapter folder here (their quantized base goes into --out)")
 
     v = sub.add_parser("verify", help="re-hash every file of an llmpress folder against its manifest")
     v.add_argument("dir")
@@ -394,9 +396,22 @@ def cmd_export(a) -> None:
         counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
         print(f"{a.dir} -> {a.out} (gguf; tensor types {counts})")
         return
-    write = export_compressed_tensors if a.format == "compressed-tensors" else export_dense
-    out = write(model, tokenizer, a.out)
+    from llmpress.formats import lowrank_corrections
+    corrected = lowrank_corrections(model)
+    if a.adapter_out and (a.format != "compressed-tensors" or not corrected):
+        raise LLMPressError("--adapter-out applies to --format compressed-tensors of a model with gptq-lr layers")
+    if a.format == "compressed-tensors":
+        out = export_compressed_tensors(model, tokenizer, a.out, a.adapter_out)
+        if corrected and not a.adapter_out:
+            print(f"note: {len(corrected)} gptq-lr layers (quantized + low-rank correction) were written dense; "
+                  "--adapter-out DIR writes their quantized base here and the corrections as a LoRA adapter",
+                  file=sys.stderr)
+    else:
+        out = export_dense(model, tokenizer, a.out)
     print(f"{a.dir} -> {out} ({a.format}; loads with transformers' from_pretrained, no trust_remote_code)")
+    if a.adapter_out:
+        print(f"low-rank corrections of {len(corrected)} layers -> {a.adapter_out} (PEFT LoRA adapter: "
+              f"PeftModel.from_pretrained(model, {a.adapter_out!r}))")
 
 
 def cmd_verify(a) -> None:

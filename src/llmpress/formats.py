@@ -22,7 +22,7 @@ from torch import nn
 
 from llmpress.arch import adapter_for
 from llmpress.errors import LLMPressError
-from llmpress.modules import CompressedLinear, QuantLinear
+from llmpress.modules import CompressedLinear, QuantLinear, QuantLowRankLinear
 
 FORMATS = ("compressed-tensors", "dense")
 
@@ -66,8 +66,67 @@ def check_compressed_tensors(model: nn.Module) -> dict[tuple[int, int], list[str
     return groups
 
 
-def export_compressed_tensors(model: nn.Module, tokenizer, out: str | Path) -> Path:
-    """Write `model` (an llmpress-compressed model) as a compressed-tensors pack-quantized folder."""
+def lowrank_corrections(model: nn.Module) -> list[str]:
+    """Names of the quantized layers that carry a low-rank correction (gptq-lr)."""
+    return [n for n, m in model.named_modules() if isinstance(m, QuantLowRankLinear)]
+
+
+def split_corrections(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Replace every gptq-lr layer of `model` (in place) by its quantized base; returns the
+    corrections as PEFT LoRA tensors (lora_A = down (r, in), lora_B = up (out, r)) and their ranks."""
+    names = lowrank_corrections(model)
+    if not names:
+        raise LLMPressError("the model has no quantized layers with a low-rank correction (gptq-lr)")
+    tensors, ranks = {}, {}
+    for name in names:
+        m = model.get_submodule(name)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = m.down.clone()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = m.up.clone()
+        ranks[name] = m.rank
+        base_layer = m.quant
+        base_layer.bias = m.bias                   # the base layer carries the bias again
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, base_layer)
+    return tensors, ranks
+
+
+def write_lora_adapter(tensors: dict[str, torch.Tensor], ranks: dict[str, int], out: str | Path, base: str = "") -> Path:
+    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) with alpha = r
+    per layer (scaling 1), so base + adapter computes exactly Q x + up (down x)."""
+    import json
+    from safetensors.torch import save_file
+    out = Path(out)
+    if out.exists():
+        raise LLMPressError(f"{out} already exists")
+    r = max(ranks.values())
+    # exact-name patterns: peft matches rank_pattern / alpha_pattern keys as regexes on module names
+    pattern = {"^" + re.escape(n) + "$": k for n, k in ranks.items()}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+              "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": pattern,
+              "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True}
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_compressed_tensors(model: nn.Module, tokenizer, out: str | Path, adapter_out: str | Path | None = None) -> Path:
+    """Write `model` (an llmpress-compressed model) as a compressed-tensors pack-quantized folder.
+    Layers with a low-rank correction (gptq-lr): with adapter_out, the quantized base goes into
+    the folder and the corrections into a PEFT LoRA adapter folder; without, they are written dense."""
+    adapter = None
+    if adapter_out is not None:
+        if Path(adapter_out).exists():
+            raise LLMPressError(f"{adapter_out} already exists")
+        adapter = split_corrections(model)
     try:
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
         from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
@@ -95,7 +154,10 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out: str | Path) -> P
         for k, ((bits, group_size), names) in enumerate(sorted(groups.items()))}
     qconfig = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
                                  quantization_status="compressed", ignore=["lm_head"])
-    return write_hf_folder(rest, tokenizer, out, tensors, qconfig.to_dict())
+    folder = write_hf_folder(rest, tokenizer, out, tensors, qconfig.to_dict())
+    if adapter is not None:
+        write_lora_adapter(*adapter, adapter_out, str(Path(out).resolve()))
+    return folder
 
 
 def export_dense(model: nn.Module, tokenizer, out: str | Path) -> Path:
