@@ -107,12 +107,13 @@ def test_verify_command(tiny_hf_dir, tmp_path, capsys):
 
 
 def _mixed_plan_model(tiny_hf_dir, tmp_path, text_file, capsys):
-    """The tiny model compressed with 4-bit attention, 8-bit gate/up (GPTQ, groups of 32) and a 50 %
+    """The tiny model compressed with 4-bit q/k/v, 5-bit o, 8-bit gate/up (GPTQ, groups of 32) and a 50 %
     SparseGPT down_proj: every export path meets a quantized, another-width and a sparse layer."""
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"version": 1, "rules": [
         {"pattern": "*.mlp.down_proj", "config": {"method": "sparsegpt", "sparsity": 0.5}},
         {"pattern": "*.mlp.*", "config": {"method": "gptq", "bits": 8, "group_size": 32}},
+        {"pattern": "*.self_attn.o_proj", "config": {"method": "gptq", "bits": 5, "group_size": 32}},
         {"pattern": "*", "config": {"method": "gptq", "bits": 4, "group_size": 32}}]}))
     out = tmp_path / "c"
     code, _, err = _run(capsys, "compress", "--model", tiny_hf_dir, "--plan", plan, "--calib", text_file,
@@ -137,7 +138,7 @@ def test_export_compressed_tensors_and_dense_reload_in_plain_transformers(tiny_h
         reloaded = AutoModelForCausalLM.from_pretrained(dest)
         assert torch.equal(reloaded(ids).logits, ref), fmt
     config = json.loads((tmp_path / "compressed-tensors" / "config.json").read_text())["quantization_config"]
-    assert config["format"] == "pack-quantized" and len(config["config_groups"]) == 2
+    assert config["format"] == "pack-quantized" and len(config["config_groups"]) == 3       # 4, 5 and 8 bits
     # on disk, the quantized layers (4/8-bit codes + fp32 scales per 32) save at least half of
     # their fp32 bytes against the dense export
     quantized = sum(m.in_features * m.out_features * 4 for m in ours.modules() if hasattr(m, "int_weight"))
@@ -163,7 +164,7 @@ def test_demo_runs_end_to_end(tiny_hf_dir, capsys):
 
 
 def test_export_gguf_reloads_in_transformers_with_equal_logits(tiny_hf_dir, tmp_path, text_file, capsys):
-    """4-bit and 8-bit symmetric group-32 layers are written as Q4_0 / Q8_0 blocks as they are (no
+    """4-, 5- and 8-bit symmetric group-32 layers are written as Q4_0 / Q5_0 / Q8_0 blocks as they are (no
     re-quantization), the sparse one as F32, q/k rows permuted as llama.cpp expects: transformers'
     GGUF reader gives back llmpress's logits exactly."""
     import gguf
@@ -175,7 +176,7 @@ def test_export_gguf_reloads_in_transformers_with_equal_logits(tiny_hf_dir, tmp_
     assert "no tokenizer metadata" in err and "Q4_0" in stdout
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.1.ffn_up.weight"] == "Q8_0"
-    assert types["blk.0.ffn_down.weight"] == "F32"
+    assert types["blk.0.attn_output.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "F32"
     ours, _ = load_model(str(out))
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

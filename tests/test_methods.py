@@ -104,17 +104,18 @@ def test_int4_layers_run_packed_in_bfloat16(symmetric):
     assert q._packed[0].numel() == 96 * 128 // 2          # half a byte per weight
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 8])
 def test_gguf_block_encoders_are_bit_exact(bits):
-    """Our Q4_0 / Q8_0 bytes, decoded by gguf-py's reference dequantizer, give the layer's weight."""
+    """Our Q4_0 / Q5_0 / Q8_0 bytes, decoded by gguf-py's reference dequantizer, give the layer's weight."""
     import gguf
     import numpy as np
-    from llmpress.gguf_export import encode_q4_0, encode_q8_0
+    from llmpress.gguf_export import BITS_TYPE, ENCODERS
     from llmpress.methods.rtn import RTN, apply_rtn
     torch.manual_seed(1)
     q, _ = apply_rtn(torch.nn.Linear(96, 40, bias=False), RTN(bits=bits, group_size=32), None)
-    encode = encode_q4_0 if bits == 4 else encode_q8_0
-    kind = gguf.GGMLQuantizationType.Q4_0 if bits == 4 else gguf.GGMLQuantizationType.Q8_0
+    encode = ENCODERS[BITS_TYPE[bits]]
+    kind = getattr(gguf.GGMLQuantizationType, BITS_TYPE[bits])
+    assert q.int_weight().max() >= 2 ** (bits - 1)              # the top bit is exercised
     decoded = gguf.quants.dequantize(encode(q.int_weight(), q.scale), kind)
     assert np.array_equal(decoded.astype(np.float32), q.dense_weight().numpy())
 

@@ -117,8 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write an llmpress folder in a format that loads without llmpress")
     x.add_argument("dir", help="an llmpress output folder")
     x.add_argument("--format", required=True, choices=["compressed-tensors", "gguf", "dense"],
-                   help="compressed-tensors: pack-quantized (transformers, vLLM); gguf: llama.cpp (4/8-bit "
-                        "symmetric group-32 layers as Q4_0/Q8_0, others F32); dense: every layer merged back")
+                   help="compressed-tensors: pack-quantized (transformers, vLLM); gguf: llama.cpp (4/5/8-bit "
+                        "symmetric group-32 layers as Q4_0/Q5_0/Q8_0, others F32); dense: every layer merged back")
     x.add_argument("--out", required=True)
     x.add_argument("--adapter-out", help="compressed-tensors: write gptq-lr layers' low-rank corrections as a PEFT "
                                          "LoRA adapter folder here (their quantized base goes into --out)")

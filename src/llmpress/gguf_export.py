@@ -3,6 +3,7 @@
 Per tensor, the type follows from the compressed layer, with no re-quantization:
 - a symmetric 4-bit layer with groups of 32 IS GGUF Q4_0 (w = (q - 8) * d, d fp16 per 32 weights):
   its codes and fp16 scales are written as Q4_0 blocks as they are;
+- a symmetric 5-bit layer with groups of 32 IS Q5_0 (w = (q - 16) * d);
 - a symmetric 8-bit layer with groups of 32 IS Q8_0 (w = qs * d with qs = q - 128);
 - every other linear (other grids, sparse, low-rank, dense) is written merged, in F32 (exact);
 - norms in F32; embeddings / LM head copied byte for byte from the source GGUF when the model came
@@ -37,6 +38,21 @@ def encode_q4_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
     return torch.cat([d, qs], -1).reshape(out_f, -1).numpy()
 
 
+def encode_q5_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
+    """codes (out, in) in 0..31 and scale (out, in / 32) fp16 -> Q5_0 bytes (out, in / 32 * 22):
+    per block the fp16 d, 4 bytes (a little-endian uint32) of fifth bits (bit j: weight j), then 16
+    bytes of low nibbles as in Q4_0; w = (q - 16) * d."""
+    out_f, in_f = codes.shape
+    q = codes.to(torch.int64).view(out_f, in_f // 32, 32)
+    low = (q & 0x0F).to(torch.uint8)
+    qs = low[..., :16] | (low[..., 16:] << 4)                                   # (out, B, 16)
+    high = (q >> 4) & 1                                                         # (out, B, 32)
+    qh = (high << torch.arange(32)).sum(-1)                                     # (out, B) < 2**32
+    qh = torch.stack([(qh >> (8 * k)) & 0xFF for k in range(4)], -1).to(torch.uint8)
+    d = scale.to(torch.float16).contiguous().view(torch.uint8).view(out_f, in_f // 32, 2)
+    return torch.cat([d, qh, qs], -1).reshape(out_f, -1).numpy()
+
+
 def encode_q8_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
     """codes (out, in) in 0..255 (zero 128) and scale (out, in / 32) -> Q8_0 bytes (out, in / 32 * 34)."""
     out_f, in_f = codes.shape
@@ -50,10 +66,14 @@ def _qk_permutation(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
+ENCODERS = {"Q4_0": encode_q4_0, "Q5_0": encode_q5_0, "Q8_0": encode_q8_0}
+BITS_TYPE = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}        # symmetric b-bit grids with groups of 32
+
+
 def gguf_type_of(module: nn.Module) -> str:
     if isinstance(module, QuantLinear) and module.symmetric and module.group_size == Q4_0_BLOCK \
-            and module.in_features % Q4_0_BLOCK == 0 and module.bits in (4, 8):
-        return "Q4_0" if module.bits == 4 else "Q8_0"
+            and module.in_features % Q4_0_BLOCK == 0 and module.bits in BITS_TYPE:
+        return BITS_TYPE[module.bits]
     return "F32"
 
 
@@ -134,7 +154,7 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
                     codes, scale = module.int_weight(), module.scale
                     if perm is not None:
                         codes, scale = codes[perm], scale[perm]
-                    data = (encode_q4_0 if kind == "Q4_0" else encode_q8_0)(codes, scale)
+                    data = ENCODERS[kind](codes, scale)
                     writer.add_tensor(target, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
                 types[target] = kind
                 if getattr(module, "bias", None) is not None:
