@@ -1,6 +1,8 @@
 """Issue 13: clipping search, per-channel grids, quantization + low-rank correction, rotations."""
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -302,3 +304,45 @@ def test_cli_export_lora_adapter_reloads_exactly(tmp_path, tiny_hf_dir):
     assert main(["export", str(out), "--format", "dense", "--out", str(tmp_path / "d"),
                  "--adapter-out", str(tmp_path / "l2")]) != 0
     assert not (tmp_path / "d").exists() and not (tmp_path / "l2").exists()
+
+
+def test_gguf_export_with_lora_adapter(tmp_path, tiny_hf_dir):
+    """gptq-lr layers on the Q4_0 grid: the GGUF holds their quantized base as Q4_0 blocks and the
+    adapter file their factors (q/k rows permuted like the base): base + adapter = llmpress's model."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+    from llmpress.cli import main
+    from llmpress.export import load_compressed
+    from llmpress.gguf_export import _qk_permutation
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(tiny_hf_dir), "--method", "gptq-lr", "--bits", "4", "--group-size", "32",
+                 "--rank", "4", "--calib", str(tiny_hf_dir / "config.json"), "--num-samples", "4",
+                 "--seq-len", "16", "--out", str(out)]) == 0
+    ours, _ = load_compressed(out)
+    assert main(["export", str(out), "--format", "gguf", "--out", str(tmp_path / "m.gguf"),
+                 "--adapter-out", str(tmp_path / "lora.gguf")]) == 0
+    base = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert base["blk.0.attn_q.weight"] == "Q4_0" and base["blk.1.ffn_down.weight"] == "Q4_0"
+    reader = gguf.GGUFReader(str(tmp_path / "lora.gguf"))
+    assert bytes(reader.fields["general.type"].parts[-1]).decode() == "adapter"
+    lora = {t.name: torch.from_numpy(np.asarray(t.data).copy()).float() for t in reader.tensors}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    config = model.config
+    with torch.no_grad():
+        for name, module in ours.named_modules():
+            if not isinstance(module, QuantLowRankLinear):
+                continue
+            block, layer = name.split(".")[2], name.split(".", 3)[-1]
+            gname = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                     "mlp.down_proj": "ffn_down"}[layer]
+            a, b = lora[f"blk.{block}.{gname}.weight.lora_a"], lora[f"blk.{block}.{gname}.weight.lora_b"]
+            heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(gname)
+            if heads:
+                b = b[torch.argsort(_qk_permutation(b.shape[0], heads))]
+            assert torch.equal(a, module.down.float()) and torch.equal(b, module.up.float())
+            target = model.get_submodule(name)
+            assert torch.equal(target.weight, module.quant.dense_weight())        # the base, exactly
+            target.weight += b @ a
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)

@@ -120,8 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="compressed-tensors: pack-quantized (transformers, vLLM); gguf: llama.cpp (4/5/8-bit "
                         "symmetric group-32 layers as Q4_0/Q5_0/Q8_0, others F32); dense: every layer merged back")
     x.add_argument("--out", required=True)
-    x.add_argument("--adapter-out", help="compressed-tensors: write gptq-lr layers' low-rank corrections as a PEFT "
-                                         "LoRA adapter folder here (their quantized base goes into --out)")
+    x.add_argument("--adapter-out", help="gptq-lr layers: their quantized base goes into --out and their low-rank "
+                                         "corrections here, as a PEFT LoRA adapter folder (compressed-tensors) or a "
+                                         "GGUF LoRA adapter file (gguf)")
 
     v = sub.add_parser("verify", help="re-hash every file of an llmpress folder against its manifest")
     v.add_argument("dir")
@@ -392,14 +393,16 @@ def cmd_export(a) -> None:
         if kind != "gguf":
             print("note: the source model is not a GGUF file, so the export carries no tokenizer metadata "
                   "(transformers loads it; llama.cpp needs a tokenizer)", file=sys.stderr)
-        types = export_gguf(model, a.out, where if kind == "gguf" else None)
+        types = export_gguf(model, a.out, where if kind == "gguf" else None, adapter_out=a.adapter_out)
         counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
         print(f"{a.dir} -> {a.out} (gguf; tensor types {counts})")
+        if a.adapter_out:
+            print(f"low-rank corrections -> {a.adapter_out} (GGUF LoRA adapter: llama.cpp --lora {a.adapter_out})")
         return
     from llmpress.formats import lowrank_corrections
     corrected = lowrank_corrections(model)
     if a.adapter_out and (a.format != "compressed-tensors" or not corrected):
-        raise LLMPressError("--adapter-out applies to --format compressed-tensors of a model with gptq-lr layers")
+        raise LLMPressError("--adapter-out applies to --format compressed-tensors or gguf of a model with gptq-lr layers")
     if a.format == "compressed-tensors":
         out = export_compressed_tensors(model, tokenizer, a.out, a.adapter_out)
         if corrected and not a.adapter_out:

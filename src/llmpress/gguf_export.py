@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from llmpress.errors import LLMPressError
-from llmpress.modules import CompressedLinear, QuantLinear
+from llmpress.modules import CompressedLinear, QuantLinear, QuantLowRankLinear
 
 Q4_0_BLOCK = 32
 
@@ -86,9 +86,13 @@ def _same_tensor(src, p: torch.Tensor) -> bool:
 
 
 def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | None = None,
-                float_type: str = "F32", copy_embeddings: bool = True, encode=None) -> dict:
+                float_type: str = "F32", copy_embeddings: bool = True, encode=None,
+                adapter_out: str | Path | None = None) -> dict:
     """Write `model` (llama architecture) to the GGUF file `out`; returns {tensor name: type}.
 
+    adapter_out: layers with a low-rank correction (gptq-lr) are written as their quantized base,
+    and the corrections as a GGUF LoRA adapter file there (llama.cpp's `--lora`; alpha 0, so its
+    scale is exactly the user's adapter scale, 1); without it, they are written merged.
     float_type: F32 (exact) or F16 for the linears that are not stored on a GGUF grid;
     copy_embeddings: the source GGUF's embedding bytes (else written in float_type);
     encode(fqn, weight (out, in) float32, already permuted) -> (bytes array, GGMLQuantizationType)
@@ -108,6 +112,13 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
     n_blocks = len(adapter.blocks(model))
     reader = gguf.GGUFReader(str(source_gguf)) if source_gguf else None
     source_tensors = {t.name: t for t in reader.tensors} if reader else {}
+    lora: dict[str, np.ndarray] = {}
+    if adapter_out is not None:
+        adapter_out = Path(adapter_out)
+        if adapter_out.exists():
+            raise LLMPressError(f"{adapter_out} already exists")
+        if not any(isinstance(m, QuantLowRankLinear) for m in model.modules()):
+            raise LLMPressError("the model has no quantized layers with a low-rank correction (gptq-lr)")
     tmp = out.with_name(f".{out.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -139,6 +150,14 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
                 heads = {"self_attn.q_proj": config.num_attention_heads,
                          "self_attn.k_proj": config.num_key_value_heads}.get(fqn.split(".", 3)[-1])
                 perm = _qk_permutation(module.out_features, heads) if heads else None
+                if adapter_out is not None and isinstance(module, QuantLowRankLinear):
+                    # the adapter's B rows follow the base's row order (q/k permuted likewise)
+                    up = module.up if perm is None else module.up[perm]
+                    lora[target + ".lora_a"] = module.down.contiguous().numpy()          # (r, in) fp16
+                    lora[target + ".lora_b"] = up.contiguous().numpy()                   # (out, r) fp16
+                    if module.bias is not None:
+                        raise LLMPressError(f"{fqn} has a bias; the llama GGUF layout has none")
+                    module = module.quant
                 kind = gguf_type_of(module)
                 if kind == "F32" or encode is not None:
                     w = module.dense_weight() if isinstance(module, CompressedLinear) else module.weight.float()
@@ -183,8 +202,32 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        if lora:
+            _write_lora(lora, adapter_out)
         shutil.move(str(tmp), str(out))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return types
+
+
+def _write_lora(tensors: dict[str, np.ndarray], out: Path) -> None:
+    """A llama.cpp LoRA adapter: general.type = adapter, adapter.type = lora, tensors
+    `<base tensor>.lora_a` (r, in) and `.lora_b` (out, r) in F16 (the factors' stored type)."""
+    import gguf
+    tmp = out.with_name(f".{out.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)     # 0: scale = the user's adapter scale
+    for name, t in tensors.items():
+        writer.add_tensor(name, t)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        shutil.move(str(tmp), str(out))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
