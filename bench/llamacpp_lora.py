@@ -47,6 +47,17 @@ def greedy_llamacpp(model_path: Path, lora: Path | None, max_tokens: int) -> str
     return r["choices"][0]["text"] if "choices" in r else r.get("content")
 
 
+def add_agreement(result: dict, tok) -> None:
+    """Leading greedy tokens llama.cpp shares with transformers, with and without the adapter
+    (llama.cpp rounds activations to 8 bits for its Q4_0 / Q8_0 matmuls, so near-ties may flip)."""
+    ref = tok(result["transformers_llmpress"]).input_ids
+    for key in ("llamacpp_base_plus_lora", "llamacpp_base_only"):
+        got = tok(result[key]).input_ids
+        same = next((i for i, (x, y) in enumerate(zip(ref, got)) if x != y), min(len(ref), len(got)))
+        result[key + "_common_prefix_tokens"] = same
+    result["reference_tokens"] = len(ref)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "llamacpp_lora.json"))
@@ -69,6 +80,7 @@ def main() -> None:
     result = {"prompt": PROMPT, "transformers_llmpress": ours, "llamacpp_base_plus_lora": with_lora,
               "llamacpp_base_only": without, "lora_equals_transformers": with_lora.strip() == ours.strip(),
               "base_types": sorted(set(types.values()))}
+    add_agreement(result, tok)
     print(json.dumps(result, indent=1))
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
 

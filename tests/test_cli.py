@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from conftest import needs_embedded
 from llmpress.cli import main
 from llmpress.plan import Plan
 from llmpress import RTN
@@ -195,3 +196,23 @@ def test_eval_speed_against_the_base_in_one_run(tiny_hf_dir, tmp_path, text_file
     assert r["decode_speedup"] == pytest.approx(r["decode_tokens_per_s"] / r["base"]["decode_tokens_per_s"])
     # 4-bit codes packed for the int4 kernel + bf16 rest, against the float32 base
     assert r["weight_memory_ratio"] < 0.75
+
+
+def test_eval_gguf_needs_speed_and_existing_files(tiny_hf_dir, tmp_path, capsys):
+    code, _, err = _run(capsys, "eval", "--model", tiny_hf_dir, "--gguf", tmp_path / "none.gguf")
+    assert code == 2 and "goes with --speed" in err
+    code, _, err = _run(capsys, "eval", "--model", tiny_hf_dir, "--speed", "--gguf", tmp_path / "none.gguf")
+    assert code == 2 and "no such file" in err
+
+
+@pytest.mark.slow
+@needs_embedded
+def test_eval_speed_times_the_gguf_in_llamacpp(tmp_path, capsys):
+    pytest.importorskip("xllamacpp")
+    from llmpress.models import resolve_source
+    _, source = resolve_source("smollm2-135m")
+    js = tmp_path / "e.json"
+    code, out, err = _run(capsys, "eval", "--model", "smollm2-135m", "--speed", "--gguf", source, "--json", js)
+    assert code == 0, err
+    r = json.loads(js.read_text())["llamacpp"][str(source)]
+    assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 and "llama.cpp" in out

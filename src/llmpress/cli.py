@@ -91,6 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--kl-windows", type=int, default=4, help="windows of --seq-len tokens for KL (default 4)")
     e.add_argument("--speed", action="store_true", help="prefill / decode tokens/s, peak memory, layer timings "
                                                          "(with --kl-base: the base model's too, and the ratios)")
+    e.add_argument("--gguf", nargs="+", metavar="FILE",
+                   help="with --speed: also time these GGUF files in llama.cpp (pip install xllamacpp), e.g. the "
+                        "exported model and an F32 / F16 export of the base; ratios against the first")
     e.add_argument("--base-dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the --kl-base model (default float32: the dense reference)")
     e.add_argument("--seed", type=int, default=0)
@@ -304,6 +307,11 @@ def cmd_eval(a) -> dict:
         raise LLMPressError(f"--kl-windows must be at least 1, got {a.kl_windows}")
     if a.seq_len < 2:
         raise LLMPressError(f"--seq-len must be at least 2, got {a.seq_len}")
+    if a.gguf and not a.speed:
+        raise LLMPressError("--gguf times files in llama.cpp: it goes with --speed")
+    for path in a.gguf or ():
+        if not Path(path).is_file():
+            raise LLMPressError(f"--gguf {path}: no such file")
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     model, tokenizer = load_model(a.model, dtype=dtype, trust_remote_code=getattr(a, "trust_remote_code", False))
@@ -355,6 +363,15 @@ def cmd_eval(a) -> dict:
             print(f"  base: decode {base_speed['decode_tokens_per_s']:.1f} tok/s -> {result['decode_speedup']:.2f}x; "
                   f"weights in memory {result['weight_memory_ratio']:.2f}x the base's")
         del base
+    if a.gguf:
+        result["llamacpp"] = {}
+        for path in a.gguf:
+            r = ev.llamacpp_speed(path, threads=torch.get_num_threads())
+            result["llamacpp"][str(path)] = r
+            first = result["llamacpp"][str(a.gguf[0])]
+            print(f"  llama.cpp {path}: prefill {r['prefill_tokens_per_s']:.0f} tok/s, decode "
+                  f"{r['decode_tokens_per_s']:.1f} tok/s ({r['decode_tokens_per_s'] / first['decode_tokens_per_s']:.2f}x "
+                  f"the first), {r['file_bytes'] / 2**20:.0f} MiB")
     _write_json(a.json, result)
     return result
 

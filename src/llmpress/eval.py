@@ -110,6 +110,39 @@ def speed(model: nn.Module, prompt_len: int = 256, decode_tokens: int = 32, batc
     return out
 
 
+def llamacpp_speed(path, prompt_len: int = 256, decode_tokens: int = 32, threads: int | None = None,
+                   repeats: int = 2) -> dict:
+    """llama.cpp (the `xllamacpp` CPU wheel) on a GGUF file: prefill and decode tokens/s at batch 1,
+    best of `repeats`, on a prompt of random token ids, greedy; the same sizes as `speed`."""
+    try:
+        import xllamacpp as xlc
+    except ImportError as e:
+        raise LLMPressError(f"timing a GGUF needs llama.cpp's Python wheel: pip install xllamacpp ({e})")
+    from pathlib import Path
+    if not Path(path).is_file():
+        raise LLMPressError(f"{path}: no such GGUF file")
+    threads = threads or torch.get_num_threads()
+    params = xlc.CommonParams()
+    params.model.path = str(path)
+    params.n_ctx = prompt_len + decode_tokens + 8
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
+    server = xlc.Server(params)
+    gen = torch.Generator().manual_seed(0)
+    best = {"prefill_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
+    try:
+        for _ in range(repeats):
+            prompt = torch.randint(100, 10000, (prompt_len,), generator=gen).tolist()
+            r = server.handle_completions({"prompt": prompt, "max_tokens": decode_tokens, "temperature": 0.0,
+                                           "top_k": 1, "seed": 0, "cache_prompt": False, "ignore_eos": True})
+            if "timings" not in r:
+                raise LLMPressError(f"llama.cpp could not run {path}: {r}")
+            best["prefill_tokens_per_s"] = max(best["prefill_tokens_per_s"], r["timings"]["prompt_per_second"])
+            best["decode_tokens_per_s"] = max(best["decode_tokens_per_s"], r["timings"]["predicted_per_second"])
+    finally:
+        del server
+    return {**best, "threads": threads, "file_bytes": Path(path).stat().st_size}
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer the model holds (tied tensors once), plus any packed
     runtime form its compressed layers built."""
