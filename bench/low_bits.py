@@ -23,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from llmpress import Plan  # noqa: E402
+from llmpress import GPTQ, GPTQLowRank, Plan  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
-from llmpress.budget import Budget, menu_configs, plan_for_budget  # noqa: E402
+from llmpress.budget import Budget, plan_for_budget  # noqa: E402
 from llmpress.config import parse_method_spec  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402
 from llmpress.eval import model_size, perplexity  # noqa: E402
@@ -34,10 +34,15 @@ from llmpress.modules import with_dense_cache  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
 from llmpress.rotate import choose_rotation, rotate_model  # noqa: E402
 
-# the allocator's menu for 3 bits and below: GPTQ with MSE clipping per channel and at group 64,
-# and GPTQ + low-rank correction (2/3 bits, ranks 4/16); sparsity and low rank alone cost more
-# than 3 bits per weight at any level on the menu, so they could not be chosen
-LOW_MENU = "gptq:group_size=0,clip=mse;gptq:group_size=64,clip=mse;gptq-lr"
+# The allocator's menu for 3 bits and below: GPTQ with MSE clipping per channel and at group 64,
+# and GPTQ + a rank-4 correction. Sparsity and low rank alone cost more than 3 bits per weight at
+# any level, so they could not be chosen. Six options, not every level of `gptq:...;gptq-lr`
+# (14): the table costs one GPTQ solve per layer and option, about 2.3 minutes per block with
+# the full menu on this CPU.
+LOW_MENU = [GPTQ(bits=2, group_size=64, clip="mse"), GPTQ(bits=3, group_size=0, clip="mse"),
+            GPTQ(bits=3, group_size=64, clip="mse"), GPTQ(bits=4, group_size=0, clip="mse"),
+            GPTQ(bits=4, group_size=64, clip="mse"), GPTQLowRank(bits=3, group_size=0, rank=4)]
+SAMPLE_WINDOWS = 8
 
 # name -> (rotation or None, method spec | ("budget", budget, menu))
 RUNS = {
@@ -111,8 +116,8 @@ def main() -> None:
         allocation = None
         if isinstance(spec, tuple):
             _, budget, menu = spec
-            table_path = ROOT / "bench" / ".cache" / f"low-bits-table-{rotation or 'none'}.json"
-            allocated = plan_for_budget(model, tokens, Budget.parse(budget), menu_configs(menu),
+            table_path = ROOT / "bench" / ".cache" / f"low-bits-table6-{rotation or 'none'}.json"
+            allocated = plan_for_budget(model, tokens, Budget.parse(budget), menu, sample_windows=SAMPLE_WINDOWS,
                                         table_path=table_path, progress=False)
             plan = allocated.plan
             allocation = {"table_seconds": allocated.table.meta.get("seconds"),
