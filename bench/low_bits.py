@@ -130,7 +130,8 @@ def main() -> None:
             with_dense_cache(module)
         ppl = perplexity(model, ids, 2048, a.max_windows, progress=False)
         size = model_size(model)
-        results[name] = {"rotation": rot_info, "method": spec, "perplexity": ppl["perplexity"],
+        method = spec if isinstance(spec, str) else {"budget": spec[1], "menu": [c.label() for c in spec[2]]}
+        results[name] = {"rotation": rot_info, "method": method, "perplexity": ppl["perplexity"],
                          "windows": ppl.get("windows"), "bits_per_weight": size["bits_per_weight"],
                          "compress_seconds": seconds, "x_floor": seconds / results["_floor_seconds"],
                          "fallbacks": sum("fallback" in v for v in report.layers.values()),
