@@ -244,21 +244,40 @@ class LowRankLinear(CompressedLinear):
                    torch.zeros(s["out_features"]) if s["bias"] else None)
 
 
-class QuantLowRankLinear(CompressedLinear):
-    """y = Q x + up @ (down @ x): a quantized layer plus a low-rank correction of its error, run as
-    the quantized matmul (packed where QuantLinear runs packed) plus two thin matmuls."""
+class _PlusLowRank(CompressedLinear):
+    """Base of the composites: y = B x + up @ (down @ x), with B a compressed layer held under the
+    attribute named `part` (its tensors saved as `<part>.<name>`) and two fp16 factors."""
 
-    def __init__(self, quant: QuantLinear, up: torch.Tensor, down: torch.Tensor, bias=None):
+    part: str = ""
+    part_type: type = CompressedLinear
+
+    def __init__(self, base: CompressedLinear, up: torch.Tensor, down: torch.Tensor, bias=None):
         super().__init__()
-        self.in_features, self.out_features = quant.in_features, quant.out_features
+        self.in_features, self.out_features = base.in_features, base.out_features
         self.rank = up.shape[1]
-        self.quant = quant                                                  # bias-free
+        setattr(self, self.part, base)                                      # bias-free
         self.register_buffer("up", up.to(STORAGE_DTYPE).contiguous())      # (out, r)
         self.register_buffer("down", down.to(STORAGE_DTYPE).contiguous())  # (r, in)
         self._init_bias(bias)
 
     def dense_weight(self) -> torch.Tensor:
-        return self.quant.dense_weight() + self.up.float() @ self.down.float()
+        return getattr(self, self.part).dense_weight() + self.up.float() @ self.down.float()
+
+    def spec(self) -> dict:
+        return {"type": type(self).__name__, "in_features": self.in_features, "out_features": self.out_features,
+                self.part: getattr(self, self.part).spec(), "rank": self.rank, "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, s: dict):
+        return cls(cls.part_type.empty(s[cls.part]), torch.zeros(s["out_features"], s["rank"]),
+                   torch.zeros(s["rank"], s["in_features"]), torch.zeros(s["out_features"]) if s["bias"] else None)
+
+
+class QuantLowRankLinear(_PlusLowRank):
+    """y = Q x + up @ (down @ x): a quantized layer plus a low-rank correction of its error, run as
+    the quantized matmul (packed where QuantLinear runs packed) plus two thin matmuls."""
+
+    part, part_type = "quant", QuantLinear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._weight_cache is not None:
@@ -266,39 +285,11 @@ class QuantLowRankLinear(CompressedLinear):
         y = self.quant(x) + F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
-    def spec(self) -> dict:
-        return {"type": "QuantLowRankLinear", "in_features": self.in_features, "out_features": self.out_features,
-                "quant": self.quant.spec(), "rank": self.rank, "bias": self.bias is not None}
 
-    @classmethod
-    def empty(cls, s: dict) -> "QuantLowRankLinear":
-        return cls(QuantLinear.empty(s["quant"]), torch.zeros(s["out_features"], s["rank"]),
-                   torch.zeros(s["rank"], s["in_features"]), torch.zeros(s["out_features"]) if s["bias"] else None)
-
-
-class SparseLowRankLinear(CompressedLinear):
+class SparseLowRankLinear(_PlusLowRank):
     """y = S x + up @ (down @ x): a sparse layer plus a low-rank part (OATS-style decomposition)."""
 
-    def __init__(self, sparse: SparseLinear, up: torch.Tensor, down: torch.Tensor, bias=None):
-        super().__init__()
-        self.in_features, self.out_features = sparse.in_features, sparse.out_features
-        self.rank = up.shape[1]
-        self.sparse = sparse                                                # bias-free
-        self.register_buffer("up", up.to(STORAGE_DTYPE).contiguous())      # (out, r)
-        self.register_buffer("down", down.to(STORAGE_DTYPE).contiguous())  # (r, in)
-        self._init_bias(bias)
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.sparse.dense_weight() + self.up.float() @ self.down.float()
-
-    def spec(self) -> dict:
-        return {"type": "SparseLowRankLinear", "in_features": self.in_features, "out_features": self.out_features,
-                "sparse": self.sparse.spec(), "rank": self.rank, "bias": self.bias is not None}
-
-    @classmethod
-    def empty(cls, s: dict) -> "SparseLowRankLinear":
-        return cls(SparseLinear.empty(s["sparse"]), torch.zeros(s["out_features"], s["rank"]),
-                   torch.zeros(s["rank"], s["in_features"]), torch.zeros(s["out_features"]) if s["bias"] else None)
+    part, part_type = "sparse", SparseLinear
 
 
 def with_dense_cache(module: nn.Module) -> nn.Module:
