@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from llmpress import GPTQ, Plan  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402
-from llmpress.eval import perplexity  # noqa: E402
+from llmpress.eval import llamacpp_server, perplexity  # noqa: E402
 from llmpress.gguf_export import export_gguf  # noqa: E402
 from llmpress.models import load_model, resolve_source  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
@@ -40,13 +40,7 @@ PROMPT = "The history of the Roman Empire begins with"
 
 
 def llama_cpp(path: Path, max_tokens: int = 64, repeats: int = 3) -> dict:
-    import xllamacpp as xlc
-    params = xlc.CommonParams()
-    params.model.path = str(path)
-    params.n_ctx = 512
-    params.cpuparams.n_threads = 2
-    params.cpuparams_batch.n_threads = 2
-    server = xlc.Server(params)
+    server = llamacpp_server(path, n_ctx=512, threads=2)
     best = {"decode_tokens_per_s": 0.0, "prompt_tokens_per_s": 0.0}
     text = None
     for _ in range(repeats):

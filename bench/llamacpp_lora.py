@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from llmpress import GPTQLowRank, Plan  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
 from llmpress.data import calibration_tokens  # noqa: E402
+from llmpress.eval import llamacpp_server  # noqa: E402
 from llmpress.gguf_export import export_gguf  # noqa: E402
 from llmpress.models import load_model, resolve_source  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
@@ -29,18 +30,7 @@ PROMPT = "The history of the Roman Empire begins with"
 
 
 def greedy_llamacpp(model_path: Path, lora: Path | None, max_tokens: int) -> str:
-    import xllamacpp as xlc
-    params = xlc.CommonParams()
-    params.model.path = str(model_path)
-    params.n_ctx = 256
-    params.cpuparams.n_threads = 2
-    params.cpuparams_batch.n_threads = 2
-    if lora is not None:
-        info = xlc.CommonAdapterLoraInfo()
-        info.path = str(lora)
-        info.scale = 1.0
-        params.lora_adapters = [info]
-    server = xlc.Server(params)
+    server = llamacpp_server(model_path, n_ctx=256, threads=2, lora=lora)
     r = server.handle_completions({"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "top_k": 1,
                                    "seed": 0, "cache_prompt": False})
     del server

@@ -110,23 +110,33 @@ def speed(model: nn.Module, prompt_len: int = 256, decode_tokens: int = 32, batc
     return out
 
 
-def llamacpp_speed(path, prompt_len: int = 256, decode_tokens: int = 32, threads: int | None = None,
-                   repeats: int = 2) -> dict:
-    """llama.cpp (the `xllamacpp` CPU wheel) on a GGUF file: prefill and decode tokens/s at batch 1,
-    best of `repeats`, on a prompt of random token ids, greedy; the same sizes as `speed`."""
+def llamacpp_server(path, n_ctx: int, threads: int, lora=None):
+    """A llama.cpp server (the `xllamacpp` CPU wheel) on the GGUF file `path`, with `threads` for
+    both prompt and decode, optionally with a LoRA adapter file at scale 1."""
     try:
         import xllamacpp as xlc
     except ImportError as e:
-        raise LLMPressError(f"timing a GGUF needs llama.cpp's Python wheel: pip install xllamacpp ({e})")
+        raise LLMPressError(f"running a GGUF needs llama.cpp's Python wheel: pip install xllamacpp ({e})")
+    params = xlc.CommonParams()
+    params.model.path = str(path)
+    params.n_ctx = n_ctx
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
+    if lora is not None:
+        info = xlc.CommonAdapterLoraInfo()
+        info.path, info.scale = str(lora), 1.0
+        params.lora_adapters = [info]
+    return xlc.Server(params)
+
+
+def llamacpp_speed(path, prompt_len: int = 256, decode_tokens: int = 32, threads: int | None = None,
+                   repeats: int = 2) -> dict:
+    """llama.cpp on a GGUF file: prefill and decode tokens/s at batch 1, best of `repeats`, on a
+    prompt of random token ids, greedy; the same sizes as `speed`."""
     from pathlib import Path
     if not Path(path).is_file():
         raise LLMPressError(f"{path}: no such GGUF file")
     threads = threads or torch.get_num_threads()
-    params = xlc.CommonParams()
-    params.model.path = str(path)
-    params.n_ctx = prompt_len + decode_tokens + 8
-    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
-    server = xlc.Server(params)
+    server = llamacpp_server(path, prompt_len + decode_tokens + 8, threads)
     gen = torch.Generator().manual_seed(0)
     best = {"prefill_tokens_per_s": 0.0, "decode_tokens_per_s": 0.0}
     try:
