@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llmpress.config import (MethodConfig, config_class, config_from_dict, handler_for, method_names,
-                             parse_method_spec)
+                             parse_options)
 from llmpress.errors import LLMPressError
 from llmpress.walk import block_hidden
 
@@ -80,9 +80,7 @@ def menu_configs(menu: str) -> list[MethodConfig]:
     for entry in filter(None, (m.strip() for m in entries)):
         name, _, opts = entry.partition(":")
         name = name.strip()
-        fixed = parse_method_spec(f"{name}:{opts}").to_dict() if opts.strip() else {}
-        explicit = {k.strip().replace("-", "_") for k in (o.partition("=")[0] for o in opts.split(",")) if k.strip()}
-        fixed = {k: v for k, v in fixed.items() if k in explicit}
+        fixed = parse_options(opts, entry)
         levels = config_class(name).menu_levels()
         if not levels:
             with_menu = [m for m in method_names() if config_class(m).menu]

@@ -121,13 +121,18 @@ def parse_method_spec(spec: str) -> MethodConfig:
     """`"rtn:bits=4,group_size=128"` -> RTN(bits=4, group_size=128). Values parsed as int, float,
     bool or str; `nm=2:4` stays a string."""
     name, _, args = spec.strip().partition(":")
+    return config_from_dict({"method": name, **parse_options(args, spec)})
+
+
+def parse_options(args: str, spec: str | None = None) -> dict[str, Any]:
+    """`"bits=4,group_size=128"` -> {"bits": 4, "group_size": 128} (names with - read as _)."""
     kwargs: dict[str, Any] = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
-            raise LLMPressError(f"bad option {item!r} in {spec!r}: expected key=value")
+            raise LLMPressError(f"bad option {item!r} in {spec or args!r}: expected key=value")
         kwargs[key.strip().replace("-", "_")] = _parse_value(value.strip())
-    return config_from_dict({"method": name, **kwargs})
+    return kwargs
 
 
 def _parse_value(v: str) -> Any:
