@@ -183,20 +183,19 @@ def choose_rotation(model: nn.Module, tokens: torch.Tensor, kind: str = "hadamar
 
     config = config or RTN(bits=3, group_size=0)
     adapter = adapter_for(model)
-    head_of = {n: g[0] for g in adapter.input_groups for n in g}
     errors: dict[int, float] = {}
     for seed in tqdm(list(seeds), desc="rotation search", disable=not progress):
         rotated = copy.deepcopy(model)
         rotate_model(rotated, kind, seed)
-        stats = dense_statistics(rotated, tokens)
+        stats = dense_statistics(rotated, tokens)         # keyed by each input group's first member
         total = 0.0
-        for fqn in adapter.linear_names(rotated):
-            prefix, _, local = fqn.partition(".self_attn.") if ".self_attn." in fqn else fqn.partition(".mlp.")
-            local = ("self_attn." if "self_attn" in fqn else "mlp.") + local
-            head = f"{prefix}.{head_of[local]}"
-            linear = rotated.get_submodule(fqn)
-            module, _ = handler_for(config)(linear, config, stats[head])
-            total += relative_output_error(linear.weight, module.dense_weight(), stats[head])
+        for i in range(len(adapter.blocks(rotated))):
+            prefix = f"{adapter.blocks_path}.{i}."
+            for group in adapter.input_groups:
+                for name in group:
+                    linear = rotated.get_submodule(prefix + name)
+                    module, _ = handler_for(config)(linear, config, stats[prefix + group[0]])
+                    total += relative_output_error(linear.weight, module.dense_weight(), stats[prefix + group[0]])
         errors[seed] = total
         del rotated, stats
     return min(errors, key=errors.get), errors
