@@ -198,10 +198,7 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
                         np.float16 if kind == "F16" else np.float32))
                     types[target] = kind
     try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        _finish(writer, tmp, None)
         if lora:
             _write_lora(lora, adapter_out)
         shutil.move(str(tmp), str(out))
@@ -209,6 +206,21 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
         tmp.unlink(missing_ok=True)
         raise
     return types
+
+
+def _finish(writer, tmp: Path, out: Path | None) -> None:
+    """Write a GGUFWriter's header, metadata and tensors to its temporary file `tmp`, then (with
+    out) move it into place; the temporary file is removed if anything fails."""
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        if out is not None:
+            shutil.move(str(tmp), str(out))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_lora(tensors: dict[str, np.ndarray], out: Path) -> None:
@@ -222,12 +234,4 @@ def _write_lora(tensors: dict[str, np.ndarray], out: Path) -> None:
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 0.0)     # 0: scale = the user's adapter scale
     for name, t in tensors.items():
         writer.add_tensor(name, t)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        shutil.move(str(tmp), str(out))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _finish(writer, tmp, out)
