@@ -38,7 +38,7 @@ from llmpress.rotate import choose_rotation, rotate_model  # noqa: E402
 # and GPTQ + a rank-4 correction. Sparsity and low rank alone cost more than 3 bits per weight at
 # any level, so they could not be chosen. Six options, not every level of `gptq:...;gptq-lr`
 # (14): the table costs one GPTQ solve per layer and option, about 2.3 minutes per block with
-# the full menu on this CPU.
+# the full menu on this CPU (measured while two other jobs shared its 2 cores).
 LOW_MENU = [GPTQ(bits=2, group_size=64, clip="mse"), GPTQ(bits=3, group_size=0, clip="mse"),
             GPTQ(bits=3, group_size=64, clip="mse"), GPTQ(bits=4, group_size=0, clip="mse"),
             GPTQ(bits=4, group_size=64, clip="mse"), GPTQLowRank(bits=3, group_size=0, rank=4)]
