@@ -117,7 +117,8 @@ def check_feasible(shapes: list[tuple[int, int]], menu: list[MethodConfig], budg
     unit = {"params": params, "bits": params / 8}.get(budget.metric, 1)
     cheapest = 0.0
     for o, i in shapes:
-        options = [option_cost(c, o, i, dense_bytes_per_param) for c in [None, *menu]]
+        options = [option_cost(c, o, i, dense_bytes_per_param) for c in [None, *menu]
+                   if c is None or c.shape_problem(o, i) is None]
         cheapest += min(p if budget.metric == "params" else b for b, p in options)
     if cheapest > budget.target * unit:
         raise LLMPressError(f"{budget.metric}={budget.target:g} is below what the menu can reach "
@@ -277,6 +278,8 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
                 options = [{"label": "dense", "config": None, "bytes": linear_bytes(linear), "params": o_f * i_f,
                             "error": 0.0, "error_diag": 0.0, "block_error": 0.0}]
                 for config in menu:
+                    if config.shape_problem(o_f, i_f):     # e.g. a 256-weight GGUF block on 576 inputs
+                        continue
                     module, info = handler_for(config)(linear, config, stats[local])
                     setattr(block.get_submodule(parent), attr, module.to(linear.weight.device))
                     try:

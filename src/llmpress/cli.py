@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--param-ratio", type=float)
     c.add_argument("--rank", type=int, help="gptq-lr: rank of the low-rank correction")
     c.add_argument("--clip", choices=["mse"], help="RTN / GPTQ / AWQ: search each group's clipping range")
+    c.add_argument("--gguf-type", choices=["q4_1", "q5_1", "q4_k", "q5_k", "q6_k"],
+                   help="RTN / GPTQ: quantize onto this llama.cpp block grid (fixes bits and group size; "
+                        "--format gguf then writes these bytes as they are)")
     c.add_argument("--rotate", choices=["hadamard", "random"],
                    help="fold an orthogonal rotation of the residual stream (and per-head v/o) into the weights "
                         "before compressing (QuaRot-style incoherence; the model's function is unchanged)")
@@ -145,7 +148,8 @@ def _parser() -> argparse.ArgumentParser:
 def _config_from_args(a):
     from llmpress.config import config_from_dict
     opts = {"bits": a.bits, "group_size": a.group_size, "sparsity": a.sparsity, "nm": a.nm,
-            "param_ratio": a.param_ratio, "damp": a.damp, "alpha": a.alpha, "rank": a.rank, "clip": a.clip}
+            "param_ratio": a.param_ratio, "damp": a.damp, "alpha": a.alpha, "rank": a.rank, "clip": a.clip,
+            "gguf": a.gguf_type}
     kwargs = {k: v for k, v in opts.items() if v is not None}
     if a.asymmetric:
         kwargs["symmetric"] = False

@@ -39,6 +39,12 @@ class MethodConfig:
     def validate(self) -> None:  # overridden: raise LLMPressError on bad settings
         pass
 
+    def shape_problem(self, out_features: int, in_features: int) -> str | None:  # overridden
+        """Why this config cannot compress an (out, in) layer (e.g. a GGUF block grid on rows that
+        are not a whole number of blocks), or None. The pipeline refuses such a plan before any
+        work; allocators leave the option out for that layer."""
+        return None
+
     def storage(self, out_features: int, in_features: int) -> tuple[int, int]:
         """(bytes as stored, parameters kept) of one (out, in) layer under this config: exactly what
         its compressed module stores (llmpress.modules), so allocators and exports count alike."""

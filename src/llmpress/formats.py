@@ -22,7 +22,7 @@ from torch import nn
 
 from llmpress.arch import adapter_for
 from llmpress.errors import LLMPressError
-from llmpress.modules import CompressedLinear, QuantLinear, QuantLowRankLinear
+from llmpress.modules import CompressedLinear, GGMLLinear, QuantLinear, QuantLowRankLinear
 
 FORMATS = ("compressed-tensors", "dense")
 
@@ -51,6 +51,10 @@ def check_compressed_tensors(model: nn.Module) -> dict[tuple[int, int], list[str
     problems = []
     for name in adapter_for(model).linear_names(model):
         m = model.get_submodule(name)
+        if isinstance(m, GGMLLinear):
+            problems.append(f"{name}: GGUF grid {m.type.name} (its scales and offsets have no "
+                            "compressed-tensors form; export --format gguf)")
+            continue
         if not isinstance(m, QuantLinear):
             continue
         if not m.symmetric:

@@ -5,6 +5,7 @@ Per tensor, the type follows from the compressed layer, with no re-quantization:
   its codes and fp16 scales are written as Q4_0 blocks as they are;
 - a symmetric 5-bit layer with groups of 32 IS Q5_0 (w = (q - 16) * d);
 - a symmetric 8-bit layer with groups of 32 IS Q8_0 (w = qs * d with qs = q - 128);
+- a layer solved on a GGUF grid (`gguf=q4_1|q5_1|q4_k|q5_k|q6_k`) holds that type's bytes: copied;
 - every other linear (other grids, sparse, low-rank, dense) is written merged, in F32 (exact);
 - norms in F32; embeddings / LM head copied byte for byte from the source GGUF when the model came
   from one (llmpress never changes them), F32 otherwise.
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from llmpress.errors import LLMPressError
-from llmpress.modules import CompressedLinear, QuantLinear, QuantLowRankLinear
+from llmpress.modules import CompressedLinear, GGMLLinear, QuantLinear, QuantLowRankLinear
 
 Q4_0_BLOCK = 32
 
@@ -71,6 +72,8 @@ BITS_TYPE = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}        # symmetric b-bit grids wit
 
 
 def gguf_type_of(module: nn.Module) -> str:
+    if isinstance(module, GGMLLinear):              # solved on a GGUF grid: its bytes, as they are
+        return module.type.name
     if isinstance(module, QuantLinear) and module.symmetric and module.group_size == Q4_0_BLOCK \
             and module.in_features % Q4_0_BLOCK == 0 and module.bits in BITS_TYPE:
         return BITS_TYPE[module.bits]
@@ -169,6 +172,9 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
                     else:
                         kind = float_type
                         writer.add_tensor(target, w.astype(np.float16 if float_type == "F16" else np.float32))
+                elif isinstance(module, GGMLLinear):
+                    raw = module.raw if perm is None else module.raw[perm]     # whole blocks per row
+                    writer.add_tensor(target, raw.contiguous().numpy(), raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
                 else:
                     codes, scale = module.int_weight(), module.scale
                     if perm is not None:

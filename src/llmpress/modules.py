@@ -2,6 +2,7 @@
 
 - QuantLinear: b-bit integers packed densely into bytes (ceil(n*b/8) bytes), fp16 scales per
   (row, group), b-bit packed zero points for asymmetric grids.
+- GGMLLinear: the bytes of a llama.cpp block type (Q4_1, Q5_1, Q4_K, Q5_K, Q6_K), as GGUF holds them.
 - SparseLinear: the kept values (fp16) in row-major order plus a 1-bit-per-weight mask.
 - LowRankLinear: two factors (fp16) that run as two matmuls, x -> x @ down.T @ up.T.
 - QuantLowRankLinear: a QuantLinear plus a LowRank correction of its error (fp16 factors).
@@ -133,7 +134,8 @@ class QuantLinear(CompressedLinear):
             return False
         if self.bits == 8:        # torch's int8 kernel: symmetric, one scale per output channel
             return self.symmetric and self.n_groups == 1
-        return self.bits == 4 and self.group_size in self.INT4_GROUPS and self.in_features % self.group_size == 0
+        return (self.bits == 4 and self.group_size in self.INT4_GROUPS and self.in_features % self.group_size == 0
+                and self.out_features % 16 == 0)          # the kernel's packing needs rows in 16s
 
     def _int4(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight in the kernel's packed layout (out, in / 2) uint8, scales and offsets
@@ -179,6 +181,61 @@ class QuantLinear(CompressedLinear):
         return cls(s["in_features"], s["out_features"], s["bits"], s["group_size"], s["symmetric"],
                    torch.zeros(nbytes, dtype=torch.uint8), torch.zeros(s["out_features"], n_groups),
                    zero, torch.zeros(s["out_features"]) if s["bias"] else None)
+
+
+class GGMLLinear(CompressedLinear):
+    """A layer quantized onto one of llama.cpp's block grids (Q4_1, Q5_1, Q4_K, Q5_K, Q6_K; see
+    llmpress.methods.ggml_grid), holding the GGML bytes themselves: what is stored, counted and
+    exported to GGUF is one buffer, and the weight is rebuilt exactly as gguf-py dequantizes it.
+    4-bit types with 32-weight sub-blocks (Q4_1, Q4_K) run packed on torch's int4 kernel
+    (bf16 activations, as QuantLinear)."""
+
+    def __init__(self, in_features, out_features, ggml_type: str, raw: torch.Tensor, bias=None):
+        super().__init__()
+        from llmpress.methods.ggml_grid import ggml_type as lookup
+        self.in_features, self.out_features = in_features, out_features
+        self.type = lookup(ggml_type)
+        self.register_buffer("raw", raw.to(torch.uint8).reshape(out_features, -1))   # (out, row bytes)
+        self._init_bias(bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        from llmpress.methods.ggml_grid import decode
+        return decode(self.type, self.raw, self.in_features)
+
+    def runs_packed(self, x: torch.Tensor) -> bool:
+        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.type.bits == 4
+                and self.type.sub in QuantLinear.INT4_GROUPS and self.out_features % 16 == 0)
+
+    def _int4(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._packed is None:
+            from llmpress.methods.ggml_grid import decode_parts
+            q, scale, offset = decode_parts(self.type, self.raw, self.in_features)   # (out, S, sub), (out, S) x2
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q.reshape(self.out_features, -1).to(torch.int32), 2)
+            # the kernel computes (q - 8) * scale + zero: zero = offset + 8 scale
+            sz = torch.stack([scale.T, (offset + 8 * scale).T], -1).to(torch.bfloat16).contiguous()
+            self._packed = (packed, sz)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.runs_packed(x):
+            return super().forward(x)
+        packed, sz = self._int4()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self.type.sub, sz)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def spec(self) -> dict:
+        return {"type": "GGMLLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "ggml_type": self.type.name, "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, s: dict) -> "GGMLLinear":
+        from llmpress.methods.ggml_grid import ggml_type, row_bytes
+        nbytes = row_bytes(ggml_type(s["ggml_type"]), s["in_features"])
+        return cls(s["in_features"], s["out_features"], s["ggml_type"],
+                   torch.zeros(s["out_features"], nbytes, dtype=torch.uint8),
+                   torch.zeros(s["out_features"]) if s["bias"] else None)
 
 
 class SparseLinear(CompressedLinear):
@@ -302,7 +359,7 @@ def with_dense_cache(module: nn.Module) -> nn.Module:
     return module
 
 
-MODULE_TYPES = {c.__name__: c for c in (QuantLinear, SparseLinear, LowRankLinear, QuantLowRankLinear,
+MODULE_TYPES = {c.__name__: c for c in (QuantLinear, GGMLLinear, SparseLinear, LowRankLinear, QuantLowRankLinear,
                                          SparseLowRankLinear)}
 
 

@@ -58,6 +58,11 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         raise LLMPressError("a statistics cache needs propagate=False (propagated statistics depend on the methods)")
     if walk.world > 1 and (checkpoint is not None or stats_cache is not None):
         raise LLMPressError("checkpoints and statistics caches are single-process; under torchrun run without them")
+    problems = [f"{fqn}: {why}" for fqn, c in layer_configs.items()
+                if (why := c.shape_problem(*_shape(model, fqn))) is not None]
+    if problems:
+        raise LLMPressError(f"{len(problems)} layer(s) cannot take their method: " + "; ".join(problems[:3]) +
+                            (" ..." if len(problems) > 3 else ""))
     if source is None:       # offloaded weights are checked as each block is read
         for fqn in layer_configs:
             check_finite(fqn, model.get_submodule(fqn).weight)
@@ -129,6 +134,11 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     report.seconds = time.perf_counter() - t0
     report.reduced_bytes = walk.reduced_bytes
     return report
+
+
+def _shape(model: nn.Module, fqn: str) -> tuple[int, int]:
+    m = model.get_submodule(fqn)
+    return m.out_features, m.in_features
 
 
 def check_finite(fqn: str, weight: torch.Tensor) -> None:

@@ -12,13 +12,16 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.config import MethodConfig, register
-from llmpress.methods import hessian
+from llmpress.methods import ggml_grid, hessian
 from llmpress.methods.hessian import check_damp
-from llmpress.methods.rtn import QUANT_MENU, check_quant_options, quant_storage, quant_grid, quant_linear_from_codes, quantize_to_grid, rtn_quantize
+from llmpress.methods.rtn import (QUANT_MENU, check_quant_options, fix_gguf_grid, ggml_linear_from_codes, gguf_shape_problem,
+                                  gguf_storage, quant_grid, quant_linear_from_codes, quant_storage, quantize_to_grid,
+                                  rtn_quantize)
 
 
 def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-               act_order: bool = False, damp: float = 0.01, clip: str | None = None):
+               act_order: bool = False, damp: float = 0.01, clip: str | None = None,
+               grid: tuple[torch.Tensor, torch.Tensor] | None = None):
     """w (out, in), h (in, in) -> (codes (out, in), scale (out, G), zero (out, G), info).
 
     Groups are runs of `group_size` input columns in the original order (the last may be shorter;
@@ -27,6 +30,8 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     group, grids are fitted up front from the original weights ("static groups"), so the stored
     layout needs no permutation index. clip="mse": each grid's clipping range is searched for the
     smallest rounding error weighted by h_jj (quant_grid).
+    grid=(scale, offset) (out, G): a fixed grid w = q * scale + offset per (row, group), fitted by
+    the caller (a GGUF block type, llmpress.methods.ggml_grid), returned in place of (scale, zero).
     If the damped Hessian cannot be inverted even at DAMP_STEPS x damp, falls back to RTN (info says so).
     """
     out_f, in_f = w.shape
@@ -34,17 +39,23 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     w, h, dead = hessian.prepare(w, h)
     diag = torch.diagonal(h).float()
     n_groups = -(-in_f // group_size)
-    static = act_order or n_groups == 1
+    static = act_order or n_groups == 1 or grid is not None
     scale_t = torch.empty(n_groups, out_f, device=w.device)   # transposed: one contiguous row per group
     zero_t = torch.empty(n_groups, out_f, device=w.device)
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(in_f, device=w.device)
+    if grid is not None:                               # zero_t holds the offsets
+        scale_t, zero_t = grid[0].T.contiguous(), grid[1].T.contiguous()
     if static:
-        for g in range(n_groups):
+        for g in range(n_groups if grid is None else 0):
             cols = slice(g * group_size, (g + 1) * group_size)
             scale_t[g], zero_t[g] = quant_grid(w[:, cols], bits, symmetric, clip, diag[cols])
         w = w[:, perm]
         h = h[perm][:, perm]
     upper, used = hessian.inverse_cholesky(h, damp)
+    if upper is None and grid is not None:
+        q = ggml_grid.quantize(w[:, torch.argsort(perm)], grid[0].repeat_interleave(group_size, 1),
+                               grid[1].repeat_interleave(group_size, 1), bits)
+        return q, grid[0], grid[1], {"fallback": "rtn", "reason": "Cholesky failed at every damping"}
     if upper is None:
         q, scale, zero = rtn_quantize(w[:, torch.argsort(perm)], bits, group_size, symmetric, clip, diag)
         return q, scale, zero, {"fallback": "rtn", "reason": "Cholesky failed at every damping"}
@@ -64,9 +75,14 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
                 scale_t[g], zero_t[g] = quant_grid(w1[:, i:i + group_size], bits, symmetric, clip,
                                                    diag[col:col + group_size])
             s, z = scale_t[g], zero_t[g]
-            q = quantize_to_grid(w1[:, i], s, z, bits)
+            if grid is None:
+                q = quantize_to_grid(w1[:, i], s, z, bits)
+                deq = (q - z) * s
+            else:                                     # z is the offset: w = q s + z
+                q = ggml_grid.quantize(w1[:, i], s, z, bits)
+                deq = q * s + z
             codes[:, col] = q
-            e = (w1[:, i] - (q - z) * s) / u1[i, i]
+            e = (w1[:, i] - deq) / u1[i, i]
             w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)    # spread the error over later columns
             err1[:, i] = e
         w[:, i2:] -= err1 @ upper[i1:i2, i2:]
@@ -92,26 +108,48 @@ class GPTQ(MethodConfig):
     act_order: bool = True
     damp: float = 0.01
     clip: str | None = None     # "mse": search each group's clipping range (Hessian-weighted error)
+    # q4_1|q5_1|q4_k|q5_k|q6_k: solve ON that llama.cpp grid (fixes bits, group_size = its sub-block),
+    # so the GGUF export holds exactly these weights; grids fitted up front (static)
+    gguf: str | None = None
+
+    def __post_init__(self) -> None:
+        fix_gguf_grid(self)
+        super().__post_init__()
 
     def validate(self) -> None:
         check_quant_options(self.bits, self.group_size, self.clip)
         check_damp(self.damp)
 
+    def shape_problem(self, out_features, in_features):
+        return gguf_shape_problem(self, in_features)
+
     def storage(self, out_features, in_features):
+        if self.gguf:
+            return gguf_storage(self, out_features, in_features)
         return quant_storage(self.bits, self.group_size, self.symmetric, out_features, in_features)
 
 
 def solve_group(linears, config: GPTQ, stats):
     """Members of an input group share H, and GPTQ treats rows independently given H: stack them."""
     w = torch.cat([m.weight.detach() for m in linears])              # (sum out_k, in)
-    codes, scale, zero, info = gptq_solve(w, stats.hessian(), config.bits, config.group_size,
-                                          config.symmetric, config.act_order, config.damp, config.clip)
+    h = stats.hessian()
+    grid = parts = None
+    if config.gguf:       # the GGUF grid, fitted from the original weights (Hessian-weighted clip search)
+        scale, offset, parts = ggml_grid.fit(w.float(), ggml_grid.ggml_type(config.gguf), config.clip,
+                                             torch.diagonal(h).float())
+        grid = (scale, offset)
+    codes, scale, zero, info = gptq_solve(w, h, config.bits, config.group_size, config.symmetric,
+                                          config.act_order, config.damp, config.clip, grid)
     out, start = [], 0
     for m in linears:
         rows = slice(start, start + m.out_features)
         start += m.out_features
-        out.append((quant_linear_from_codes(m, codes[rows], scale[rows], zero[rows], config.bits,
-                                            config.group_size, config.symmetric), dict(info)))
+        if config.gguf:
+            module = ggml_linear_from_codes(m, config.gguf, codes[rows], {k: v[rows] for k, v in parts.items()})
+        else:
+            module = quant_linear_from_codes(m, codes[rows], scale[rows], zero[rows], config.bits,
+                                             config.group_size, config.symmetric)
+        out.append((module, dict(info)))
     return out
 
 

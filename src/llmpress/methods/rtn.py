@@ -120,6 +120,56 @@ def quant_storage(bits: int, group_size: int, symmetric: bool, out_f: int, in_f:
 QUANT_MENU = tuple({"bits": b, "group_size": 128} for b in (2, 3, 4, 8))
 
 
+def fix_gguf_grid(config) -> None:
+    """__post_init__ of a config with a `gguf` option: `gguf=q4_k` fixes bits, group_size (the
+    type's sub-block) and symmetric; a conflicting explicit value is refused, not overridden."""
+    if config.gguf is None:
+        return
+    from llmpress.methods.ggml_grid import ggml_type
+    t = ggml_type(config.gguf)
+    implied = {"gguf": t.name.lower(), "bits": t.bits, "group_size": t.sub, "symmetric": t.symmetric}
+    fields = type(config).__dataclass_fields__
+    for name, value in implied.items():
+        given = getattr(config, name)
+        if name != "gguf" and given not in (value, fields[name].default):
+            raise LLMPressError(f"gguf={t.name.lower()} fixes {name}={value}; got {name}={given!r}")
+        object.__setattr__(config, name, value)
+
+
+def gguf_shape_problem(config, in_features: int) -> str | None:
+    if config.gguf is None:
+        return None
+    from llmpress.methods.ggml_grid import ggml_type
+    t = ggml_type(config.gguf)
+    if in_features % t.block:
+        return (f"GGUF {t.name} needs rows of whole {t.block}-weight blocks, this layer has {in_features} "
+                "inputs (llama.cpp falls back to another type for such tensors too)")
+    return None
+
+
+def gguf_storage(config, out_features: int, in_features: int) -> tuple[int, int]:
+    from llmpress.methods.ggml_grid import ggml_type, row_bytes
+    return out_features * row_bytes(ggml_type(config.gguf), in_features), out_features * in_features
+
+
+def ggml_linear_from_codes(linear, gguf: str, codes: torch.Tensor, parts: dict):
+    """Codes (out, in) on a GGUF grid fitted by ggml_grid.fit -> a GGMLLinear holding its bytes."""
+    from llmpress.methods.ggml_grid import encode, ggml_type
+    from llmpress.modules import GGMLLinear
+    t = ggml_type(gguf)
+    return GGMLLinear(linear.in_features, linear.out_features, t.name, encode(t, codes, parts), linear.bias)
+
+
+def rtn_gguf(w: torch.Tensor, gguf: str, clip: str | None = None, weights: torch.Tensor | None = None):
+    """w (out, in) -> (codes (out, in), parts): round to nearest on a GGUF block grid."""
+    from llmpress.methods.ggml_grid import fit, ggml_type, quantize
+    t = ggml_type(gguf)
+    scale, offset, parts = fit(w, t, clip, weights)
+    rows, cols = w.shape
+    q = quantize(w.view(rows, -1, t.sub), scale[..., None], offset[..., None], t.bits)
+    return q.view(rows, cols), parts
+
+
 def check_quant_options(bits: int, group_size: int, clip: str | None = None) -> None:
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise LLMPressError(f"bits must be an integer in 2..8, got {bits!r}")
@@ -138,16 +188,29 @@ class RTN(MethodConfig):
     group_size: int = 128       # 0: per channel (one scale per output row)
     symmetric: bool = True
     clip: str | None = None     # "mse": search each group's clipping range (data-free: unweighted)
+    gguf: str | None = None     # q4_1|q5_1|q4_k|q5_k|q6_k: quantize onto that llama.cpp grid (fixes bits, group_size)
+
+    def __post_init__(self) -> None:
+        fix_gguf_grid(self)
+        super().__post_init__()
 
     def validate(self) -> None:
         check_quant_options(self.bits, self.group_size, self.clip)
 
+    def shape_problem(self, out_features, in_features):
+        return gguf_shape_problem(self, in_features)
+
     def storage(self, out_features, in_features):
+        if self.gguf:
+            return gguf_storage(self, out_features, in_features)
         return quant_storage(self.bits, self.group_size, self.symmetric, out_features, in_features)
 
 
 @register(RTN)
 def apply_rtn(linear, config: RTN, stats):
     w = linear.weight.detach().float()
+    if config.gguf:
+        codes, parts = rtn_gguf(w, config.gguf, config.clip)
+        return ggml_linear_from_codes(linear, config.gguf, codes, parts), {}
     q, scale, zero = rtn_quantize(w, config.bits, config.group_size, config.symmetric, config.clip)
     return quant_linear_from_codes(linear, q, scale, zero, config.bits, config.group_size, config.symmetric), {}

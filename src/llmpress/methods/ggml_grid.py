@@ -1,0 +1,266 @@
+"""llama.cpp's block grids (GGML types) as quantization targets: fit, encode, decode.
+
+So that a GGUF export holds exactly llmpress's weights, RTN / GPTQ can quantize ON these grids
+(`gptq:gguf=q4_k`); the layer then stores the GGML bytes themselves (modules.GGMLLinear) and the
+export copies them. Every grid is w = q * s + o per sub-block, with q in 0..2**bits - 1:
+
+| type | bits/weight | sub-block | s, o per sub-block |
+|------|-------------|-----------|--------------------|
+| Q4_1 | 5.0  | 32  | s = d, o = m (fp16 each) |
+| Q5_1 | 6.0  | 32  | s = d, o = m (fp16 each) |
+| Q4_K | 4.5  | 32 of a 256 super-block | s = d * sc, o = -dmin * mc; d, dmin fp16 per 256, sc, mc 6-bit |
+| Q5_K | 5.5  | 32 of 256 | as Q4_K, 5-bit codes |
+| Q6_K | 6.5625 | 16 of 256 | s = d * sc, o = -32 s; d fp16 per 256, sc int8 |
+
+The two-level K-quant scales (Gerganov et al., llama.cpp PR #1684, "k-quants") are fitted as
+llama.cpp does in spirit: each sub-block's float range first (min-max, or the clip search of
+llmpress.methods.rtn), then the super-block scale d = max s / 63 (or 127) in fp16 and each
+sub-block's 6-bit (8-bit) multiple of it. Byte layouts follow ggml-quants.c; `decode` reproduces
+`gguf.quants.dequantize` bit for bit (tests/test_methods.py checks both directions).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmpress.errors import LLMPressError
+from llmpress.methods.rtn import CLIP_SHRINKS
+
+F16 = torch.float16
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    name: str          # as gguf.GGMLQuantizationType spells it
+    bits: int          # code bits
+    block: int         # weights per block (a row must be a whole number of blocks)
+    sub: int           # weights per sub-block (one s, o each)
+    nbytes: int        # bytes per block
+    symmetric: bool
+
+
+TYPES = {t.name.lower(): t for t in (
+    GGMLType("Q4_1", 4, 32, 32, 20, False),
+    GGMLType("Q5_1", 5, 32, 32, 24, False),
+    GGMLType("Q4_K", 4, 256, 32, 144, False),
+    GGMLType("Q5_K", 5, 256, 32, 176, False),
+    GGMLType("Q6_K", 6, 256, 16, 210, True),
+)}
+
+
+def ggml_type(name: str) -> GGMLType:
+    t = TYPES.get(str(name).lower())
+    if t is None:
+        raise LLMPressError(f"unknown GGUF grid {name!r}; llmpress quantizes onto {', '.join(TYPES)} "
+                            "(Q4_0 / Q5_0 / Q8_0 are the symmetric group-32 grids: bits=4|5|8, group_size=32)")
+    return t
+
+
+def check_shape(t: GGMLType, in_features: int) -> None:
+    if in_features % t.block:
+        raise LLMPressError(f"GGUF {t.name} needs rows that are a whole number of {t.block}-weight blocks; "
+                            f"this layer has {in_features} inputs (llama.cpp itself falls back to another type there)")
+
+
+def row_bytes(t: GGMLType, in_features: int) -> int:
+    return in_features // t.block * t.nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting: w (rows, cols) -> scale, offset (rows, cols / sub) float32 and the stored pieces
+
+def fit(w: torch.Tensor, t: GGMLType, clip: str | None = None, weights: torch.Tensor | None = None):
+    """w (rows, cols) float32 -> (scale (rows, S), offset (rows, S), parts) with S = cols / t.sub:
+    each sub-block's grid is w = q * scale + offset, exactly as the GGML type stores it (parts:
+    the fields `encode` writes). clip="mse": each sub-block's float range is shrunk by the factor of
+    rtn.CLIP_SHRINKS with the smallest (weights-weighted, (cols,)) squared rounding error, before
+    the second-level rounding of the K-quant scales."""
+    rows, cols = w.shape
+    check_shape(t, cols)
+    ws = w.reshape(rows, cols // t.sub, t.sub)                              # (rows, S, sub)
+    wt = None if weights is None else weights.reshape(cols // t.sub, t.sub)
+    s, lo = _sub_ranges(ws, t, clip, wt)                                   # float (rows, S)
+    if t.name in ("Q4_1", "Q5_1"):
+        d = s.to(F16)
+        d = torch.where(d > 0, d, torch.ones_like(d))    # a constant sub-block: every code 0 -> m
+        m = lo.to(F16)
+        return d.float(), m.float(), {"d": d, "m": m}
+    per = t.block // t.sub                                                 # sub-blocks per super-block
+    s = s.reshape(rows, -1, per)
+    levels = 127 if t.symmetric else 63
+    d = (s.amax(-1) / levels).to(F16)                                      # (rows, B)
+    sc = _small_multiple(s, d, levels, at_least=1)
+    scale = (d.float()[..., None] * sc.float()).reshape(rows, -1)          # exact in fp32, as ggml computes it
+    if t.symmetric:                                                         # Q6_K: w = d sc (q - 32)
+        return scale, -32 * scale, {"d": d, "sc": sc}
+    mins = (-lo).reshape(rows, -1, per)                                    # >= 0
+    dmin = (mins.amax(-1) / levels).to(F16)
+    mc = _small_multiple(mins, dmin, levels, at_least=0)
+    offset = -(dmin.float()[..., None] * mc.float()).reshape(rows, -1)
+    return scale, offset, {"d": d, "dmin": dmin, "sc": sc, "mc": mc}
+
+
+def _small_multiple(x: torch.Tensor, d: torch.Tensor, levels: int, at_least: int) -> torch.Tensor:
+    """x (rows, B, per) >= 0, d (rows, B) fp16 -> round(x / d) in at_least..levels (uint8); 0 where d = 0."""
+    df = d.float()[..., None]
+    k = torch.round(x / torch.where(df > 0, df, torch.ones_like(df))).clamp(at_least, levels)
+    return torch.where(df > 0, k, torch.zeros_like(k)).to(torch.uint8)
+
+
+def _sub_ranges(ws: torch.Tensor, t: GGMLType, clip: str | None, wt: torch.Tensor | None):
+    """ws (rows, S, sub) -> (step s, low end lo) per sub-block as floats: asymmetric grids span
+    [lo, lo + qmax s] (K-quants with lo <= 0, their min being stored as -dmin mc); Q6_K spans
+    s * [-32, 31] with s = 2 absmax / 63 (the symmetric convention of rtn)."""
+    qmax = 2 ** t.bits - 1
+
+    def ranges(shrink: float):
+        if t.symmetric:
+            s = ws.abs().amax(-1) * shrink * 2 / qmax
+            return s, -(2 ** (t.bits - 1)) * s
+        lo, hi = ws.amin(-1), ws.amax(-1)
+        if t.block > t.sub:                     # K-quants: the stored min is -dmin mc <= 0
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        mid = (lo + hi) / 2 if t.block == t.sub else torch.zeros_like(lo)
+        lo, hi = mid + (lo - mid) * shrink, mid + (hi - mid) * shrink
+        return (hi - lo) / qmax, lo
+
+    if clip is None:
+        return ranges(1.0)
+    if clip != "mse":
+        raise LLMPressError(f"clip must be None or 'mse', got {clip!r}")
+    best = best_err = None
+    for shrink in CLIP_SHRINKS:
+        s, lo = ranges(shrink)
+        q = quantize(ws, s[..., None], lo[..., None], t.bits)
+        d = ws - (q * s[..., None] + lo[..., None])
+        err = (d * d * wt).sum(-1) if wt is not None else (d * d).sum(-1)   # (rows, S)
+        if best is None:
+            best, best_err = (s, lo), err
+            continue
+        better = err < best_err
+        best = (torch.where(better, s, best[0]), torch.where(better, lo, best[1]))
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (as float) of w on the grid w = q * scale + offset (broadcast); 0 where scale is 0."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round((w - offset) / safe), 0, 2 ** bits - 1)
+    return torch.where(scale > 0, q, torch.zeros_like(q))
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes: encode codes + parts -> (rows, row_bytes) uint8; decode -> float32, as gguf-py does
+
+def _f16_bytes(x: torch.Tensor) -> torch.Tensor:          # (rows, B) fp16 -> (rows, B, 2) uint8
+    return x.to(F16).contiguous().view(torch.uint8).view(*x.shape, 2)
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """q (..., 2n) codes -> (..., n) bytes: value j in the low nibble of byte j, value n + j in its
+    high nibble (the layout of every GGML 4-bit field)."""
+    n = q.shape[-1] // 2
+    return (q[..., :n] & 0x0F) | ((q[..., n:] & 0x0F) << 4)
+
+
+def _unnibble(b: torch.Tensor) -> torch.Tensor:
+    return torch.cat([b & 0x0F, b >> 4], -1)
+
+
+def _bit_planes(bits: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """bits (..., 8 * nbytes) in {0, 1} -> (..., nbytes) bytes, bit j of the stream at byte j // 8, bit j % 8."""
+    b = bits.to(torch.int32).reshape(*bits.shape[:-1], nbytes, 8)
+    return (b << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+
+
+def _unbit_planes(b: torch.Tensor) -> torch.Tensor:
+    return ((b[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(*b.shape[:-1], -1)
+
+
+def _pack_scales_k(sc: torch.Tensor, mc: torch.Tensor) -> torch.Tensor:
+    """6-bit sc, mc (rows, B, 8) -> the 12 bytes of ggml's get_scale_min_k4 layout (rows, B, 12)."""
+    sc, mc = sc.to(torch.int32), mc.to(torch.int32)
+    b0 = sc[..., :4] | ((sc[..., 4:] >> 4) << 6)
+    b1 = mc[..., :4] | ((mc[..., 4:] >> 4) << 6)
+    b2 = (sc[..., 4:] & 0x0F) | ((mc[..., 4:] & 0x0F) << 4)
+    return torch.cat([b0, b1, b2], -1).to(torch.uint8)
+
+
+def _unpack_scales_k(b: torch.Tensor):
+    b = b.to(torch.int32)
+    b0, b1, b2 = b[..., 0:4], b[..., 4:8], b[..., 8:12]
+    sc = torch.cat([b0 & 63, (b2 & 0x0F) | ((b0 >> 6) << 4)], -1)
+    mc = torch.cat([b1 & 63, (b2 >> 4) | ((b1 >> 6) << 4)], -1)
+    return sc, mc
+
+
+def encode(t: GGMLType, codes: torch.Tensor, parts: dict) -> torch.Tensor:
+    """codes (rows, cols) in 0..2**bits - 1 and fit's parts -> GGML bytes (rows, cols / block * nbytes)."""
+    rows, cols = codes.shape
+    nb = cols // t.block
+    q = codes.to(torch.int32).reshape(rows, nb, t.block)
+    if t.name in ("Q4_1", "Q5_1"):
+        fields = [_f16_bytes(parts["d"]), _f16_bytes(parts["m"])]
+        if t.bits == 5:          # fifth bits as a little-endian uint32 per block, bit j = weight j
+            fields.append(_bit_planes(q >> 4, 4))
+        fields.append(_nibbles(q))
+    elif t.name in ("Q4_K", "Q5_K"):
+        scales = _pack_scales_k(parts["sc"].reshape(rows, nb, 8), parts["mc"].reshape(rows, nb, 8))
+        fields = [_f16_bytes(parts["d"]), _f16_bytes(parts["dmin"]), scales]
+        if t.bits == 5:          # qh[l] bit j = fifth bit of weight 32 j + l
+            fields.append(_bit_planes((q >> 4).view(rows, nb, 8, 32).transpose(-1, -2).reshape(rows, nb, 256), 32))
+        # qs: chunk k (64 weights) -> 32 bytes, weights 64k + l low, 64k + 32 + l high
+        fields.append(_nibbles(q.view(rows, nb, 4, 64)).reshape(rows, nb, 128))
+    else:                        # Q6_K: weight e = 128 h + 32 k + l
+        qq = q.view(rows, nb, 2, 4, 32)                                     # (h, k, l)
+        low = qq & 0x0F
+        ql = (low[:, :, :, 0:2] | (low[:, :, :, 2:4] << 4)).reshape(rows, nb, 128)   # byte 64h + 32(k%2) + l, nibble k//2
+        hi = (qq >> 4) & 0x03
+        qh = (hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6))
+        sc = parts["sc"].reshape(rows, nb, 16).to(torch.int8).view(torch.uint8)
+        fields = [ql, qh.reshape(rows, nb, 64), sc, _f16_bytes(parts["d"])]
+    return torch.cat([f.to(torch.uint8) for f in fields], -1).reshape(rows, -1)
+
+
+def decode_parts(t: GGMLType, raw: torch.Tensor, cols: int):
+    """GGML bytes (rows, row_bytes) uint8 -> (codes (rows, S, sub) float32, scale (rows, S),
+    offset (rows, S)) with S = cols / t.sub: the grid w = q * scale + offset of every sub-block."""
+    rows = raw.shape[0]
+    nb = cols // t.block
+    b = raw.reshape(rows, nb, t.nbytes)
+
+    def f16(x):
+        return x.contiguous().view(F16).float()                              # (rows, nb, 1)
+
+    if t.name in ("Q4_1", "Q5_1"):
+        d, m = f16(b[..., 0:2]), f16(b[..., 2:4])
+        q = _unnibble(b[..., -16:])
+        if t.bits == 5:
+            q = q | (_unbit_planes(b[..., 4:8]) << 4)
+        scale, offset = d, m
+    elif t.name in ("Q4_K", "Q5_K"):
+        d, dmin = f16(b[..., 0:2]), f16(b[..., 2:4])
+        sc, mc = _unpack_scales_k(b[..., 4:16])                               # (rows, nb, 8)
+        qs = b[..., -128:].reshape(rows, nb, 4, 32)
+        q = torch.cat([qs & 0x0F, qs >> 4], -1).reshape(rows, nb, 8, 32)     # chunk k: sub-blocks 2k, 2k + 1
+        if t.bits == 5:
+            q = q | (_unbit_planes(b[..., 16:48]).reshape(rows, nb, 32, 8).transpose(-1, -2) << 4)
+        scale, offset = d * sc.float(), -(dmin * mc.float())
+    else:                                                                     # Q6_K: weight 128 h + 32 k + l
+        ql, qh = b[..., 0:128].reshape(rows, nb, 2, 64), b[..., 128:192].reshape(rows, nb, 2, 32)
+        low = torch.stack([ql[..., 0:32] & 0x0F, ql[..., 32:64] & 0x0F, ql[..., 0:32] >> 4, ql[..., 32:64] >> 4], 3)
+        high = torch.stack([(qh >> (2 * k)) & 0x03 for k in range(4)], 3)    # (rows, nb, 2, 4, 32)
+        q = low | (high << 4)
+        scale = f16(b[..., 208:210]) * b[..., 192:208].contiguous().view(torch.int8).float()   # (rows, nb, 16)
+        offset = -32 * scale                 # q s - 32 s == (q - 32) s exactly: every product fits in fp32
+    return q.reshape(rows, -1, t.sub).float(), scale.reshape(rows, -1), offset.reshape(rows, -1)
+
+
+def decode(t: GGMLType, raw: torch.Tensor, cols: int) -> torch.Tensor:
+    """GGML bytes (rows, row_bytes) uint8 -> weights (rows, cols) float32, bit-identical to
+    gguf.quants.dequantize: q * s is exact in float32 for every type, and the one rounding (+ o)
+    is the one ggml makes."""
+    q, scale, offset = decode_parts(t, raw, cols)
+    return (q * scale[..., None] + offset[..., None]).reshape(raw.shape[0], cols)

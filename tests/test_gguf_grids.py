@@ -1,0 +1,163 @@
+"""Quantizing ON llama.cpp's block grids (Q4_1, Q5_1, Q4_K, Q5_K, Q6_K): bytes bit-exact against
+gguf-py, GPTQ better than round-to-nearest on the same grid, exact GGUF round trip."""
+import numpy as np
+import pytest
+import torch
+
+from llmpress.errors import LLMPressError
+from llmpress.methods import ggml_grid
+from llmpress.methods.gptq import GPTQ
+from llmpress.methods.rtn import RTN, apply_rtn
+from llmpress.modules import GGMLLinear
+
+TYPES = list(ggml_grid.TYPES)
+
+
+def _linear(out_f=24, in_f=512, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+        lin.weight[0, :256] = 0.0                     # an all-zero super-block
+        lin.weight[1] += 0.2                          # a row far from symmetric
+        lin.weight[2, 7] = 1.5                        # an outlier
+    return lin
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("clip", [None, "mse"])
+def test_ggml_bytes_decode_like_gguf_py(kind, clip):
+    """A layer RTN-quantized onto the grid stores GGML bytes that gguf-py's reference dequantizer
+    turns into exactly the layer's weight; every code value and the top bit are exercised; the cost
+    model counts exactly those bytes (= the type's size in GGUF)."""
+    import gguf
+    lin = _linear()
+    config = RTN(gguf=kind, clip=clip)
+    q, _ = apply_rtn(lin, config, None)
+    t = ggml_grid.TYPES[kind]
+    assert isinstance(q, GGMLLinear) and q.raw.shape == (24, 512 // t.block * t.nbytes)
+    ref = gguf.quants.dequantize(q.raw.numpy(), getattr(gguf.GGMLQuantizationType, t.name))
+    assert np.array_equal(ref, q.dense_weight().numpy())
+    codes, _, _ = ggml_grid.decode_parts(t, q.raw, 512)
+    assert codes.max() == 2 ** t.bits - 1 and codes.min() == 0
+    assert config.storage(24, 512) == (q.stored_bytes(), 24 * 512)
+    assert q.stored_bytes() == 24 * 512 // gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, t.name)][0] \
+        * gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, t.name)][1]
+    w = lin.weight.detach()
+    err = (q.dense_weight() - w).norm() / w.norm()
+    assert 0 < err < {4: 0.12, 5: 0.06, 6: 0.03}[t.bits]
+    assert torch.equal(q.dense_weight()[0, :256], torch.zeros(256))      # zeros stay exactly zero
+
+
+def test_gguf_option_fixes_the_grid_and_refuses_conflicts():
+    c = GPTQ(gguf="Q4_K")
+    assert (c.bits, c.group_size, c.symmetric, c.gguf) == (4, 32, False, "q4_k")
+    assert GPTQ(gguf="q6_k").group_size == 16 and GPTQ(gguf="q6_k").symmetric
+    with pytest.raises(LLMPressError, match="fixes bits=4"):
+        GPTQ(gguf="q4_k", bits=3)
+    with pytest.raises(LLMPressError, match="unknown GGUF grid"):
+        RTN(gguf="q3_k")
+    assert "256-weight blocks" in GPTQ(gguf="q4_k").shape_problem(64, 576)
+    assert GPTQ(gguf="q4_1").shape_problem(64, 576) is None
+
+
+@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "q4_1"])
+def test_gptq_on_the_gguf_grid_beats_rtn_on_it(kind):
+    """GPTQ solving on the fixed grid: output error ||(W - W') X|| below RTN's on the same grid, and
+    the result is still on it (bytes that gguf-py decodes to the layer's weight)."""
+    import gguf
+    from llmpress.methods.gptq import solve_group
+    lin = _linear()
+    torch.manual_seed(1)
+    x = torch.randn(2048, 512) @ (torch.eye(512) + torch.randn(512, 512) / 512 ** 0.5)   # correlated inputs
+
+    class Stats:
+        def hessian(self):
+            return x.T @ x / x.shape[0]
+
+    w = lin.weight.detach()
+    rtn, _ = apply_rtn(lin, RTN(gguf=kind), None)
+    (gptq, info), = solve_group([lin], GPTQ(gguf=kind), Stats())
+    assert isinstance(gptq, GGMLLinear) and "fallback" not in info
+
+    def out_err(m):
+        return ((m.dense_weight() - w) @ x.T).norm().item()
+
+    assert out_err(gptq) < 0.85 * out_err(rtn)        # the same gain as GPTQ on its own grid (0.75)
+    t = ggml_grid.TYPES[kind]
+    ref = gguf.quants.dequantize(gptq.raw.numpy(), getattr(gguf.GGMLQuantizationType, t.name))
+    assert np.array_equal(ref, gptq.dense_weight().numpy())
+
+
+def test_q4_grids_run_packed_in_bfloat16():
+    lin = _linear(out_f=48, in_f=256)
+    for kind in ("q4_k", "q4_1"):
+        q, _ = apply_rtn(lin, RTN(gguf=kind), None)
+        x = torch.randn(3, 5, 256)
+        ref = torch.nn.functional.linear(x, q.dense_weight())
+        xb = x.to(torch.bfloat16)
+        assert q.runs_packed(xb) and not q.runs_packed(x)
+        y = q(xb)
+        assert y.dtype == torch.bfloat16 and (y.float() - ref).abs().max() < 0.03 * ref.abs().max()
+    q6, _ = apply_rtn(lin, RTN(gguf="q6_k"), None)
+    assert not q6.runs_packed(xb)                  # 6-bit codes: rebuilt dense per forward
+    q40, _ = apply_rtn(_linear(out_f=40, in_f=256), RTN(gguf="q4_k"), None)
+    assert not q40.runs_packed(xb)                 # the int4 packing takes rows in multiples of 16
+
+
+def _llama_256():
+    """A one-block llama whose hidden (256) and intermediate (512) sizes take 256-weight K-quant blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_gguf_grid_model_saves_reloads_and_exports_exactly(tmp_path, tiny_tokenizer):
+    """A model GPTQ-solved on Q4_K / Q5_K / Q6_K / Q4_1 / Q5_1 (one type per layer): save -> load gives
+    identical logits; the GGUF export writes each layer's bytes as that type, and transformers' GGUF
+    reader gives back llmpress's logits exactly; compressed-tensors refuses it with the reason."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+    from llmpress.export import load_compressed, save_compressed
+    from llmpress.formats import check_compressed_tensors
+    from llmpress.gguf_export import export_gguf
+    from llmpress.pipeline import compress
+    model = _llama_256()
+    kinds = {"self_attn.q_proj": "q4_k", "self_attn.k_proj": "q5_k", "self_attn.v_proj": "q6_k",
+             "self_attn.o_proj": "q4_1", "mlp.gate_proj": "q5_1", "mlp.up_proj": "q4_k", "mlp.down_proj": "q6_k"}
+    configs = {f"model.layers.0.{k}": GPTQ(gguf=v) for k, v in kinds.items()}
+    tokens = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    compress(model, configs, tokens, progress=False)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    save_compressed(model, tiny_tokenizer, tmp_path / "ours", {"plan": "test"})
+    ours, _ = load_compressed(tmp_path / "ours")
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, ref)
+    types = export_gguf(ours, tmp_path / "m.gguf")
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["blk.0.attn_v.weight"] == "Q6_K"
+    assert types["blk.0.attn_output.weight"] == "Q4_1" and types["blk.0.ffn_gate.weight"] == "Q5_1"
+    on_disk = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert on_disk["blk.0.attn_k.weight"] == "Q5_K" and on_disk["blk.0.ffn_down.weight"] == "Q6_K"
+    model.config.save_pretrained(tmp_path)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, ref)
+    with pytest.raises(LLMPressError, match="no compressed-tensors form"):
+        check_compressed_tensors(ours)
+
+
+def test_plan_with_a_grid_that_does_not_fit_is_refused_before_work(tiny_model, calib_tokens):
+    """Q4_K on 64-input layers: a clear error naming the layers, and the model is left untouched."""
+    from llmpress.pipeline import compress
+    from llmpress.plan import Plan
+    from llmpress.arch import adapter_for
+    names = adapter_for(tiny_model).linear_names(tiny_model)
+    before = {n: p.clone() for n, p in tiny_model.named_parameters()}
+    with pytest.raises(LLMPressError, match="256-weight blocks"):
+        compress(tiny_model, Plan.uniform(GPTQ(gguf="q4_k")).resolve(names), calib_tokens, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
