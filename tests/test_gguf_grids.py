@@ -161,3 +161,26 @@ def test_plan_with_a_grid_that_does_not_fit_is_refused_before_work(tiny_model, c
     with pytest.raises(LLMPressError, match="256-weight blocks"):
         compress(tiny_model, Plan.uniform(GPTQ(gguf="q4_k")).resolve(names), calib_tokens, progress=False)
     assert all(torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
+
+
+def test_allocator_offers_a_gguf_grid_only_where_it_fits():
+    """Q4_K on the menu of a model whose attention inputs (256) fit and whose down_proj (its 384
+    inputs) does not: the table measures it on the layers it fits and leaves it out elsewhere; the
+    plan compresses."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from llmpress.arch import adapter_for
+    from llmpress.budget import Budget, menu_configs, plan_for_budget
+    from llmpress.pipeline import compress
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64)).eval()
+    tokens = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    menu = menu_configs("gptq:gguf=q4_k;rtn:group_size=32")
+    alloc = plan_for_budget(model, tokens, Budget.parse("bits=5"), menu, sample_windows=2, progress=False)
+    offered = {n: {o["label"] for o in layer["options"]} for n, layer in alloc.table.layers.items()}
+    q4k = menu[0].label()
+    assert q4k in offered["model.layers.0.mlp.up_proj"] and q4k not in offered["model.layers.0.mlp.down_proj"]
+    names = adapter_for(model).linear_names(model)
+    compress(model, alloc.plan.resolve(names), tokens, progress=False)
+    assert not isinstance(model.model.layers[0].mlp.down_proj, GGMLLinear)

@@ -74,7 +74,8 @@ def menu_configs(menu: str) -> list[MethodConfig]:
 
     An entry may fix options of all its levels: 'gptq:group_size=0,clip=mse;gptq-lr;sparsegpt'
     (with options, entries are separated by ';'). The levels stay the method's own (bits 2/3/4/8
-    for GPTQ); an option given here overrides the level's value."""
+    for GPTQ); an option given here overrides the level's value. An entry fixing a GGUF grid
+    ('gptq:gguf=q4_k') is that one option."""
     out = []
     entries = menu.split(";") if (";" in menu or ":" in menu) else menu.split(",")
     for entry in filter(None, (m.strip() for m in entries)):
@@ -82,6 +83,8 @@ def menu_configs(menu: str) -> list[MethodConfig]:
         name = name.strip()
         fixed = parse_options(opts, entry)
         levels = config_class(name).menu_levels()
+        if fixed.get("gguf"):         # a GGUF grid fixes bits and group size: one option, not a level per bits
+            levels = [config_class(name)()]
         if not levels:
             with_menu = [m for m in method_names() if config_class(m).menu]
             raise LLMPressError(f"{name!r} has no menu levels; menu methods: {', '.join(with_menu)}")
