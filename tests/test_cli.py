@@ -174,7 +174,8 @@ def test_export_gguf_reloads_in_transformers_with_equal_logits(tiny_hf_dir, tmp_
     out = _mixed_plan_model(tiny_hf_dir, tmp_path, text_file, capsys)
     code, stdout, err = _run(capsys, "export", out, "--format", "gguf", "--out", tmp_path / "m.gguf")
     assert code == 0, err
-    assert "no tokenizer metadata" in err and "Q4_0" in stdout
+    # this tokenizer (257 ids) does not fit the tiny model's 256-token vocabulary: said, and skipped
+    assert "no tokenizer metadata (the tokenizer has ids up to 256" in err and "Q4_0" in stdout
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.1.ffn_up.weight"] == "Q8_0"
     assert types["blk.0.attn_output.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "F32"

