@@ -66,6 +66,10 @@ RUNS = {
     "rtn-w3g64-mse": (None, "rtn:bits=3,group_size=64,clip=mse"),
     "awq-w3g64": (None, "awq:bits=3,group_size=64"),
     "awq-w3g64-mse": (None, "awq:bits=3,group_size=64,clip=mse"),
+    # asymmetric grids (a b-bit zero point per group / row, counted): the GPTQ / AWQ references' default
+    "rot-gptq-w3ch-asym-mse": ("hadamard", "gptq:bits=3,group_size=0,symmetric=false,clip=mse"),
+    "rot-gptq-w3g64-asym-mse": ("hadamard", "gptq:bits=3,group_size=64,symmetric=false,clip=mse"),
+    "awq-w3g64-asym": (None, "awq:bits=3,group_size=64,symmetric=false"),
     "gptq-w2g64": (None, "gptq:bits=2,group_size=64"),
     "rot-gptq-w2g64-mse": ("hadamard", "gptq:bits=2,group_size=64,clip=mse"),
 }
