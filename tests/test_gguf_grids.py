@@ -243,3 +243,19 @@ def test_gguf_export_of_a_hf_model_carries_its_tokenizer(tmp_path, capsys):
     text = "the lazy dog jumps over the quick brown fox"
     back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     assert back.encode(text, add_special_tokens=False) == tiny_tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_awq_searches_its_scales_on_the_gguf_grid():
+    """AWQ with gguf=q4_k: the scale search rounds onto the Q4_K grid, and with a few salient input
+    channels it finds scales whose output error is well below plain Q4_K rounding's (alpha 0)."""
+    from llmpress.methods.awq import AWQ, awq_search
+    lin = _linear(out_f=32, in_f=256)
+    torch.manual_seed(2)
+    x = torch.randn(4096, 256)
+    x[:, :8] *= 20                                       # salient channels
+    gram = x.T @ x / x.shape[0]
+    w = lin.weight.detach()
+    s, alpha, err = awq_search([w], gram, x.abs().mean(0), 4, 32, False, None, gguf="q4_k")
+    _, _, plain = awq_search([w], gram, torch.ones(256), 4, 32, False, None, gguf="q4_k")   # s = 1 at every alpha
+    assert alpha > 0 and err < 0.9 * plain
+    assert AWQ(gguf="q4_k").storage(32, 256) == RTN(gguf="q4_k").storage(32, 256)

@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rank", type=int, help="gptq-lr: rank of the low-rank correction")
     c.add_argument("--clip", choices=["mse"], help="RTN / GPTQ / AWQ: search each group's clipping range")
     c.add_argument("--gguf-type", choices=["q4_1", "q5_1", "q4_k", "q5_k", "q6_k"],
-                   help="RTN / GPTQ: quantize onto this llama.cpp block grid (fixes bits and group size; "
+                   help="RTN / AWQ / GPTQ: quantize onto this llama.cpp block grid (fixes bits and group size; "
                         "--format gguf then writes these bytes as they are)")
     c.add_argument("--rotate", choices=["hadamard", "random"],
                    help="fold an orthogonal rotation of the residual stream (and per-head v/o) into the weights "

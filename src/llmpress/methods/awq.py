@@ -21,15 +21,18 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.config import MethodConfig, register
-from llmpress.methods.rtn import (RTN, apply_rtn, check_quant_options, quant_linear_from_codes, quant_storage,
+from llmpress.methods.rtn import (RTN, apply_rtn, check_quant_options, fix_gguf_grid, ggml_linear_from_codes,
+                                  gguf_shape_problem, gguf_storage, quant_linear_from_codes, quant_storage, rtn_gguf,
                                   rtn_quantize)
 
 N_GRID = 20
 
 
 def awq_search(weights: list[torch.Tensor], gram: torch.Tensor, abs_mean: torch.Tensor, bits: int,
-               group_size: int, symmetric: bool, clip: str | None = None) -> tuple[torch.Tensor, float, float]:
-    """weights: the group's (out_k, in) matrices; gram (in, in) = X^T X / n; abs_mean (in,).
+               group_size: int, symmetric: bool, clip: str | None = None,
+               gguf: str | None = None) -> tuple[torch.Tensor, float, float]:
+    """weights: the group's (out_k, in) matrices; gram (in, in) = X^T X / n; abs_mean (in,);
+    gguf: quantize onto that llama.cpp grid instead (llmpress.methods.ggml_grid).
     Returns (scale s (in,), best alpha, relative output error at it)."""
     w = torch.cat(weights).float()                              # (sum out_k, in)
     x_mean = abs_mean.float().clamp(min=1e-8)
@@ -39,14 +42,24 @@ def awq_search(weights: list[torch.Tensor], gram: torch.Tensor, abs_mean: torch.
         alpha = k / N_GRID
         s = x_mean ** alpha
         s = s / (s.max() * s.min()).sqrt()                      # keep the scaled weights' range sane
-        q, scale, zero = rtn_quantize(w * s[None, :], bits, group_size, symmetric, clip,
-                                      torch.diagonal(gram) / s ** 2)
-        g = torch.arange(w.shape[1], device=w.device) // (group_size or w.shape[1])
-        delta = (q - zero[:, g]) * scale[:, g] / s[None, :] - w   # (sum out_k, in)
+        delta = _rounded(w * s[None, :], bits, group_size, symmetric, clip, torch.diagonal(gram) / s ** 2,
+                         gguf) / s[None, :] - w                  # (sum out_k, in)
         err = torch.einsum("oi,ij,oj->", delta, gram, delta).item()
         if err < best[2]:
             best = (s, alpha, err)
     return best[0], best[1], best[2] / max(ref.item(), 1e-30)
+
+
+def _rounded(w, bits, group_size, symmetric, clip, weights, gguf) -> torch.Tensor:
+    """w (out, in) -> its round-to-nearest weights on the grid (dequantized)."""
+    if gguf:
+        from llmpress.methods.ggml_grid import decode
+        module = ggml_linear_from_codes(torch.nn.Linear(w.shape[1], w.shape[0], bias=False), gguf,
+                                        *rtn_gguf(w, gguf, clip, weights))
+        return decode(module.type, module.raw, w.shape[1])
+    q, scale, zero = rtn_quantize(w, bits, group_size, symmetric, clip, weights)
+    g = torch.arange(w.shape[1], device=w.device) // (group_size or w.shape[1])
+    return (q - zero[:, g]) * scale[:, g]
 
 
 def _fold(block, adapter, head: str, s: torch.Tensor) -> str | None:
@@ -76,7 +89,7 @@ def awq_group_transform(block, adapter, head, members, configs, stats) -> dict:
         return {"awq": "group members have different settings: plain RTN"}
     linears = [block.get_submodule(n) for n in members]
     s, alpha, rel_err = awq_search([m.weight.detach() for m in linears], stats.hessian(), stats.abs_mean(),
-                                   config.bits, config.group_size, config.symmetric, config.clip)
+                                   config.bits, config.group_size, config.symmetric, config.clip, config.gguf)
     stats.memo.pop("awq_scale", None)
     if alpha == 0.0:
         return {"awq_alpha": 0.0, "awq_output_error": rel_err}
@@ -99,11 +112,21 @@ class AWQ(MethodConfig):
     group_size: int = 128       # 0: per channel
     symmetric: bool = True
     clip: str | None = None     # "mse": search each group's clipping range (AWQ's auto_clip)
+    gguf: str | None = None     # q4_1|q5_1|q4_k|q5_k|q6_k: scale and round onto that llama.cpp grid
+
+    def __post_init__(self) -> None:
+        fix_gguf_grid(self)
+        super().__post_init__()
 
     def validate(self) -> None:
         check_quant_options(self.bits, self.group_size, self.clip)
 
+    def shape_problem(self, out_features, in_features):
+        return gguf_shape_problem(self, in_features)
+
     def storage(self, out_features, in_features):
+        if self.gguf:
+            return gguf_storage(self, out_features, in_features)
         return quant_storage(self.bits, self.group_size, self.symmetric, out_features, in_features)
 
 
@@ -111,11 +134,14 @@ class AWQ(MethodConfig):
 def apply_awq(linear, config: AWQ, stats):
     # the scales are already folded in by the group transform: what is left is round-to-nearest
     if config.clip is None or stats is None:
-        return apply_rtn(linear, RTN(config.bits, config.group_size, config.symmetric, config.clip), None)
+        rtn = RTN(config.bits, config.group_size, config.symmetric, config.clip, config.gguf)
+        return apply_rtn(linear, rtn, None)
     s = stats.memo.get("awq_scale")         # absent when the group transform did not run: unscaled
     weights = torch.diagonal(stats.hessian()).float()
     if s is not None:
         weights = weights / s.float() ** 2
     w = linear.weight.detach().float()
+    if config.gguf:
+        return ggml_linear_from_codes(linear, config.gguf, *rtn_gguf(w, config.gguf, config.clip, weights)), {}
     q, scale, zero = rtn_quantize(w, config.bits, config.group_size, config.symmetric, config.clip, weights)
     return quant_linear_from_codes(linear, q, scale, zero, config.bits, config.group_size, config.symmetric), {}
