@@ -97,10 +97,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "low_bits.json"))
     ap.add_argument("--only", help="comma-separated run names")
     ap.add_argument("--max-windows", type=int, default=20)
+    ap.add_argument("--calib-shape", default="64x512", help="calibration windows x tokens (same token count: 16x2048)")
     a = ap.parse_args()
+    n_calib, calib_len = (int(v) for v in a.calib_shape.split("x"))
+    suffix = "" if a.calib_shape == "64x512" else f"@calib{a.calib_shape}"
 
     dense, tok = load_model("smollm2-135m")
-    tokens = calibration_tokens(tok, "wikipedia", 64, 512, seed=0)
+    tokens = calibration_tokens(tok, "wikipedia", n_calib, calib_len, seed=0)
     ids = eval_tokens(tok, "wikitext2")
     names = adapter_for(dense).linear_names(dense)
     out = Path(a.out)
@@ -135,12 +138,12 @@ def main() -> None:
         ppl = perplexity(model, ids, 2048, a.max_windows, progress=False)
         size = model_size(model)
         method = spec if isinstance(spec, str) else {"budget": spec[1], "menu": [c.label() for c in spec[2]]}
-        results[name] = {"rotation": rot_info, "method": method, "perplexity": ppl["perplexity"],
+        results[name + suffix] = {"calibration": a.calib_shape, "rotation": rot_info, "method": method, "perplexity": ppl["perplexity"],
                          "windows": ppl.get("windows"), "bits_per_weight": size["bits_per_weight"],
                          "compress_seconds": seconds, "x_floor": seconds / results["_floor_seconds"],
                          "fallbacks": sum("fallback" in v for v in report.layers.values()),
                          "allocation": allocation}
-        print(f"{name:28s} ppl {ppl['perplexity']:8.3f}  {size['bits_per_weight']:.3f} bpw  "
+        print(f"{name + suffix:28s} ppl {ppl['perplexity']:8.3f}  {size['bits_per_weight']:.3f} bpw  "
               f"{seconds:6.1f}s ({seconds / results['_floor_seconds']:.1f}x floor)", flush=True)
         out.write_text(json.dumps(results, indent=1))
 
