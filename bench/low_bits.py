@@ -43,6 +43,13 @@ LOW_MENU = [GPTQ(bits=2, group_size=64, clip="mse"), GPTQ(bits=3, group_size=0, 
             GPTQ(bits=3, group_size=64, clip="mse"), GPTQ(bits=4, group_size=0, clip="mse"),
             GPTQ(bits=4, group_size=64, clip="mse"), GPTQLowRank(bits=3, group_size=0, rank=4)]
 SAMPLE_WINDOWS = 8
+# the same six options on asymmetric grids (a b-bit zero point per group or row, counted)
+LOW_MENU_ASYM = [GPTQ(bits=2, group_size=64, symmetric=False, clip="mse"),
+                 GPTQ(bits=3, group_size=0, symmetric=False, clip="mse"),
+                 GPTQ(bits=3, group_size=64, symmetric=False, clip="mse"),
+                 GPTQ(bits=4, group_size=0, symmetric=False, clip="mse"),
+                 GPTQ(bits=4, group_size=64, symmetric=False, clip="mse"),
+                 GPTQLowRank(bits=3, group_size=0, rank=4, symmetric=False)]
 
 # name -> (rotation or None, method spec | ("budget", budget, menu))
 RUNS = {
@@ -50,6 +57,9 @@ RUNS = {
     "alloc-3.25-rot": ("hadamard", ("budget", "bits=3.25", LOW_MENU)),
     "alloc-2.5-rot": ("hadamard", ("budget", "bits=2.5", LOW_MENU)),
     "alloc-3.0": (None, ("budget", "bits=3.0", LOW_MENU)),
+    "alloc-3.0-rot-asym": ("hadamard", ("budget", "bits=3.0", LOW_MENU_ASYM)),
+    "alloc-3.25-rot-asym": ("hadamard", ("budget", "bits=3.25", LOW_MENU_ASYM)),
+    "alloc-2.5-rot-asym": ("hadamard", ("budget", "bits=2.5", LOW_MENU_ASYM)),
     "gptq-w3g64": (None, "gptq:bits=3,group_size=64"),
     "gptq-w3g64-mse": (None, "gptq:bits=3,group_size=64,clip=mse"),
     "rot-gptq-w3g64": ("hadamard", "gptq:bits=3,group_size=64"),
@@ -123,7 +133,8 @@ def main() -> None:
         allocation = None
         if isinstance(spec, tuple):
             _, budget, menu = spec
-            table_path = ROOT / "bench" / ".cache" / f"low-bits-table6-{rotation or 'none'}.json"
+            menu_tag = "asym" if menu is LOW_MENU_ASYM else "table6"
+            table_path = ROOT / "bench" / ".cache" / f"low-bits-{menu_tag}-{rotation or 'none'}.json"
             allocated = plan_for_budget(model, tokens, Budget.parse(budget), menu, sample_windows=SAMPLE_WINDOWS,
                                         table_path=table_path, progress=False)
             plan = allocated.plan
