@@ -12,7 +12,7 @@ export copies them. Every grid is w = q * s + o per sub-block, with q in 0..2**b
 | Q5_K | 5.5  | 32 of 256 | as Q4_K, 5-bit codes |
 | Q6_K | 6.5625 | 16 of 256 | s = d * sc, o = -32 s; d fp16 per 256, sc int8 |
 
-The two-level K-quant scales (Gerganov et al., llama.cpp PR #1684, "k-quants") are fitted as
+The two-level K-quant scales (I. Kawrakow, "k-quants", llama.cpp PR #1684, 2023) are fitted as
 llama.cpp does in spirit: each sub-block's float range first (min-max, or the clip search of
 llmpress.methods.rtn), then the super-block scale d = max s / 63 (or 127) in fp16 and each
 sub-block's 6-bit (8-bit) multiple of it. Byte layouts follow ggml-quants.c; `decode` reproduces
