@@ -2,7 +2,8 @@
 
 In one run, on the same dense weights:
 - ours: GPTQ W4 g32 symmetric (calibration 64 x 512 `wikipedia`, seed 0), exported as Q4_0 blocks
-  from its own codes and scales (no re-quantization); embeddings copied from the source GGUF (Q8_0);
+  from its own codes and scales (no re-quantization); embeddings copied from the source GGUF (Q8_0),
+  and once more with the (tied) embedding re-quantized to Q4_0 (`embedding_type`);
 - llama.cpp's own Q4_0 of the same model: every block linear rounded to nearest by gguf-py's
   Q4_0 quantizer from its fp16 weight (embeddings copied likewise);
 - the dense model as F32 and as F16 GGUF (embeddings in that type too).
@@ -80,6 +81,8 @@ def main() -> None:
         compress(model, Plan.uniform(ours).resolve(adapter_for(model).linear_names(model)), tokens, progress=False)
         results["gptq_seconds"] = time.perf_counter() - t
         files = {"llmpress GPTQ W4 g32 -> Q4_0": (model, {"source_gguf": source}),
+                 "llmpress GPTQ W4 g32 -> Q4_0, embeddings Q4_0": (model, {"source_gguf": source,
+                                                                          "embedding_type": "Q4_0"}),
                  "llama.cpp Q4_0 (round to nearest)": (dense, {"source_gguf": source, "encode": reference_q4_0}),
                  "F32": (dense, {"source_gguf": source, "float_type": "F32", "copy_embeddings": False}),
                  "F16": (dense, {"source_gguf": source, "float_type": "F16", "copy_embeddings": False})}
@@ -87,7 +90,7 @@ def main() -> None:
             path = tmp / f"m{k}.gguf"
             export_gguf(m, path, **kw)
             row = {"bytes": path.stat().st_size, **llama_cpp(path)}
-            if k < 2:                           # the quality comparison: through transformers' GGUF reader
+            if k < 3:                           # the quality comparison: through transformers' GGUF reader
                 loaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=path.name).eval()
                 row["perplexity"] = perplexity(loaded, ids, 2048, a.windows, progress=False)["perplexity"]
                 if k == 0:
@@ -104,6 +107,9 @@ def main() -> None:
     o, r32, r16 = f["llmpress GPTQ W4 g32 -> Q4_0"], f["F32"], f["F16"]
     results["decode_vs_f32"] = o["decode_tokens_per_s"] / r32["decode_tokens_per_s"]
     results["decode_vs_f16"] = o["decode_tokens_per_s"] / r16["decode_tokens_per_s"]
+    e = f["llmpress GPTQ W4 g32 -> Q4_0, embeddings Q4_0"]
+    results["embeddings_q4_0_decode_vs_f32"] = e["decode_tokens_per_s"] / r32["decode_tokens_per_s"]
+    print(f"with Q4_0 embeddings: {results['embeddings_q4_0_decode_vs_f32']:.2f}x F32, perplexity {e['perplexity']:.3f}")
     print(f"decode: {results['decode_vs_f32']:.2f}x F32, {results['decode_vs_f16']:.2f}x F16; perplexity ours "
           f"{o['perplexity']:.3f} vs llama.cpp Q4_0 {f['llama.cpp Q4_0 (round to nearest)']['perplexity']:.3f}")
     Path(a.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -259,3 +259,21 @@ def test_awq_searches_its_scales_on_the_gguf_grid():
     _, _, plain = awq_search([w], gram, torch.ones(256), 4, 32, False, None, gguf="q4_k")   # s = 1 at every alpha
     assert alpha > 0 and err < 0.9 * plain
     assert AWQ(gguf="q4_k").storage(32, 256) == RTN(gguf="q4_k").storage(32, 256)
+
+
+def test_gguf_export_can_requantize_the_embeddings(tmp_path):
+    """embedding_type=Q4_0: the token embedding is written as gguf-py's Q4_0 of the model's float
+    embedding (4.5 bits instead of 32), and transformers reads back exactly that; bad types refused."""
+    import gguf
+    from llmpress.gguf_export import export_gguf
+    model = _llama_256()
+    types = export_gguf(model, tmp_path / "m.gguf", embedding_type="Q4_0")
+    assert types["token_embd.weight"] == "Q4_0"
+    t = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}["token_embd.weight"]
+    emb = model.model.embed_tokens.weight.detach().float().numpy()
+    assert np.array_equal(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type),
+                          gguf.quants.dequantize(gguf.quants.quantize(emb, gguf.GGMLQuantizationType.Q4_0),
+                                                 gguf.GGMLQuantizationType.Q4_0))
+    with pytest.raises(LLMPressError, match="embedding_type must be one of"):
+        export_gguf(model, tmp_path / "n.gguf", embedding_type="Q4_K")
+    assert not (tmp_path / "n.gguf").exists()

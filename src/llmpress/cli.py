@@ -124,8 +124,12 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("dir", help="an llmpress output folder")
     x.add_argument("--format", required=True, choices=["compressed-tensors", "gguf", "dense"],
                    help="compressed-tensors: pack-quantized (transformers, vLLM); gguf: llama.cpp (4/5/8-bit "
-                        "symmetric group-32 layers as Q4_0/Q5_0/Q8_0, others F32); dense: every layer merged back")
+                        "symmetric group-32 layers as Q4_0/Q5_0/Q8_0, layers solved on a GGUF grid as that "
+                        "type, others F32); dense: every layer merged back")
     x.add_argument("--out", required=True)
+    x.add_argument("--embedding-type", choices=["Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "F16", "F32"],
+                   help="gguf: re-quantize the token embedding (and an untied output layer) to this type "
+                        "(round to nearest) instead of copying the source's bytes / writing F32")
     x.add_argument("--adapter-out", help="gptq-lr layers: their quantized base goes into --out and their low-rank "
                                          "corrections here, as a PEFT LoRA adapter folder (compressed-tensors) or a "
                                          "GGUF LoRA adapter file (gguf)")
@@ -425,12 +429,14 @@ def cmd_export(a) -> None:
                 print(f"note: the export carries no tokenizer metadata ({e}); transformers loads it, "
                       "llama.cpp needs a tokenizer", file=sys.stderr)
         types = export_gguf(model, a.out, where if kind == "gguf" else None, adapter_out=a.adapter_out,
-                            tokenizer=convert)
+                            tokenizer=convert, embedding_type=a.embedding_type)
         counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
         print(f"{a.dir} -> {a.out} (gguf; tensor types {counts})")
         if a.adapter_out:
             print(f"low-rank corrections -> {a.adapter_out} (GGUF LoRA adapter: llama.cpp --lora {a.adapter_out})")
         return
+    if a.embedding_type:
+        raise LLMPressError("--embedding-type applies to --format gguf")
     from llmpress.formats import lowrank_corrections
     corrected = lowrank_corrections(model)
     if a.adapter_out and (a.format != "compressed-tensors" or not corrected):

@@ -157,6 +157,7 @@ def _qk_permutation(rows: int, heads: int) -> torch.Tensor:
 
 
 ENCODERS = {"Q4_0": encode_q4_0, "Q5_0": encode_q5_0, "Q8_0": encode_q8_0}
+EMBEDDING_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "F16", "F32")   # what gguf-py quantizes
 BITS_TYPE = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}        # symmetric b-bit grids with groups of 32
 
 
@@ -179,7 +180,7 @@ def _same_tensor(src, p: torch.Tensor) -> bool:
 
 def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | None = None,
                 float_type: str = "F32", copy_embeddings: bool = True, encode=None,
-                adapter_out: str | Path | None = None, tokenizer=None) -> dict:
+                adapter_out: str | Path | None = None, tokenizer=None, embedding_type: str | None = None) -> dict:
     """Write `model` (llama architecture) to the GGUF file `out`; returns {tensor name: type}.
 
     adapter_out: layers with a low-rank correction (gptq-lr) are written as their quantized base,
@@ -190,7 +191,10 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
     encode(fqn, weight (out, in) float32, already permuted) -> (bytes array, GGMLQuantizationType)
     or None: an override for block linears (benchmarks use it to write reference quantizations);
     tokenizer: a Hugging Face tokenizer whose vocabulary is written (tokenizer_metadata) when there
-    is no source GGUF to copy it from."""
+    is no source GGUF to copy it from;
+    embedding_type: write the token embedding (and an untied output layer) re-quantized to this
+    GGUF type by gguf-py's round to nearest (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, F16, F32) instead of
+    copying / float: smaller and faster in llama.cpp, but no longer llmpress's exact weights there."""
     import gguf
     from llmpress.arch import adapter_for
 
@@ -202,6 +206,8 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
         raise LLMPressError(f"{out} already exists")
     if float_type not in ("F32", "F16"):
         raise LLMPressError(f"float_type must be F32 or F16, got {float_type!r}")
+    if embedding_type is not None and embedding_type not in EMBEDDING_TYPES:
+        raise LLMPressError(f"embedding_type must be one of {', '.join(EMBEDDING_TYPES)}, got {embedding_type!r}")
     adapter = adapter_for(model)
     n_blocks = len(adapter.blocks(model))
     reader = gguf.GGUFReader(str(source_gguf)) if source_gguf else None
@@ -287,7 +293,15 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
                     raise LLMPressError(f"no GGUF name for {full}")
                 src = source_tensors.get(target)
                 embedding = fqn in ("model.embed_tokens", "lm_head")
-                if copy_embeddings and embedding and src is not None and _same_tensor(src, p):
+                if embedding and embedding_type is not None:
+                    data = p.detach().float().contiguous().numpy()
+                    if embedding_type in ("F16", "F32"):
+                        writer.add_tensor(target, data.astype(np.float16 if embedding_type == "F16" else np.float32))
+                    else:
+                        kind = getattr(gguf.GGMLQuantizationType, embedding_type)
+                        writer.add_tensor(target, gguf.quants.quantize(data, kind), raw_dtype=kind)
+                    types[target] = embedding_type
+                elif copy_embeddings and embedding and src is not None and _same_tensor(src, p):
                     # unchanged by llmpress (not rotated): the source's bytes, exactly what the model was loaded from
                     writer.add_tensor(target, np.asarray(src.data), raw_dtype=src.tensor_type)
                     types[target] = src.tensor_type.name
