@@ -5,7 +5,8 @@ Q4_K grid (or Q6_K), every other block linear (576 inputs: no K-quant fits) GPTQ
 The GGUF is written WITHOUT the source GGUF, so its tokenizer is converted from the Hugging Face
 tokenizer (llmpress.gguf_export.tokenizer_metadata). llama.cpp (xllamacpp) then continues a prompt
 greedily, given as text (its own tokenization from our metadata) and as transformers' token ids;
-both are compared with transformers on llmpress's model (the same weights).
+both are compared with transformers on llmpress's model (the same weights), token by token after
+re-tokenizing llama.cpp's text (its completion endpoint returns text).
 
     .venv/bin/pip install xllamacpp        # bench-only
     .venv/bin/python bench/llamacpp_kquant.py [--out bench/results/llamacpp_kquant.json]
@@ -36,13 +37,15 @@ from llmpress.pipeline import compress  # noqa: E402
 PROMPT = "The history of the Roman Empire begins with"
 
 
-def greedy_llamacpp(path: Path, prompt, max_tokens: int) -> list[int]:
+def greedy_llamacpp(path: Path, prompt, max_tokens: int) -> tuple[str, int]:
+    """(greedy continuation text, number of prompt tokens llama.cpp saw)."""
     server = llamacpp_server(path, n_ctx=256, threads=2)
     r = server.handle_completions({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "top_k": 1,
-                                   "seed": 0, "cache_prompt": False, "return_tokens": True})
+                                   "seed": 0, "cache_prompt": False})
     del server
-    choice = r["choices"][0] if "choices" in r else r
-    return list(choice.get("tokens") or [])
+    if "choices" not in r:
+        raise SystemExit(f"llama.cpp: {r}")
+    return r["choices"][0]["text"], r["usage"]["prompt_tokens"]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -74,16 +77,21 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "m.gguf"
             types = export_gguf(model, path, None, tokenizer=tok)         # no source GGUF: converted tokenizer
-            from_text = greedy_llamacpp(path, PROMPT, a.max_tokens)
-            from_ids = greedy_llamacpp(path, prompt_ids[0].tolist(), a.max_tokens)
+            text_a, n_prompt_a = greedy_llamacpp(path, PROMPT, a.max_tokens)            # llama.cpp tokenizes
+            text_b, n_prompt_b = greedy_llamacpp(path, prompt_ids[0].tolist(), a.max_tokens)   # transformers' ids
+            # token-level agreement: llama.cpp's texts re-tokenized by the Hugging Face tokenizer
+            from_text = tok(text_a, add_special_tokens=False).input_ids
+            from_ids = tok(text_b, add_special_tokens=False).input_ids
             size_mb = path.stat().st_size / 1e6
         run = {"down_proj": down, "types": {t: list(types.values()).count(t) for t in sorted(set(types.values()))},
                "gguf_mb": size_mb, "bits_per_weight": model_size(model)["bits_per_weight"],
                "wikitext2_ppl_transformers": ppl, "compress_seconds": seconds,
+               "prompt_tokens": {"transformers": prompt_ids.shape[1], "llamacpp_from_text": n_prompt_a,
+                                 "llamacpp_from_ids": n_prompt_b},
                "transformers_tokens": ref, "llamacpp_from_text": from_text, "llamacpp_from_ids": from_ids,
                "text_vs_ids_common_prefix": common_prefix(from_text, from_ids),
                "llamacpp_vs_transformers_common_prefix": common_prefix(from_text, ref),
-               "transformers_text": tok.decode(ref), "llamacpp_text": tok.decode(from_text)}
+               "transformers_text": tok.decode(ref), "llamacpp_text": text_a, "llamacpp_text_from_ids": text_b}
         results["runs"][down] = run
         print(json.dumps({k: v for k, v in run.items() if not k.endswith("tokens") and "from_" not in k}, indent=1),
               flush=True)
