@@ -30,7 +30,7 @@ from llmpress import GPTQ  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402
 from llmpress.eval import llamacpp_server, model_size, perplexity  # noqa: E402
-from llmpress.gguf_export import export_gguf  # noqa: E402
+from llmpress.gguf_export import export_gguf, tokenizer_metadata  # noqa: E402
 from llmpress.models import load_model  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
 
@@ -76,7 +76,8 @@ def main() -> None:
         ppl = perplexity(model, ids_eval, 2048, a.max_windows, progress=False)["perplexity"]
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "m.gguf"
-            types = export_gguf(model, path, None, tokenizer=tok)         # no source GGUF: converted tokenizer
+            fields = tokenizer_metadata(tok, model.config.vocab_size)[0]    # no source GGUF: converted tokenizer
+            types = export_gguf(model, path, None, tokenizer_fields=fields)
             text_a, n_prompt_a = greedy_llamacpp(path, PROMPT, a.max_tokens)            # llama.cpp tokenizes
             text_b, n_prompt_b = greedy_llamacpp(path, prompt_ids[0].tolist(), a.max_tokens)   # transformers' ids
             # token-level agreement: llama.cpp's texts re-tokenized by the Hugging Face tokenizer

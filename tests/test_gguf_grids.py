@@ -38,6 +38,8 @@ def test_ggml_bytes_decode_like_gguf_py(kind, clip):
     assert isinstance(q, GGMLLinear) and q.raw.shape == (24, 512 // t.block * t.nbytes)
     ref = gguf.quants.dequantize(q.raw.numpy(), getattr(gguf.GGMLQuantizationType, t.name))
     assert np.array_equal(ref, q.dense_weight().numpy())
+    # the rounded weights AWQ's search scores are the stored ones, without an encode / decode trip
+    assert torch.equal(ggml_grid.round_to_grid(lin.weight.detach(), t, clip)[1], q.dense_weight())
     codes, _, _ = ggml_grid.decode_parts(t, q.raw, 512)
     assert codes.max() == 2 ** t.bits - 1 and codes.min() == 0
     assert config.storage(24, 512) == (q.stored_bytes(), 24 * 512)

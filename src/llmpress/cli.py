@@ -415,21 +415,20 @@ def cmd_export(a) -> None:
             kind, where = resolve_source(source) if source else (None, None)
         except LLMPressError:
             kind = where = None
-        convert = None
+        fields = None
         if kind != "gguf":             # the vocabulary comes from the folder's Hugging Face tokenizer
             from llmpress.gguf_export import tokenizer_metadata
             try:
                 if tokenizer is None:
                     raise LLMPressError("the folder has no tokenizer")
-                notes = tokenizer_metadata(tokenizer, model.config.vocab_size)[1]
-                convert = tokenizer
+                fields, notes = tokenizer_metadata(tokenizer, model.config.vocab_size)
                 for note in notes:
                     print(f"note: {note}", file=sys.stderr)
             except LLMPressError as e:
                 print(f"note: the export carries no tokenizer metadata ({e}); transformers loads it, "
                       "llama.cpp needs a tokenizer", file=sys.stderr)
         types = export_gguf(model, a.out, where if kind == "gguf" else None, adapter_out=a.adapter_out,
-                            tokenizer=convert, embedding_type=a.embedding_type)
+                            tokenizer_fields=fields, embedding_type=a.embedding_type)
         counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
         print(f"{a.dir} -> {a.out} (gguf; tensor types {counts})")
         if a.adapter_out:

@@ -180,7 +180,8 @@ def _same_tensor(src, p: torch.Tensor) -> bool:
 
 def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | None = None,
                 float_type: str = "F32", copy_embeddings: bool = True, encode=None,
-                adapter_out: str | Path | None = None, tokenizer=None, embedding_type: str | None = None) -> dict:
+                adapter_out: str | Path | None = None, tokenizer_fields: dict | None = None,
+                embedding_type: str | None = None) -> dict:
     """Write `model` (llama architecture) to the GGUF file `out`; returns {tensor name: type}.
 
     adapter_out: layers with a low-rank correction (gptq-lr) are written as their quantized base,
@@ -190,8 +191,8 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
     copy_embeddings: the source GGUF's embedding bytes (else written in float_type);
     encode(fqn, weight (out, in) float32, already permuted) -> (bytes array, GGMLQuantizationType)
     or None: an override for block linears (benchmarks use it to write reference quantizations);
-    tokenizer: a Hugging Face tokenizer whose vocabulary is written (tokenizer_metadata) when there
-    is no source GGUF to copy it from;
+    tokenizer_fields: the tokenizer to write (tokenizer_metadata's fields of a Hugging Face
+    tokenizer) when there is no source GGUF to copy it from;
     embedding_type: write the token embedding (and an untied output layer) re-quantized to this
     GGUF type by gguf-py's round to nearest (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, F16, F32) instead of
     copying / float: smaller and faster in llama.cpp, but no longer llmpress's exact weights there."""
@@ -238,8 +239,8 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
             if key.startswith("tokenizer."):
                 sub = field.types[1] if len(field.types) > 1 else None
                 writer.add_key_value(key, field.contents(), field.types[0], sub)
-    elif tokenizer is not None:
-        _write_tokenizer(writer, tokenizer_metadata(tokenizer, config.vocab_size)[0])
+    elif tokenizer_fields is not None:
+        _write_tokenizer(writer, tokenizer_fields)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
     types: dict[str, str] = {}
     tied = bool(getattr(config, "tie_word_embeddings", False))

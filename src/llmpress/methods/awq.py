@@ -53,10 +53,8 @@ def awq_search(weights: list[torch.Tensor], gram: torch.Tensor, abs_mean: torch.
 def _rounded(w, bits, group_size, symmetric, clip, weights, gguf) -> torch.Tensor:
     """w (out, in) -> its round-to-nearest weights on the grid (dequantized)."""
     if gguf:
-        from llmpress.methods.ggml_grid import decode
-        module = ggml_linear_from_codes(torch.nn.Linear(w.shape[1], w.shape[0], bias=False), gguf,
-                                        *rtn_gguf(w, gguf, clip, weights))
-        return decode(module.type, module.raw, w.shape[1])
+        from llmpress.methods.ggml_grid import ggml_type, round_to_grid
+        return round_to_grid(w, ggml_type(gguf), clip, weights)[1]
     q, scale, zero = rtn_quantize(w, bits, group_size, symmetric, clip, weights)
     g = torch.arange(w.shape[1], device=w.device) // (group_size or w.shape[1])
     return (q - zero[:, g]) * scale[:, g]

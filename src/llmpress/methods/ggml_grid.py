@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.errors import LLMPressError
-from llmpress.methods.rtn import CLIP_SHRINKS
+from llmpress.methods.rtn import search_clip
 
 F16 = torch.float16
 
@@ -57,10 +57,17 @@ def ggml_type(name: str) -> GGMLType:
     return t
 
 
-def check_shape(t: GGMLType, in_features: int) -> None:
+def shape_problem(t: GGMLType, in_features: int) -> str | None:
     if in_features % t.block:
-        raise LLMPressError(f"GGUF {t.name} needs rows that are a whole number of {t.block}-weight blocks; "
-                            f"this layer has {in_features} inputs (llama.cpp itself falls back to another type there)")
+        return (f"GGUF {t.name} needs rows of whole {t.block}-weight blocks, this layer has {in_features} "
+                "inputs (llama.cpp falls back to another type for such tensors too)")
+    return None
+
+
+def check_shape(t: GGMLType, in_features: int) -> None:
+    problem = shape_problem(t, in_features)
+    if problem:
+        raise LLMPressError(problem)
 
 
 def row_bytes(t: GGMLType, in_features: int) -> int:
@@ -74,7 +81,7 @@ def fit(w: torch.Tensor, t: GGMLType, clip: str | None = None, weights: torch.Te
     """w (rows, cols) float32 -> (scale (rows, S), offset (rows, S), parts) with S = cols / t.sub:
     each sub-block's grid is w = q * scale + offset, exactly as the GGML type stores it (parts:
     the fields `encode` writes). clip="mse": each sub-block's float range is shrunk by the factor of
-    rtn.CLIP_SHRINKS with the smallest (weights-weighted, (cols,)) squared rounding error, before
+    rtn.CLIP_SHRINKS (rtn.search_clip) with the smallest (weights-weighted, (cols,)) squared rounding error, before
     the second-level rounding of the K-quant scales."""
     rows, cols = w.shape
     check_shape(t, cols)
@@ -127,21 +134,21 @@ def _sub_ranges(ws: torch.Tensor, t: GGMLType, clip: str | None, wt: torch.Tenso
 
     if clip is None:
         return ranges(1.0)
-    if clip != "mse":
-        raise LLMPressError(f"clip must be None or 'mse', got {clip!r}")
-    best = best_err = None
-    for shrink in CLIP_SHRINKS:
-        s, lo = ranges(shrink)
-        q = quantize(ws, s[..., None], lo[..., None], t.bits)
-        d = ws - (q * s[..., None] + lo[..., None])
-        err = (d * d * wt).sum(-1) if wt is not None else (d * d).sum(-1)   # (rows, S)
-        if best is None:
-            best, best_err = (s, lo), err
-            continue
-        better = err < best_err
-        best = (torch.where(better, s, best[0]), torch.where(better, lo, best[1]))
-        best_err = torch.where(better, err, best_err)
-    return best
+
+    def error(s, lo):                                                        # (rows, S)
+        d = ws - (quantize(ws, s[..., None], lo[..., None], t.bits) * s[..., None] + lo[..., None])
+        return (d * d * wt).sum(-1) if wt is not None else (d * d).sum(-1)
+
+    return search_clip(clip, ranges, error)
+
+
+def round_to_grid(w: torch.Tensor, t: GGMLType, clip: str | None = None, weights: torch.Tensor | None = None):
+    """Round to nearest: w (rows, cols) -> (codes (rows, cols), dequantized (rows, cols), parts);
+    the dequantized weights are q * scale + offset, the very float32 operations `decode` makes."""
+    rows, cols = w.shape
+    scale, offset, parts = fit(w, t, clip, weights)
+    q = quantize(w.view(rows, -1, t.sub), scale[..., None], offset[..., None], t.bits)
+    return q.view(rows, cols), (q * scale[..., None] + offset[..., None]).view(rows, cols), parts
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:

@@ -34,18 +34,29 @@ def quant_grid(w: torch.Tensor, bits: int, symmetric: bool, clip: str | None = N
     """
     if clip is None:
         return _grid(w, bits, symmetric, 1.0)
+
+    def error(scale, zero):                                                      # (rows,)
+        d = w - (quantize_to_grid(w, scale[:, None], zero[:, None], bits) - zero[:, None]) * scale[:, None]
+        return (d * d) @ weights if weights is not None else (d * d).sum(1)
+
+    return search_clip(clip, lambda shrink: _grid(w, bits, symmetric, shrink), error)
+
+
+def search_clip(clip: str, grid_at, error) -> tuple[torch.Tensor, ...]:
+    """The MSE clip search shared by every grid: grid_at(shrink) -> a grid (tuple of tensors of one
+    shape), error(*grid) -> its rounding error in that shape; keeps, element by element, the grid
+    of the factor in CLIP_SHRINKS with the smallest error."""
     if clip != "mse":
         raise LLMPressError(f"clip must be None or 'mse', got {clip!r}")
     best = best_err = None
     for shrink in CLIP_SHRINKS:
-        scale, zero = _grid(w, bits, symmetric, shrink)
-        d = w - (quantize_to_grid(w, scale[:, None], zero[:, None], bits) - zero[:, None]) * scale[:, None]
-        err = (d * d) @ weights if weights is not None else (d * d).sum(1)          # (rows,)
+        grid = grid_at(shrink)
+        err = error(*grid)
         if best is None:
-            best, best_err = (scale, zero), err
+            best, best_err = grid, err
             continue
         better = err < best_err
-        best = (torch.where(better, scale, best[0]), torch.where(better, zero, best[1]))
+        best = tuple(torch.where(better, new, old) for new, old in zip(grid, best))
         best_err = torch.where(better, err, best_err)
     return best
 
@@ -139,12 +150,8 @@ def fix_gguf_grid(config) -> None:
 def gguf_shape_problem(config, in_features: int) -> str | None:
     if config.gguf is None:
         return None
-    from llmpress.methods.ggml_grid import ggml_type
-    t = ggml_type(config.gguf)
-    if in_features % t.block:
-        return (f"GGUF {t.name} needs rows of whole {t.block}-weight blocks, this layer has {in_features} "
-                "inputs (llama.cpp falls back to another type for such tensors too)")
-    return None
+    from llmpress.methods.ggml_grid import ggml_type, shape_problem
+    return shape_problem(ggml_type(config.gguf), in_features)
 
 
 def gguf_storage(config, out_features: int, in_features: int) -> tuple[int, int]:
@@ -162,12 +169,9 @@ def ggml_linear_from_codes(linear, gguf: str, codes: torch.Tensor, parts: dict):
 
 def rtn_gguf(w: torch.Tensor, gguf: str, clip: str | None = None, weights: torch.Tensor | None = None):
     """w (out, in) -> (codes (out, in), parts): round to nearest on a GGUF block grid."""
-    from llmpress.methods.ggml_grid import fit, ggml_type, quantize
-    t = ggml_type(gguf)
-    scale, offset, parts = fit(w, t, clip, weights)
-    rows, cols = w.shape
-    q = quantize(w.view(rows, -1, t.sub), scale[..., None], offset[..., None], t.bits)
-    return q.view(rows, cols), parts
+    from llmpress.methods.ggml_grid import ggml_type, round_to_grid
+    codes, _, parts = round_to_grid(w, ggml_type(gguf), clip, weights)
+    return codes, parts
 
 
 def check_quant_options(bits: int, group_size: int, clip: str | None = None) -> None:
