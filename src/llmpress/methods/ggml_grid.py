@@ -16,7 +16,7 @@ The two-level K-quant scales (I. Kawrakow, "k-quants", llama.cpp PR #1684, 2023)
 llama.cpp does in spirit: each sub-block's float range first (min-max, or the clip search of
 llmpress.methods.rtn), then the super-block scale d = max s / 63 (or 127) in fp16 and each
 sub-block's 6-bit (8-bit) multiple of it. Byte layouts follow ggml-quants.c; `decode` reproduces
-`gguf.quants.dequantize` bit for bit (tests/test_methods.py checks both directions).
+`gguf.quants.dequantize` bit for bit (tests/test_gguf_grids.py checks it for every type).
 """
 from __future__ import annotations
 
