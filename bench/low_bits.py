@@ -4,7 +4,11 @@ embedded model (calibration 64 x 512 `wikipedia` seed 0; WikiText-2 perplexity, 
 counted, as `llmpress eval` measures it). Compress time is shown against the two-forward floor
 (two plain passes of the calibration tokens through the decoder, measured in the same run).
 
-    .venv/bin/python bench/low_bits.py [--only NAME,...] [--out bench/results/low_bits.json]
+    .venv/bin/python bench/low_bits.py [--only NAME,...] [--sequential] [--reference ALPHA]
+                                       [--calib-shape 16x2048] [--out bench/results/low_bits.json]
+
+--sequential / --reference: compress's statistics options (true-sequential groups; asymmetric
+calibration toward the uncompressed model's outputs, GPTAQ); the run is stored as NAME+seq+ref0.25.
 
 The embedded weights went through GGUF Q4_1 once (see ../shared/data/README.md): comparisons
 between methods hold, absolute numbers are for this checkpoint.
@@ -108,9 +112,12 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated run names")
     ap.add_argument("--max-windows", type=int, default=20)
     ap.add_argument("--calib-shape", default="64x512", help="calibration windows x tokens (same token count: 16x2048)")
+    ap.add_argument("--sequential", action="store_true", help="measure each input group after the ones before it")
+    ap.add_argument("--reference", type=float, default=0.0, help="asymmetric calibration share (GPTAQ: 0.25)")
     a = ap.parse_args()
     n_calib, calib_len = (int(v) for v in a.calib_shape.split("x"))
     suffix = "" if a.calib_shape == "64x512" else f"@calib{a.calib_shape}"
+    suffix += ("+seq" if a.sequential else "") + (f"+ref{a.reference:g}" if a.reference else "")
 
     dense, tok = load_model("smollm2-135m")
     tokens = calibration_tokens(tok, "wikipedia", n_calib, calib_len, seed=0)
@@ -142,14 +149,16 @@ def main() -> None:
                           "chosen": _count(allocated.plan.resolve(names))}
         else:
             plan = Plan.uniform(parse_method_spec(spec))
-        report = compress(model, plan.resolve(names), tokens, progress=False)
+        report = compress(model, plan.resolve(names), tokens, progress=False, sequential=a.sequential,
+                          reference=a.reference)
         seconds = time.perf_counter() - t
         for module in model.modules():        # evaluation only: skip rebuilding weights per window
             with_dense_cache(module)
         ppl = perplexity(model, ids, 2048, a.max_windows, progress=False)
         size = model_size(model)
         method = spec if isinstance(spec, str) else {"budget": spec[1], "menu": [c.label() for c in spec[2]]}
-        results[name + suffix] = {"calibration": a.calib_shape, "rotation": rot_info, "method": method, "perplexity": ppl["perplexity"],
+        results[name + suffix] = {"calibration": a.calib_shape, "sequential": a.sequential,
+                                  "reference": a.reference, "rotation": rot_info, "method": method, "perplexity": ppl["perplexity"],
                          "windows": ppl.get("windows"), "bits_per_weight": size["bits_per_weight"],
                          "compress_seconds": seconds, "x_floor": seconds / results["_floor_seconds"],
                          "fallbacks": sum("fallback" in v for v in report.layers.values()),

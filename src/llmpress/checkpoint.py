@@ -145,12 +145,13 @@ class Checkpoint:
         with safe_open(str(self.folder / f"{stem}.safetensors"), "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
 
-    def save_block(self, block: nn.Module, i: int, hidden: torch.Tensor | None, entries: dict) -> None:
+    def save_block(self, block: nn.Module, i: int, hidden: torch.Tensor | None, entries: dict,
+                   reference: torch.Tensor | None = None) -> None:
         """Compression: block i's whole state (compressed layers, folded norms) and the inputs of
-        block i+1."""
+        block i+1 (and of the uncompressed block i+1: `reference`, with asymmetric calibration)."""
         files = {f"block-{i:05d}": block.state_dict()}
         if hidden is not None:
-            files["hidden"] = {"hidden": hidden}
+            files["hidden"] = {"hidden": hidden} if reference is None else {"hidden": hidden, "reference": reference}
         self.record(i, files, entries, block_metadata(block))
 
     def restore_block(self, block: nn.Module, i: int) -> None:

@@ -45,7 +45,7 @@ def all_reduce_stats(stats: dict) -> int:
     bytes each rank sent into the reductions."""
     sent = 0
     for s in stats.values():
-        for t in (s.gram, s.sq_sum, s.abs_sum):
+        for t in (s.gram, s.sq_sum, s.abs_sum, s.cross):
             if t is not None:
                 dist.all_reduce(t)
                 sent += t.numel() * t.element_size()

@@ -2,10 +2,19 @@
 
 For each block of the walk (llmpress.walk): collect the statistics its methods declare (hooks
 scoped in `with`) -> apply the methods -> re-run the block on its compressed weights -> pass the
-outputs on. Only one block's activations are held at a time.
+outputs on. Only one block's activations are held at a time (two streams of them with a reference:
+the compressed model's and the uncompressed model's).
+
+Options that change what the statistics see (both off by default, as in the GPTQ reference):
+sequential=True visits a block's input groups in order (q/k/v, then o, then gate/up, then down)
+and measures each group's inputs after the groups before it were compressed ("true sequential"
+of the GPTQ / AutoGPTQ code); reference=alpha fits the layers whose methods minimize the output
+error through the Gram matrix to the uncompressed model's outputs (asymmetric calibration, GPTAQ;
+llmpress.methods.hessian.toward_reference).
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +25,7 @@ from torch import nn
 from llmpress.config import MethodConfig, group_solver_for, group_transform_for, handler_for
 from llmpress.distributed import broadcast_results
 from llmpress.errors import LLMPressError
+from llmpress.methods.hessian import toward_reference
 from llmpress.stats import StatsCache, block_key, tokens_digest
 from llmpress.walk import BlockWalk
 
@@ -31,7 +41,8 @@ class CompressReport:
 def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: torch.Tensor | None = None,
              batch_size: int = 8, progress: bool = True, propagate: bool = True,
              stats_cache: str | Path | None = None, measure_error: bool = False,
-             device: str | torch.device | None = "cpu", source=None, checkpoint=None) -> CompressReport:
+             device: str | torch.device | None = "cpu", source=None, checkpoint=None,
+             sequential: bool = False, reference: float = 0.0) -> CompressReport:
     """Compress `model` in place. layer_configs: {fqn: config} (a resolved Plan); tokens: (N, T)
     calibration token ids, needed when any config declares a statistic.
 
@@ -45,6 +56,12 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     an llmpress.offload.OffloadedCheckpoint the blocks are read from (models larger than memory);
     checkpoint: an llmpress.checkpoint.Checkpoint that records every finished block, and whose
     recorded blocks are restored instead of compressed again (resume after a kill).
+    sequential=True: each input group's statistics are measured after the groups before it in the
+    block were compressed (one forward per group, each stopped at the group's first linear).
+    reference=alpha in (0, 1]: a second stream of hidden states runs through the uncompressed
+    blocks, and layers whose method takes the Gram matrix ("hessian" statistic) are fitted a share
+    alpha of the way to the uncompressed model's outputs (GPTAQ's asymmetric calibration; its code
+    uses 0.25). Costs one more forward per block and a second copy of the activations.
     """
     walk = BlockWalk(model, device, batch_size, progress, source)
     adapter, blocks = walk.adapter, walk.blocks
@@ -56,6 +73,13 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         raise LLMPressError("the plan uses calibrated methods (or measure_error) but no calibration tokens were given")
     if stats_cache is not None and propagate:
         raise LLMPressError("a statistics cache needs propagate=False (propagated statistics depend on the methods)")
+    if not 0 <= reference <= 1:
+        raise LLMPressError(f"reference (the share of the way to the uncompressed outputs) must be in [0, 1], got {reference!r}")
+    if (sequential or reference) and not propagate:
+        raise LLMPressError("sequential / reference statistics are measured on compressed inputs: they need propagate=True")
+    if reference and not any(c.stat == "hessian" for c in layer_configs.values()):
+        raise LLMPressError("reference (asymmetric calibration) needs a method that takes the Gram matrix "
+                            "(gptq, sparsegpt, awq, gptq-lr, svd-llm ...); this plan has none")
     if walk.world > 1 and (checkpoint is not None or stats_cache is not None):
         raise LLMPressError("checkpoints and statistics caches are single-process; under torchrun run without them")
     problems = [f"{fqn}: {why}" for fqn, c in layer_configs.items()
@@ -70,7 +94,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     report = CompressReport(device=str(walk.device))
     t0 = time.perf_counter()
     cache = StatsCache(stats_cache) if stats_cache is not None else None
-    keys = cached = hidden = None
+    keys = cached = hidden = hidden_ref = None
     if cache is not None and needs_data:
         if source is not None:
             raise LLMPressError("a statistics cache is not supported together with an offloaded model")
@@ -88,8 +112,14 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         report.layers.update(entries)
     if needs_data and start == 0 and not cached:
         hidden = walk.capture(tokens)
+        hidden_ref = hidden.clone() if reference else None     # block 0 sees the same inputs in both models
     elif needs_data and 0 < start < len(blocks):
-        hidden = walk.resume(tokens, checkpoint.tensors("hidden")["hidden"])
+        saved = checkpoint.tensors("hidden")
+        hidden = walk.resume(tokens, saved["hidden"])
+        if reference:
+            if "reference" not in saved:
+                raise LLMPressError("this checkpoint was written without a reference stream; start again without --resume")
+            hidden_ref = saved["reference"].to(walk.storage)
 
     for i, block in walk.steps("compress", order=range(start, len(blocks))):
         prefix = f"{walk.prefix}.{i}."
@@ -98,42 +128,83 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         if source is not None:
             for fqn in todo:
                 check_finite(fqn, model.get_submodule(fqn).weight)
-        stats = {}
-        if needs_data and cached:
-            stats = walk.share({k: v.to(walk.device) for k, v in cache.load(keys[i]).items()})
-        elif needs_data and (any(c.stat for c in todo.values()) or not propagate or measure_error):
-            # one forward with hooks; without propagation its outputs feed the next block
-            all_groups = cache is not None or measure_error   # a cache entry serves any later method
-            hidden_out, stats = walk.collect(block, hidden, _heads(adapter, prefix, todo, all_groups))
-            if cache is not None:
-                cache.save(keys[i], {g[0]: stats[g[0]] for g in adapter.input_groups if g[0] in stats})
-            if not propagate:
-                hidden = hidden_out
-        group_info = _group_transforms(block, adapter, prefix, todo, stats)
-        for k, (members, config, t, results) in enumerate(_solve(block, adapter, prefix, todo, stats, walk)):
-            if walk.world > 1:            # solved by one rank, broadcast to all
-                results = broadcast_results(results, k % walk.world, walk.device)
-            for local, (new, info) in zip(members, results):
-                old = block.get_submodule(local)
-                new = new.to(old.weight.device)
-                _check_changed(prefix + local, old, new)
-                if measure_error and local not in group_info and local in stats:
-                    info = {**info, "output_error": relative_output_error(old.weight, new.dense_weight(), stats[local])}
-                parent, _, attr = local.rpartition(".")
-                setattr(block.get_submodule(parent), attr, new)
-                report.layers[prefix + local] = {"method": config.label(), "seconds": t / len(members),
-                                                 **group_info.get(local, {}), **info}
+        dense_block = copy.deepcopy(block) if reference else None     # the uncompressed block, for the reference stream
+        ref_out = None
+        # one pass over all input groups, or (sequential) one per group in order
+        passes = [[g] for g in adapter.input_groups] if sequential else [list(adapter.input_groups)]
+        for groups in passes:
+            part = {prefix + n: todo[prefix + n] for g in groups for n in g if prefix + n in todo}
+            if sequential and not part:
+                continue
+            stats = {}
+            if needs_data and cached:
+                stats = walk.share({k: v.to(walk.device) for k, v in cache.load(keys[i]).items()})
+            elif needs_data and (any(c.stat for c in part.values()) or not propagate or measure_error):
+                # one forward with hooks; without propagation its outputs feed the next block
+                all_groups = cache is not None or measure_error   # a cache entry serves any later method
+                hidden_out, stats, out = walk.gather(block, hidden, _heads(adapter, prefix, part, all_groups, groups),
+                                                     (dense_block, hidden_ref) if reference else None, stop=sequential)
+                ref_out = out if out is not None else ref_out
+                if cache is not None:
+                    cache.save(keys[i], {g[0]: stats[g[0]] for g in adapter.input_groups if g[0] in stats})
+                if not propagate:
+                    hidden = hidden_out
+            originals = _toward_reference(block, prefix, part, stats, reference) if reference else {}
+            _compress_groups(block, adapter, prefix, part, stats, walk, report, measure_error, originals)
         if needs_data and propagate and i + 1 < len(blocks):
             with torch.no_grad():
                 hidden = walk.run(block, hidden)   # (N, T, C) into block i+1
+                if reference:
+                    hidden_ref = ref_out if ref_out is not None else walk.run(dense_block, hidden_ref)
         if checkpoint is not None:
-            checkpoint.save_block(block, i, hidden if needs_data and i + 1 < len(blocks) else None,
-                                  {k: v for k, v in report.layers.items() if k.startswith(prefix)})
+            more = i + 1 < len(blocks) and needs_data
+            checkpoint.save_block(block, i, hidden if more else None,
+                                  {k: v for k, v in report.layers.items() if k.startswith(prefix)},
+                                  reference=hidden_ref if more and reference else None)
     if source is not None:
         source.load_all(model)            # the finished (compressed) blocks back from the scratch folder
     report.seconds = time.perf_counter() - t0
     report.reduced_bytes = walk.reduced_bytes
     return report
+
+
+def _compress_groups(block, adapter, prefix, todo, stats, walk, report, measure_error, originals) -> None:
+    """Run the group transforms and solvers of `todo` (some input groups of block `prefix`) and put
+    the compressed modules in place, recording each layer in `report`. originals: {local: weight
+    before a reference shift} (the error is measured against the layer as it was)."""
+    group_info = _group_transforms(block, adapter, prefix, todo, stats)
+    for k, (members, config, t, results) in enumerate(_solve(block, adapter, prefix, todo, stats, walk)):
+        if walk.world > 1:            # solved by one rank, broadcast to all
+            results = broadcast_results(results, k % walk.world, walk.device)
+        for local, (new, info) in zip(members, results):
+            old = block.get_submodule(local)
+            new = new.to(old.weight.device)
+            before = originals.get(local, {}).get("weight", old.weight)
+            _check_changed(prefix + local, before, new)
+            if measure_error and local not in group_info and local in stats:
+                info = {**info, "output_error": relative_output_error(before, new.dense_weight(), stats[local])}
+            parent, _, attr = local.rpartition(".")
+            setattr(block.get_submodule(parent), attr, new)
+            shift = {k: v for k, v in originals.get(local, {}).items() if k != "weight"}
+            report.layers[prefix + local] = {"method": config.label(), "seconds": t / len(members),
+                                             **group_info.get(local, {}), **shift, **info}
+
+
+def _toward_reference(block, prefix, todo, stats, alpha) -> dict[str, dict]:
+    """Move the weight of every layer in `todo` whose method takes the Gram matrix a share alpha of
+    the way to its least-squares fit of the uncompressed outputs (in place, before its solver);
+    returns {local: {"weight": the weight before, "reference_shift": ||shift|| / ||W||}}."""
+    out = {}
+    for fqn, config in todo.items():
+        local = fqn[len(prefix):]
+        if config.stat != "hessian" or local not in stats:
+            continue
+        linear = block.get_submodule(local)
+        before = linear.weight.detach().clone()
+        target, rel = toward_reference(before, stats[local], alpha)
+        linear.weight.data = target.to(before.dtype)
+        out[local] = {"weight": before, "reference": alpha, "reference_shift": round(rel, 6)}
+    return out
 
 
 def _shape(model: nn.Module, fqn: str) -> tuple[int, int]:
@@ -146,11 +217,12 @@ def check_finite(fqn: str, weight: torch.Tensor) -> None:
         raise LLMPressError(f"{fqn} has NaN or infinite weights; refusing to compress")
 
 
-def _heads(adapter, prefix: str, todo: dict, all_groups: bool) -> dict[str, bool]:
-    """The first linear of every input group that needs a statistic (of every group with
-    all_groups) -> whether its (in, in) Gram matrix is needed (norms come with every statistic)."""
+def _heads(adapter, prefix: str, todo: dict, all_groups: bool, groups=None) -> dict[str, bool]:
+    """The first linear of every input group (of `groups`, default all) that needs a statistic (of
+    every group with all_groups) -> whether its (in, in) Gram matrix is needed (norms come with
+    every statistic)."""
     heads = {}
-    for group in adapter.input_groups:
+    for group in adapter.input_groups if groups is None else groups:
         needed = {c.stat for n in group if (c := todo.get(prefix + n)) is not None and c.stat}
         if needed or all_groups:
             heads[group[0]] = all_groups or "hessian" in needed
@@ -207,9 +279,9 @@ def _group_transforms(block, adapter, prefix, todo, stats) -> dict[str, dict]:
     return infos
 
 
-def _check_changed(fqn, old, new) -> None:
+def _check_changed(fqn, weight, new) -> None:
     """A method that leaves the weights exactly as they were is a bug, not a result."""
-    w_old = old.weight.detach().float()
+    w_old = weight.detach().float()
     w_new = new.dense_weight()
     if not torch.isfinite(w_new).all():
         raise LLMPressError(f"{fqn}: compression produced non-finite weights")

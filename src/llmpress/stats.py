@@ -3,7 +3,6 @@ batches, shards and devices combine by addition."""
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,10 +22,15 @@ class InputStats:
 
     `hessian()` is the mean Gram matrix (what GPTQ / SparseGPT call H up to a factor 2),
     `col_norms()` the per-input-channel L2 norm ||X_j|| (Wanda), `abs_mean()` the mean |X_j| (AWQ, ASVD).
+
+    With a reference (`add(x, x_ref)`: the same tokens' inputs in the uncompressed model), also
+    cross = (X_ref - X)^T X (in, in) [float32]: how far the compressed model's inputs have drifted,
+    which asymmetric calibration (llmpress.methods.hessian.toward_reference) corrects for.
     """
 
     def __init__(self, in_features: int, gram: bool = True, device: torch.device | str = "cpu"):
         self.gram = torch.zeros(in_features, in_features, device=device) if gram else None
+        self.cross = None
         self.sq_sum = None if gram else torch.zeros(in_features, dtype=torch.float64, device=device)
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.count = 0
@@ -34,8 +38,12 @@ class InputStats:
         # budgets of one method on one layer (a sensitivity sweep) factorize only once
         self.memo: dict = {}
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()       # (n, in)
+        if x_ref is not None:
+            if self.cross is None:
+                self.cross = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.cross.addmm_((x_ref.detach().reshape(-1, x.shape[1]).float() - x).T, x)
         if self.gram is not None:
             # X^T X is symmetric: accumulate only its lower block triangle (GRAM_SPLITS column
             # panels, about 5/8 of the flops of a full product); gram_matrix() mirrors it
@@ -56,6 +64,7 @@ class InputStats:
         """Moved to `device` in place (members of an input group share one object); returns self."""
         if torch.device(device) != self.device:
             self.gram = None if self.gram is None else self.gram.to(device)
+            self.cross = None if self.cross is None else self.cross.to(device)
             self.sq_sum = None if self.sq_sum is None else self.sq_sum.to(device)
             self.abs_sum = self.abs_sum.to(device)
             self.memo = {}
@@ -66,6 +75,10 @@ class InputStats:
             self.gram += other.gram      # both lower-triangular accumulations
         else:
             self.sq_sum += other.sq_sum
+        if (self.cross is None) != (other.cross is None):
+            raise LLMPressError("cannot merge statistics with and without a reference")
+        if self.cross is not None:
+            self.cross += other.cross
         self.abs_sum += other.abs_sum
         self.count += other.count
         return self
@@ -89,21 +102,7 @@ class InputStats:
         return (self.abs_sum / max(self.count, 1)).float()
 
 
-@contextmanager
-def collect_inputs(modules: dict[str, nn.Module], gram: dict[str, bool]):
-    """Within the `with`, every forward of modules[name] adds its input to the yielded stats[name].
-    Hooks are removed on exit, also when the body raises."""
-    stats = {name: InputStats(m.in_features, gram[name], _device_of(m)) for name, m in modules.items()}
-    handles = [m.register_forward_hook(lambda mod, args, out, s=stats[name]: s.add(args[0]))
-               for name, m in modules.items()]
-    try:
-        yield stats
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _device_of(module: nn.Module) -> torch.device:
+def device_of(module: nn.Module) -> torch.device:
     return next(t for t in (*module.parameters(), *module.buffers())).device
 
 

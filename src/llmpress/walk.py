@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from llmpress.arch import adapter_for
 from llmpress.distributed import all_reduce_stats, world
 from llmpress.errors import LLMPressError
-from llmpress.stats import InputStats, collect_inputs
+from llmpress.stats import InputStats, device_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -200,12 +200,64 @@ class BlockWalk:
         whether the (in, in) Gram matrix is needed, norms come always). Returns (outputs (N, T, C),
         {member: InputStats}): every member of an input group shares its head's statistic (they
         read the same tensor)."""
+        out, stats, _ = self.gather(block, hidden, heads)
+        return out, stats
+
+    def gather(self, block: nn.Module, hidden: torch.Tensor, heads: dict[str, bool], reference=None,
+               stop: bool = False) -> tuple[torch.Tensor | None, dict, torch.Tensor | None]:
+        """`collect` with two options; returns (outputs, statistics, reference outputs).
+
+        reference=(ref_block, ref_hidden): the same block uncompressed and its inputs in the
+        uncompressed model; each batch runs through it first and the statistics also get the
+        cross term (X_ref - X)^T X (asymmetric calibration); its outputs are the third value.
+        stop=True: each forward stops once every head has seen its input (outputs None): the
+        statistics of an early group cost only the part of the block in front of it."""
         modules = {h: block.get_submodule(h) for h in heads}
-        with collect_inputs(modules, heads) as stats, torch.no_grad():
-            out = self.run(block, hidden)
+        stats = {h: InputStats(m.in_features, heads[h], device_of(m)) for h, m in modules.items()}
+        ref_inputs: dict[str, torch.Tensor] = {}
+        seen: set[str] = set()          # heads that have seen the current batch (of the current stream)
+
+        def hook(name, into_ref):
+            def f(module, args, out):
+                if into_ref:
+                    ref_inputs[name] = args[0].detach()
+                else:
+                    stats[name].add(args[0], ref_inputs.pop(name) if reference is not None else None)
+                seen.add(name)
+                if stop and len(seen) == len(heads):
+                    raise _StopForward
+            return f
+
+        handles = [m.register_forward_hook(hook(h, False)) for h, m in modules.items()]
+        if reference is not None:
+            ref_block, ref_hidden = reference
+            handles += [ref_block.get_submodule(h).register_forward_hook(hook(h, True)) for h in heads]
+        outs, ref_outs = [], []
+        try:
+            with torch.no_grad():
+                for start in range(0, hidden.shape[0], self.batch_size):
+                    if reference is not None:
+                        seen.clear()
+                        ref_outs.append(self._forward(ref_block, ref_hidden[start:start + self.batch_size], stop))
+                    seen.clear()
+                    outs.append(self._forward(block, hidden[start:start + self.batch_size], stop))
+        finally:
+            for h in handles:
+                h.remove()
         if self.world > 1:                # every rank saw its slice: sum the statistics
             self.reduced_bytes += all_reduce_stats(stats)
-        return out, self.share(stats)
+        out = None if stop else torch.cat(outs)
+        ref_out = None if stop or reference is None else torch.cat(ref_outs)
+        return out, self.share(stats), ref_out
+
+    def _forward(self, block: nn.Module, x: torch.Tensor, stop: bool) -> torch.Tensor | None:
+        """block(x) for one batch, on the storage device; None when a hook stopped it (stop=True)."""
+        try:
+            return block_hidden(block(x.to(self.device), **self.kwargs)).to(self.storage)
+        except _StopForward:
+            if not stop:
+                raise
+            return None
 
     def share(self, by_head: dict[str, InputStats]) -> dict[str, InputStats]:
         """Statistics keyed by each group's first member -> keyed by every member of the group."""

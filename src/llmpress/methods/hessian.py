@@ -40,3 +40,29 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None,
 def check_damp(damp: float) -> None:
     if not 0 < damp <= 1:
         raise LLMPressError(f"damp (relative to the mean Hessian diagonal) must be in (0, 1], got {damp!r}")
+
+
+def toward_reference(w: torch.Tensor, stats, alpha: float, damp: float = 0.01) -> tuple[torch.Tensor, float]:
+    """Asymmetric calibration (Li, Yin, Lee, Xiao & Panda 2025, "GPTAQ: Efficient Finetuning-Free
+    Quantization for Asymmetric Calibration", first named GPTQv2, arXiv:2504.02692): fit the compressed layer on the
+    compressed model's inputs X to the UNCOMPRESSED model's outputs W X_ref, not to W X.
+
+    The least-squares weight for that target is W* = W X_ref^T X (X^T X)^-1 = W + W C G^-1 with
+    C = (X_ref - X)^T X and G = X^T X (stats.cross, stats.gram_matrix()). Its residual is orthogonal
+    to X, so for any Q: ||Q X - W X_ref||^2 = ||(Q - W*) X||^2 + const, i.e. running the usual
+    solver (GPTQ, SparseGPT, whitened SVD) on W* with the same Hessian minimizes the asymmetric
+    objective exactly. GPTAQ's closed form interleaves the same correction with GPTQ's column sweep;
+    this splits it into the least-squares step and the unchanged solver. alpha in [0, 1] moves only
+    that far toward W* (the reference code scales the correction by 0.25); G is damped by
+    damp * mean(diag G) as GPTQ damps H. w (out, in) -> (W + alpha W C G^-1 (out, in) float32,
+    ||shift|| / ||W||)."""
+    if stats.cross is None:
+        raise LLMPressError("asymmetric calibration needs statistics collected with a reference (dense) stream")
+    g = stats.gram_matrix().double()
+    g.diagonal().add_(damp * g.diagonal().mean().clamp(min=1e-12))
+    lower, info = torch.linalg.cholesky_ex(g)
+    if info.item() != 0:
+        raise LLMPressError("asymmetric calibration: the damped Gram matrix is not positive definite")
+    w64 = w.detach().double()
+    shift = alpha * torch.cholesky_solve((w64 @ stats.cross.double()).T, lower).T     # (out, in)
+    return (w64 + shift).float(), (shift.norm() / w64.norm().clamp(min=1e-30)).item()
