@@ -36,11 +36,13 @@ def sharded(tmp_path, tiny_tokenizer):
     return path, text
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_killed_run_resumes_bit_identical(sharded, tmp_path, offload):
+@pytest.mark.parametrize("offload,options", [(False, []), (True, []),
+                                             (False, ["--sequential", "--reference", "0.25"])])
+def test_killed_run_resumes_bit_identical(sharded, tmp_path, offload, options):
+    """(with --reference the checkpoint also carries the uncompressed model's hidden states)"""
     model, text = sharded
-    extra = ["--offload", tmp_path / "scratch"] if offload else []
-    ref = _compress(model, tmp_path / "ref", text, *(["--offload", tmp_path / "scratch-ref"] if offload else []))
+    extra = (["--offload", tmp_path / "scratch"] if offload else []) + options
+    ref = _compress(model, tmp_path / "ref", text, *(["--offload", tmp_path / "scratch-ref"] if offload else []), *options)
     assert ref.returncode == 0, ref.stderr
     killed = _compress(model, tmp_path / "out", text, *extra, kill_after=1)
     assert killed.returncode == -signal.SIGKILL

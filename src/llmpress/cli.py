@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--one-pass", action="store_true",
                    help="statistics from the dense model in one forward per block (faster, no error propagation)")
     c.add_argument("--stats-cache", help="folder caching one-pass statistics for reuse (implies --one-pass)")
+    c.add_argument("--sequential", action="store_true",
+                   help="measure each input group of a block (q/k/v, o, gate/up, down) after the groups before it "
+                        "were compressed (the GPTQ code's true-sequential; a partial forward per group)")
+    c.add_argument("--reference", type=float, default=0.0, metavar="ALPHA",
+                   help="asymmetric calibration (GPTAQ): fit Gram-matrix methods (gptq, sparsegpt, awq, gptq-lr, "
+                        "svd-llm) this share of the way to the UNCOMPRESSED model's outputs, through a second "
+                        "stream of hidden states (GPTAQ's code: 0.25; 0 = off)")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--json", help="write the run's results here")
@@ -242,18 +249,20 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         out = Path(a.out)
         folder = scratch or out.parent / f".{out.name}.partial"      # the offload folder doubles as it
         settings = {"layers": {k: v.to_dict() for k, v in layer_configs.items()}, "calibration": calib,
-                    "propagate": not one_pass, "dtype": str(model.dtype), "batch_size": 8}
+                    "propagate": not one_pass, "dtype": str(model.dtype), "batch_size": 8,
+                    "sequential": a.sequential, "reference": a.reference}
         checkpoint = Checkpoint(folder, settings, run_key(model, tokens, source), resume=a.resume)
         if checkpoint.done:
             print(f"resuming from {folder}: {checkpoint.done} blocks already compressed", file=sys.stderr)
     elif a.resume:
         raise LLMPressError("--resume does not apply to a --stats-cache run")
     report = compress(model, layer_configs, tokens, propagate=not one_pass, stats_cache=a.stats_cache,
-                      device=device, source=source, checkpoint=checkpoint, progress=rank == 0)
+                      device=device, source=source, checkpoint=checkpoint, progress=rank == 0,
+                      sequential=a.sequential, reference=a.reference)
     if rank != 0:                                   # rank 0 writes the output
         return {"rank": rank, "compress_seconds": report.seconds, "reduced_bytes": report.reduced_bytes}
     if calib:
-        calib["propagate"] = not one_pass
+        calib.update(propagate=not one_pass, sequential=a.sequential, reference=a.reference)
     fallbacks = {k: v for k, v in report.layers.items() if "fallback" in v}
     for fqn, info in fallbacks.items():
         print(f"warning: {fqn}: fell back to {info['fallback']} ({info['reason']})", file=sys.stderr)
