@@ -346,3 +346,47 @@ def test_gguf_export_with_lora_adapter(tmp_path, tiny_hf_dir):
             target.weight += b @ a
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(model(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_size,bits,gguf", [(64, 3, None), (0, 3, None), (64, 2, None), (32, 4, "q4_k")])
+def test_gptq_refine_lowers_the_output_error_and_stays_on_the_grid(group_size, bits, gguf):
+    """QuantEase's coordinate descent after GPTQ: never a higher layer error, on the same grid."""
+    from llmpress.methods import ggml_grid
+    from llmpress.methods.gptq import gptq_solve
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 256, generator=g) * torch.rand(256, generator=g) * 3      # uneven channels
+    h = x.T @ x / 2048
+    w = torch.randn(96, 256, generator=g)
+    grid = None
+    if gguf:
+        scale, offset, _ = ggml_grid.fit(w, ggml_grid.ggml_type(gguf), None, torch.diagonal(h))
+        grid = (scale, offset)
+    errors, results = [], []
+    for refine in (0, 5):
+        q, s, z, info = gptq_solve(w, h, bits, group_size, True, True, 0.01, None, grid, refine)
+        gs = group_size or 256
+        s, z = s.repeat_interleave(gs, 1), z.repeat_interleave(gs, 1)
+        deq = q * s + z if gguf else (q - z) * s
+        errors.append((((deq - w) @ h) * (deq - w)).sum().item())
+        results.append((q, info))
+        assert torch.equal(q, q.round()) and q.min() >= 0 and q.max() <= 2 ** bits - 1
+    assert errors[1] < 0.99 * errors[0]
+    assert results[1][1]["refine"]["sweeps"] >= 1 and results[1][1]["refine"]["error_ratio"] < 1
+    assert not torch.equal(results[0][0], results[1][0])
+
+
+def test_gptq_refine_through_the_pipeline(tiny_model, calib_tokens):
+    from llmpress import GPTQ
+    base = copy.deepcopy(tiny_model)
+    plan = {n: GPTQ(bits=3, group_size=32, refine=3) for n in adapter_for(tiny_model).linear_names(tiny_model)}
+    report = compress(tiny_model, plan, calib_tokens, progress=False, measure_error=True)
+    plain = copy.deepcopy(base)
+    report0 = compress(plain, {n: GPTQ(bits=3, group_size=32) for n in plan}, calib_tokens, progress=False,
+                       measure_error=True)
+    assert all(0 < v["refine"]["error_ratio"] <= 1 for v in report.layers.values())
+    # block 0 sees the same inputs in both runs: its layers' errors can only be lower
+    for k, v in report.layers.items():
+        if k.startswith("model.layers.0."):
+            assert v["output_error"] <= report0.layers[k]["output_error"] + 1e-9
+    with pytest.raises(LLMPressError, match="refine"):
+        GPTQ(refine=-1)

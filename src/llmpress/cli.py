@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                         "output error (3-bit per-channel RTN over every layer, on the calibration data)")
     c.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
     c.add_argument("--damp", type=float, help="GPTQ / SparseGPT: relative Hessian damping (default 0.01)")
+    c.add_argument("--refine", type=int, metavar="SWEEPS",
+                   help="GPTQ: coordinate-descent sweeps over the columns after the GPTQ pass (QuantEase; same grid, "
+                        "never a higher layer error; about as costly per sweep as GPTQ itself)")
     c.add_argument("--alpha", type=float, help="ASVD: activation scaling exponent (default 0.5)")
     c.add_argument("--calib", default="wikipedia", help="calibration source: wikipedia, c4, wikitext2-train or a file")
     c.add_argument("--num-samples", type=int, default=128)
@@ -160,7 +163,7 @@ def _config_from_args(a):
     from llmpress.config import config_from_dict
     opts = {"bits": a.bits, "group_size": a.group_size, "sparsity": a.sparsity, "nm": a.nm,
             "param_ratio": a.param_ratio, "damp": a.damp, "alpha": a.alpha, "rank": a.rank, "clip": a.clip,
-            "gguf": a.gguf_type}
+            "gguf": a.gguf_type, "refine": a.refine}
     kwargs = {k: v for k, v in opts.items() if v is not None}
     if a.asymmetric:
         kwargs["symmetric"] = False

@@ -4,6 +4,11 @@ Generative Pre-trained Transformers" (arXiv:2210.17323).
 Columns are quantized left to right; each column's rounding error is spread over the columns not yet
 quantized through the inverse Hessian H^-1 of the layer's inputs (H = X^T X / n), which minimizes
 ||W X - Q X||^2 greedily. Updates are applied lazily in blocks of columns (Algorithm 1).
+
+refine=k then runs k sweeps of cyclic coordinate descent on the same objective and grid, starting
+from GPTQ's codes (QuantEase: Behdin, Acharya, Gupta, Song, Hsu, Keerthi & Mazumder 2023, "QuantEase:
+Optimization-based Quantization for Language Models", arXiv:2309.01885): each column in turn is
+set to the grid point nearest its best value given all the others, which can only lower the error.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.config import MethodConfig, register
+from llmpress.errors import LLMPressError
 from llmpress.methods import ggml_grid, hessian
 from llmpress.methods.hessian import check_damp
 from llmpress.methods.rtn import (QUANT_MENU, check_quant_options, fix_gguf_grid, ggml_linear_from_codes, gguf_shape_problem,
@@ -21,7 +27,7 @@ from llmpress.methods.rtn import (QUANT_MENU, check_quant_options, fix_gguf_grid
 
 def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                act_order: bool = False, damp: float = 0.01, clip: str | None = None,
-               grid: tuple[torch.Tensor, torch.Tensor] | None = None):
+               grid: tuple[torch.Tensor, torch.Tensor] | None = None, refine: int = 0):
     """w (out, in), h (in, in) -> (codes (out, in), scale (out, G), zero (out, G), info).
 
     Groups are runs of `group_size` input columns in the original order (the last may be shorter;
@@ -32,11 +38,13 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     smallest rounding error weighted by h_jj (quant_grid).
     grid=(scale, offset) (out, G): a fixed grid w = q * scale + offset per (row, group), fitted by
     the caller (a GGUF block type, llmpress.methods.ggml_grid), returned in place of (scale, zero).
+    refine: coordinate-descent sweeps after the GPTQ pass (QuantEase), on the damped Hessian.
     If the damped Hessian cannot be inverted even at DAMP_STEPS x damp, falls back to RTN (info says so).
     """
     out_f, in_f = w.shape
     group_size = group_size or in_f
     w, h, dead = hessian.prepare(w, h)
+    w_target, h_orig = w.clone(), h                    # original column order, for refine
     diag = torch.diagonal(h).float()
     n_groups = -(-in_f // group_size)
     static = act_order or n_groups == 1 or grid is not None
@@ -89,9 +97,49 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     if act_order:
         codes = codes[:, torch.argsort(perm)]
     info = {"damp": used}
+    if refine:
+        h_damped = h_orig.float() + used * torch.diagonal(h_orig).float().mean() * torch.eye(in_f, device=w.device)
+        onto, back = ((lambda x, s, z: ggml_grid.quantize(x, s, z, bits), lambda q, s, z: q * s + z) if grid is not None else
+                      (lambda x, s, z: quantize_to_grid(x, s, z, bits), lambda q, s, z: (q - z) * s))
+        expand = lambda t: t.T.repeat_interleave(group_size, 1)[:, :in_f]      # (G, out) -> (out, in)
+        codes, info["refine"] = refine_codes(w_target, h_damped, codes, expand(scale_t), expand(zero_t), bits,
+                                             refine, onto, back)
     if dead.any():
         info["dead_columns"] = int(dead.sum())
     return codes, scale_t.T.contiguous(), zero_t.T.contiguous(), info
+
+
+def refine_codes(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor, bits: int, sweeps: int, onto, back) -> tuple[torch.Tensor, dict]:
+    """Cyclic coordinate descent on tr((W' - W) H (W' - W)^T) over the grid (QuantEase), all rows at once.
+
+    w (out, in) target, h (in, in) damped Hessian, codes (out, in) start, scale / zero (out, in) the
+    grid of each weight (zero: the offset for GGUF grids); onto(x, s, z) -> codes, back(q, s, z) ->
+    values. Column j's best value given the others is W'_j - G_j / h_jj with G = (W' - W) H kept up
+    to date by rank-1 updates; its nearest grid point minimizes the error in that column exactly, so
+    no sweep raises the error. Stops early when a sweep moves no code. Returns (codes, info)."""
+    codes = codes.clone()
+    deq = back(codes, scale, zero)                       # (out, in)
+    g = (deq - w) @ h                                     # (out, in): the error's gradient / 2
+    d = torch.diagonal(h)
+    before = ((deq - w) * g).sum().item()
+    done = 0
+    for _ in range(sweeps):
+        moved = 0
+        for j in range(w.shape[1]):
+            q = onto(deq[:, j] - g[:, j] / d[j], scale[:, j], zero[:, j])
+            delta = back(q, scale[:, j], zero[:, j]) - deq[:, j]
+            nz = int(torch.count_nonzero(delta))
+            if nz:
+                g.addr_(delta, h[j])
+                deq[:, j] += delta
+                codes[:, j] = q
+                moved += nz
+        done += 1
+        if not moved:
+            break
+    after = ((deq - w) * ((deq - w) @ h)).sum().item()
+    return codes, {"sweeps": done, "error_ratio": round(after / before, 6) if before > 0 else 1.0}
 
 
 @dataclass(frozen=True)
@@ -111,6 +159,8 @@ class GPTQ(MethodConfig):
     # q4_1|q5_1|q4_k|q5_k|q6_k: solve ON that llama.cpp grid (fixes bits, group_size = its sub-block),
     # so the GGUF export holds exactly these weights; grids fitted up front (static)
     gguf: str | None = None
+    # coordinate-descent sweeps after the GPTQ pass (QuantEase); None / 0: off
+    refine: int | None = None
 
     def __post_init__(self) -> None:
         fix_gguf_grid(self)
@@ -119,6 +169,8 @@ class GPTQ(MethodConfig):
     def validate(self) -> None:
         check_quant_options(self.bits, self.group_size, self.clip)
         check_damp(self.damp)
+        if self.refine is not None and (not isinstance(self.refine, int) or self.refine < 0):
+            raise LLMPressError(f"refine (coordinate-descent sweeps) must be an integer >= 0, got {self.refine!r}")
 
     def shape_problem(self, out_features, in_features):
         return gguf_shape_problem(self, in_features)
@@ -139,7 +191,7 @@ def solve_group(linears, config: GPTQ, stats):
                                              torch.diagonal(h).float())
         grid = (scale, offset)
     codes, scale, zero, info = gptq_solve(w, h, config.bits, config.group_size, config.symmetric,
-                                          config.act_order, config.damp, config.clip, grid)
+                                          config.act_order, config.damp, config.clip, grid, config.refine or 0)
     out, start = [], 0
     for m in linears:
         rows = slice(start, start + m.out_features)
