@@ -11,6 +11,7 @@ counted, as `llmpress eval` measures it). Compress time is shown against the two
 calibration toward the uncompressed model's outputs, GPTAQ); the run is stored as NAME+seq+ref0.25.
 --refine K: every GPTQ layer of the run (also those an allocator chose, from a table measured
 without it) gets K QuantEase sweeps after its GPTQ pass; stored as NAME+refine5.
+--tune E: E epochs of block-wise tuning of scales and norms (llmpress.tune); stored as NAME+tune2.
 
 The embedded weights went through GGUF Q4_1 once (see ../shared/data/README.md): comparisons
 between methods hold, absolute numbers are for this checkpoint.
@@ -118,11 +119,13 @@ def main() -> None:
     ap.add_argument("--sequential", action="store_true", help="measure each input group after the ones before it")
     ap.add_argument("--reference", type=float, default=0.0, help="asymmetric calibration share (GPTAQ: 0.25)")
     ap.add_argument("--refine", type=int, default=0, help="QuantEase sweeps added to every GPTQ layer")
+    ap.add_argument("--tune", type=int, default=0, help="epochs of block-wise scale / norm tuning (llmpress.tune)")
     a = ap.parse_args()
     n_calib, calib_len = (int(v) for v in a.calib_shape.split("x"))
     suffix = "" if a.calib_shape == "64x512" else f"@calib{a.calib_shape}"
     suffix += ("+seq" if a.sequential else "") + (f"+ref{a.reference:g}" if a.reference else "")
     suffix += f"+refine{a.refine}" if a.refine else ""
+    suffix += f"+tune{a.tune}" if a.tune else ""
 
     dense, tok = load_model("smollm2-135m")
     tokens = calibration_tokens(tok, "wikipedia", n_calib, calib_len, seed=0)
@@ -158,7 +161,7 @@ def main() -> None:
         if a.refine:
             configs = {k: dataclasses.replace(c, refine=a.refine) if isinstance(c, GPTQ) else c for k, c in configs.items()}
         report = compress(model, configs, tokens, progress=False, sequential=a.sequential,
-                          reference=a.reference)
+                          reference=a.reference, tune=a.tune)
         seconds = time.perf_counter() - t
         for module in model.modules():        # evaluation only: skip rebuilding weights per window
             with_dense_cache(module)
@@ -166,7 +169,7 @@ def main() -> None:
         size = model_size(model)
         method = spec if isinstance(spec, str) else {"budget": spec[1], "menu": [c.label() for c in spec[2]]}
         results[name + suffix] = {"calibration": a.calib_shape, "sequential": a.sequential,
-                                  "reference": a.reference, "refine": a.refine, "rotation": rot_info, "method": method, "perplexity": ppl["perplexity"],
+                                  "reference": a.reference, "refine": a.refine, "tune": a.tune, "rotation": rot_info, "method": method, "perplexity": ppl["perplexity"],
                          "windows": ppl.get("windows"), "bits_per_weight": size["bits_per_weight"],
                          "compress_seconds": seconds, "x_floor": seconds / results["_floor_seconds"],
                          "fallbacks": sum("fallback" in v for v in report.layers.values()),

@@ -97,3 +97,31 @@ def test_reference_and_sequential_refuse_bad_settings(tiny_model, calib_tokens):
     from llmpress import RTN
     with pytest.raises(LLMPressError, match="Gram"):
         compress(tiny_model, {n: RTN(bits=4) for n in plan}, calib_tokens, reference=0.25)
+
+
+def test_tune_lowers_each_block_error_and_keeps_the_codes(calib_tokens):
+    """Block-wise tuning of scales and norms: the codes are those GPTQ chose, the block's error to
+    its target went down wherever the result was kept, and a block whose error would rise is put back."""
+    from llmpress.modules import QuantLinear
+    base = tiny_llama(seed=3, layers=2)
+    calib = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(5))
+    plan = {n: GPTQ(bits=2, group_size=32) for n in adapter_for(base).linear_names(base)}
+    plain, tuned = copy.deepcopy(base), copy.deepcopy(base)
+    compress(plain, plan, calib, progress=False)
+    report = compress(tuned, plan, calib, progress=False, tune=3)
+    first = {k: m for k, m in plain.named_modules() if isinstance(m, QuantLinear)}
+    for k, m in tuned.named_modules():
+        if isinstance(m, QuantLinear):
+            if k.startswith("model.layers.0."):       # block 0: same inputs, so the same GPTQ codes
+                assert torch.equal(m.int_weight(), first[k].int_weight())
+            assert m.scale.dtype == first[k].scale.dtype
+    infos = [v["tune"] for v in report.layers.values()]
+    assert all(i["steps"] == 3 * 2 and i["tensors"] == 7 + 2 for i in infos)
+    assert all((i["mse_after"] < i["mse_before"]) == i["kept"] for i in infos) and any(i["kept"] for i in infos)
+    tuned0 = tuned.model.layers[0]
+    kept0 = report.layers["model.layers.0.mlp.down_proj"]["tune"]["kept"]
+    changed = not torch.equal(tuned0.mlp.down_proj.scale, plain.model.layers[0].mlp.down_proj.scale)
+    assert changed == kept0
+    assert _logit_error(tuned, base, calib) < _logit_error(plain, base, calib)
+    with pytest.raises(LLMPressError, match="propagate"):
+        compress(copy.deepcopy(base), plan, calib, tune=2, propagate=False)

@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="asymmetric calibration (GPTAQ): fit Gram-matrix methods (gptq, sparsegpt, awq, gptq-lr, "
                         "svd-llm) this share of the way to the UNCOMPRESSED model's outputs, through a second "
                         "stream of hidden states (GPTAQ's code: 0.25; 0 = off)")
+    c.add_argument("--tune", type=int, default=0, metavar="EPOCHS",
+                   help="after each block is quantized, fit its quantized layers' scales and its norm weights to the "
+                        "uncompressed block's outputs by gradient descent for EPOCHS passes over the calibration "
+                        "windows (OmniQuant / Norm Tweaking; codes and format unchanged; 0 = off)")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--json", help="write the run's results here")
@@ -253,7 +257,7 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         folder = scratch or out.parent / f".{out.name}.partial"      # the offload folder doubles as it
         settings = {"layers": {k: v.to_dict() for k, v in layer_configs.items()}, "calibration": calib,
                     "propagate": not one_pass, "dtype": str(model.dtype), "batch_size": 8,
-                    "sequential": a.sequential, "reference": a.reference}
+                    "sequential": a.sequential, "reference": a.reference, "tune": a.tune}
         checkpoint = Checkpoint(folder, settings, run_key(model, tokens, source), resume=a.resume)
         if checkpoint.done:
             print(f"resuming from {folder}: {checkpoint.done} blocks already compressed", file=sys.stderr)
@@ -261,11 +265,11 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         raise LLMPressError("--resume does not apply to a --stats-cache run")
     report = compress(model, layer_configs, tokens, propagate=not one_pass, stats_cache=a.stats_cache,
                       device=device, source=source, checkpoint=checkpoint, progress=rank == 0,
-                      sequential=a.sequential, reference=a.reference)
+                      sequential=a.sequential, reference=a.reference, tune=a.tune)
     if rank != 0:                                   # rank 0 writes the output
         return {"rank": rank, "compress_seconds": report.seconds, "reduced_bytes": report.reduced_bytes}
     if calib:
-        calib.update(propagate=not one_pass, sequential=a.sequential, reference=a.reference)
+        calib.update(propagate=not one_pass, sequential=a.sequential, reference=a.reference, tune=a.tune)
     fallbacks = {k: v for k, v in report.layers.items() if "fallback" in v}
     for fqn, info in fallbacks.items():
         print(f"warning: {fqn}: fell back to {info['fallback']} ({info['reason']})", file=sys.stderr)

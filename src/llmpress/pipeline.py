@@ -27,6 +27,7 @@ from llmpress.distributed import broadcast_results
 from llmpress.errors import LLMPressError
 from llmpress.methods.hessian import toward_reference
 from llmpress.stats import StatsCache, block_key, tokens_digest
+from llmpress.tune import tune_block
 from llmpress.walk import BlockWalk
 
 
@@ -42,7 +43,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
              batch_size: int = 8, progress: bool = True, propagate: bool = True,
              stats_cache: str | Path | None = None, measure_error: bool = False,
              device: str | torch.device | None = "cpu", source=None, checkpoint=None,
-             sequential: bool = False, reference: float = 0.0) -> CompressReport:
+             sequential: bool = False, reference: float = 0.0, tune: int = 0) -> CompressReport:
     """Compress `model` in place. layer_configs: {fqn: config} (a resolved Plan); tokens: (N, T)
     calibration token ids, needed when any config declares a statistic.
 
@@ -62,21 +63,28 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     blocks, and layers whose method takes the Gram matrix ("hessian" statistic) are fitted a share
     alpha of the way to the uncompressed model's outputs (GPTAQ's asymmetric calibration; its code
     uses 0.25). Costs one more forward per block and a second copy of the activations.
+    tune=E: after a block's layers are compressed, E epochs of gradient descent fit its quantized
+    layers' scales and its norm weights to the uncompressed block's outputs (llmpress.tune; the
+    target is the reference stream's when there is one).
     """
     walk = BlockWalk(model, device, batch_size, progress, source)
     adapter, blocks = walk.adapter, walk.blocks
     unknown = set(layer_configs) - set(adapter.linear_names(model))
     if unknown:
         raise LLMPressError(f"not compressible linears of this model: {sorted(unknown)[:5]}")
-    needs_data = measure_error or any(c.stat is not None for c in layer_configs.values())
+    needs_data = measure_error or bool(tune) or any(c.stat is not None for c in layer_configs.values())
     if needs_data and (tokens is None or tokens.numel() == 0):
         raise LLMPressError("the plan uses calibrated methods (or measure_error) but no calibration tokens were given")
     if stats_cache is not None and propagate:
         raise LLMPressError("a statistics cache needs propagate=False (propagated statistics depend on the methods)")
     if not 0 <= reference <= 1:
         raise LLMPressError(f"reference (the share of the way to the uncompressed outputs) must be in [0, 1], got {reference!r}")
-    if (sequential or reference) and not propagate:
-        raise LLMPressError("sequential / reference statistics are measured on compressed inputs: they need propagate=True")
+    if (sequential or reference or tune) and not propagate:
+        raise LLMPressError("sequential / reference / tune work on compressed inputs: they need propagate=True")
+    if tune and (tokens is None or tokens.numel() == 0):
+        raise LLMPressError("tune fits blocks on calibration data: give calibration tokens")
+    if tune and walk.world > 1:
+        raise LLMPressError("tune is single-process for now; run without torchrun")
     if reference and not any(c.stat == "hessian" for c in layer_configs.values()):
         raise LLMPressError("reference (asymmetric calibration) needs a method that takes the Gram matrix "
                             "(gptq, sparsegpt, awq, gptq-lr, svd-llm ...); this plan has none")
@@ -128,7 +136,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         if source is not None:
             for fqn in todo:
                 check_finite(fqn, model.get_submodule(fqn).weight)
-        dense_block = copy.deepcopy(block) if reference else None     # the uncompressed block, for the reference stream
+        dense_block = copy.deepcopy(block) if reference or tune else None   # the uncompressed block (reference stream, tune target)
         ref_out = None
         # one pass over all input groups, or (sequential) one per group in order
         passes = [[g] for g in adapter.input_groups] if sequential else [list(adapter.input_groups)]
@@ -151,11 +159,19 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
                     hidden = hidden_out
             originals = _toward_reference(block, prefix, part, stats, reference) if reference else {}
             _compress_groups(block, adapter, prefix, part, stats, walk, report, measure_error, originals)
+        if reference and needs_data and ref_out is None:
+            with torch.no_grad():
+                ref_out = walk.run(dense_block, hidden_ref)
+        if tune and todo:
+            with torch.no_grad():
+                target = ref_out if reference else walk.run(dense_block, hidden)
+            info = tune_block(block, walk, hidden, target, tune)
+            for fqn in todo:
+                report.layers[fqn]["tune"] = info
         if needs_data and propagate and i + 1 < len(blocks):
             with torch.no_grad():
                 hidden = walk.run(block, hidden)   # (N, T, C) into block i+1
-                if reference:
-                    hidden_ref = ref_out if ref_out is not None else walk.run(dense_block, hidden_ref)
+            hidden_ref = ref_out
         if checkpoint is not None:
             more = i + 1 < len(blocks) and needs_data
             checkpoint.save_block(block, i, hidden if more else None,
