@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import needs_embedded, tiny_llama
 from llmpress import GPTQ
 from llmpress.arch import adapter_for
 from llmpress.errors import LLMPressError
@@ -125,3 +125,33 @@ def test_tune_lowers_each_block_error_and_keeps_the_codes(calib_tokens):
     assert _logit_error(tuned, base, calib) < _logit_error(plain, base, calib)
     with pytest.raises(LLMPressError, match="propagate"):
         compress(copy.deepcopy(base), plan, calib, tune=2, propagate=False)
+
+
+@pytest.mark.slow
+@needs_embedded
+def test_embedded_model_sequential_reference_and_tune_lower_the_error_on_other_text():
+    """SmolLM2-135M cut to its first 4 blocks, GPTQ W3 g64 on them, calibrated on `wikipedia`: each
+    option lowers the last block's output error to the dense model's on WikiText-2 windows."""
+    from llmpress.data import calibration_tokens, eval_tokens
+    from llmpress.models import load_model
+    base, tok = load_model("smollm2-135m")
+    base.model.layers = base.model.layers[:4]
+    base.config.num_hidden_layers = 4
+    calib = calibration_tokens(tok, "wikipedia", 16, 256, seed=0)
+    held = eval_tokens(tok, "wikitext2")[: 4 * 256].view(4, 256)
+    plan = {n: GPTQ(bits=3, group_size=64) for n in adapter_for(base).linear_names(base)}
+
+    def error(model):
+        with torch.no_grad():
+            a = model.model(held).last_hidden_state
+            b = base.model(held).last_hidden_state
+        return (a - b).square().mean().item()
+
+    errors = {}
+    for key, options in {"plain": {}, "seq+ref": {"sequential": True, "reference": 0.25},
+                         "seq+ref+tune": {"sequential": True, "reference": 0.25, "tune": 1}}.items():
+        model = copy.deepcopy(base)
+        compress(model, plan, calib, progress=False, **options)
+        errors[key] = error(model)
+    assert errors["seq+ref"] < errors["plain"]
+    assert errors["seq+ref+tune"] < errors["seq+ref"]
