@@ -68,6 +68,7 @@ RUNS = {
     "alloc-3.0-rot-asym": ("hadamard", ("budget", "bits=3.0", LOW_MENU_ASYM)),
     "alloc-3.25-rot-asym": ("hadamard", ("budget", "bits=3.25", LOW_MENU_ASYM)),
     "alloc-2.5-rot-asym": ("hadamard", ("budget", "bits=2.5", LOW_MENU_ASYM)),
+    "alloc-3.25-rotsearch-asym": ("hadamard-search", ("budget", "bits=3.25", LOW_MENU_ASYM)),
     "gptq-w3g64": (None, "gptq:bits=3,group_size=64"),
     "gptq-w3g64-mse": (None, "gptq:bits=3,group_size=64,clip=mse"),
     "rot-gptq-w3g64": ("hadamard", "gptq:bits=3,group_size=64"),
