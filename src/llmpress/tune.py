@@ -49,6 +49,7 @@ def tune_block(block: nn.Module, walk, inputs: torch.Tensor, targets: torch.Tens
     flags = {p: p.requires_grad for p in block.parameters()}
 
     def mse() -> float:
+        # a batch at a time (walk.run batches too, but would hold all N outputs at once)
         with torch.no_grad():
             total = sum((walk.run(block, inputs[k:k + walk.batch_size]).float()
                          - targets[k:k + walk.batch_size].float()).square().sum().item()

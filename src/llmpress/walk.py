@@ -189,11 +189,8 @@ class BlockWalk:
     # -- running ---------------------------------------------------------------------------------
     def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """block(hidden) in batches of `batch_size` windows; (N, T, C) -> (N, T, C) on the storage device."""
-        outs = []
-        for start in range(0, hidden.shape[0], self.batch_size):
-            x = hidden[start:start + self.batch_size].to(self.device)
-            outs.append(block_hidden(block(x, **self.kwargs)).to(self.storage))
-        return torch.cat(outs)
+        return torch.cat([self._forward(block, hidden[s:s + self.batch_size], stop=False)
+                          for s in range(0, hidden.shape[0], self.batch_size)])
 
     def collect(self, block: nn.Module, hidden: torch.Tensor, heads: dict[str, bool]) -> tuple[torch.Tensor, dict]:
         """One forward of `block` with hooks on the linears named in `heads` (local names; value:
