@@ -58,6 +58,12 @@ LOW_MENU_ASYM = [GPTQ(bits=2, group_size=64, symmetric=False, clip="mse"),
                  GPTQ(bits=4, group_size=0, symmetric=False, clip="mse"),
                  GPTQ(bits=4, group_size=64, symmetric=False, clip="mse"),
                  GPTQLowRank(bits=3, group_size=0, rank=4, symmetric=False)]
+# a finer asymmetric menu: the knapsack's choices at 3.25 / 3.0 bits are mostly per channel, group 64
+# or one bit away; group 32 and 128 options fill the gaps between them (2.14 ... 4.30 bits per weight).
+# GPTQ + rank 4 was never chosen on the asymmetric menu, so it is left out (the table costs one
+# GPTQ solve per layer and option).
+LOW_MENU_FINE = [GPTQ(bits=b, group_size=g, symmetric=False, clip="mse")
+                 for b, g in ((2, 128), (2, 64), (2, 32), (3, 0), (3, 128), (3, 64), (3, 32), (4, 0), (4, 128), (4, 64))]
 
 # name -> (rotation or None, method spec | ("budget", budget, menu))
 RUNS = {
@@ -69,6 +75,9 @@ RUNS = {
     "alloc-3.25-rot-asym": ("hadamard", ("budget", "bits=3.25", LOW_MENU_ASYM)),
     "alloc-2.5-rot-asym": ("hadamard", ("budget", "bits=2.5", LOW_MENU_ASYM)),
     "alloc-3.25-rotsearch-asym": ("hadamard-search", ("budget", "bits=3.25", LOW_MENU_ASYM)),
+    "alloc-3.25-rot-fine": ("hadamard", ("budget", "bits=3.25", LOW_MENU_FINE)),
+    "alloc-3.0-rot-fine": ("hadamard", ("budget", "bits=3.0", LOW_MENU_FINE)),
+    "alloc-2.5-rot-fine": ("hadamard", ("budget", "bits=2.5", LOW_MENU_FINE)),
     "gptq-w3g64": (None, "gptq:bits=3,group_size=64"),
     "gptq-w3g64-mse": (None, "gptq:bits=3,group_size=64,clip=mse"),
     "rot-gptq-w3g64": ("hadamard", "gptq:bits=3,group_size=64"),
@@ -149,7 +158,7 @@ def main() -> None:
         allocation = None
         if isinstance(spec, tuple):
             _, budget, menu = spec
-            menu_tag = "asym" if menu is LOW_MENU_ASYM else "table6"
+            menu_tag = {id(LOW_MENU_ASYM): "asym", id(LOW_MENU_FINE): "fine"}.get(id(menu), "table6")
             table_path = ROOT / "bench" / ".cache" / f"low-bits-{menu_tag}-{rotation or 'none'}.json"
             allocated = plan_for_budget(model, tokens, Budget.parse(budget), menu, sample_windows=SAMPLE_WINDOWS,
                                         table_path=table_path, progress=False)
