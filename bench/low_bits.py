@@ -31,9 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from llmpress import GPTQ, GPTQLowRank, Plan  # noqa: E402
+from llmpress import GPTQ, GPTQLUT, GPTQLowRank, Plan  # noqa: E402
+from llmpress.allocate import allocate, to_plan  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
-from llmpress.budget import Budget, plan_for_budget  # noqa: E402
+from llmpress.budget import Budget, plan_for_budget, sensitivity_table  # noqa: E402
 from llmpress.config import parse_method_spec  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402
 from llmpress.eval import model_size, perplexity  # noqa: E402
@@ -64,6 +65,9 @@ LOW_MENU_ASYM = [GPTQ(bits=2, group_size=64, symmetric=False, clip="mse"),
 # GPTQ solve per layer and option).
 LOW_MENU_FINE = [GPTQ(bits=b, group_size=g, symmetric=False, clip="mse")
                  for b, g in ((2, 128), (2, 64), (2, 32), (3, 0), (3, 128), (3, 64), (3, 32), (4, 0), (4, 128), (4, 64))]
+# non-uniform tables (gptq-lut) measured as a second table and merged with the fine menu's
+LUT_OPTIONS = [GPTQLUT(bits=2), GPTQLUT(bits=3)]
+LOW_MENU_FINE_LUT = LOW_MENU_FINE + LUT_OPTIONS
 
 # name -> (rotation or None, method spec | ("budget", budget, menu))
 RUNS = {
@@ -78,6 +82,12 @@ RUNS = {
     "alloc-3.25-rot-fine": ("hadamard", ("budget", "bits=3.25", LOW_MENU_FINE)),
     "alloc-3.0-rot-fine": ("hadamard", ("budget", "bits=3.0", LOW_MENU_FINE)),
     "alloc-2.5-rot-fine": ("hadamard", ("budget", "bits=2.5", LOW_MENU_FINE)),
+    "alloc-3.25-rot-fine-lut": ("hadamard", ("budget", "bits=3.25", LOW_MENU_FINE_LUT)),
+    "alloc-3.0-rot-fine-lut": ("hadamard", ("budget", "bits=3.0", LOW_MENU_FINE_LUT)),
+    "alloc-2.5-rot-fine-lut": ("hadamard", ("budget", "bits=2.5", LOW_MENU_FINE_LUT)),
+    "rot-gptq-lut-w3": ("hadamard", "gptq-lut:bits=3"),
+    "rot-gptq-lut-w2": ("hadamard", "gptq-lut:bits=2"),
+    "rot-gptq-w2g64-asym-mse": ("hadamard", "gptq:bits=2,group_size=64,symmetric=false,clip=mse"),
     "gptq-w3g64": (None, "gptq:bits=3,group_size=64"),
     "gptq-w3g64-mse": (None, "gptq:bits=3,group_size=64,clip=mse"),
     "rot-gptq-w3g64": ("hadamard", "gptq:bits=3,group_size=64"),
@@ -158,13 +168,20 @@ def main() -> None:
         allocation = None
         if isinstance(spec, tuple):
             _, budget, menu = spec
-            menu_tag = {id(LOW_MENU_ASYM): "asym", id(LOW_MENU_FINE): "fine"}.get(id(menu), "table6")
-            table_path = ROOT / "bench" / ".cache" / f"low-bits-{menu_tag}-{rotation or 'none'}.json"
-            allocated = plan_for_budget(model, tokens, Budget.parse(budget), menu, sample_windows=SAMPLE_WINDOWS,
-                                        table_path=table_path, progress=False)
-            plan = allocated.plan
-            allocation = {"table_seconds": allocated.table.meta.get("seconds"),
-                          "chosen": _count(allocated.plan.resolve(names))}
+            cache = ROOT / "bench" / ".cache"
+            if menu is LOW_MENU_FINE_LUT:      # the fine menu's table + one of the table options, merged
+                table = sensitivity_table(model, tokens, LOW_MENU_FINE, SAMPLE_WINDOWS,
+                                          cache / f"low-bits-fine-{rotation}.json", progress=False)[0]
+                table = table.merged(sensitivity_table(model, tokens, LUT_OPTIONS, SAMPLE_WINDOWS,
+                                                       cache / f"low-bits-lut-{rotation}.json", progress=False)[0])
+                plan = to_plan(table, allocate(table, Budget.parse(budget), "knapsack")[0])
+            else:
+                menu_tag = {id(LOW_MENU_ASYM): "asym", id(LOW_MENU_FINE): "fine"}.get(id(menu), "table6")
+                allocated = plan_for_budget(model, tokens, Budget.parse(budget), menu, sample_windows=SAMPLE_WINDOWS,
+                                            table_path=cache / f"low-bits-{menu_tag}-{rotation or 'none'}.json",
+                                            progress=False)
+                plan, table = allocated.plan, allocated.table
+            allocation = {"table_seconds": table.meta.get("seconds"), "chosen": _count(plan.resolve(names))}
         else:
             plan = Plan.uniform(parse_method_spec(spec))
         configs = plan.resolve(names)

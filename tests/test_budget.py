@@ -309,3 +309,21 @@ def test_block_index_of_a_layer_name(table_and_model):
     assert [adapter.block_index(n) for n in adapter.linear_names(model)][::7] == [0, 1]
     with pytest.raises(LLMPressError, match="not inside"):
         adapter.block_index("lm_head")
+
+
+def test_merged_tables_equal_one_measurement_of_both_menus(table_and_model):
+    from llmpress import GPTQLUT
+    table, model, tokens = table_and_model
+    extra = [GPTQLUT(bits=2)]
+    other = measure_sensitivity(model, tokens, extra, sample_windows=2, progress=False)
+    both = table.merged(other)
+    name = "model.layers.1.self_attn.o_proj"
+    labels = [o["label"] for o in both.layers[name]["options"]]
+    assert labels.count("dense") == 1 and labels[-1] == extra[0].label()
+    assert len(labels) == len(table.layers[name]["options"]) + 1
+    assert both.layers[name]["options"][-1] == other.layers[name]["options"][1]
+    choice, info = allocate(both, Budget.parse("bits=2.5"), "knapsack")
+    assert abs(info["use_of_budget"] - 1) <= 0.02
+    fewer = measure_sensitivity(model, tokens[:3], extra, sample_windows=2, progress=False)
+    with pytest.raises(LLMPressError, match="tokens"):
+        table.merged(fewer)

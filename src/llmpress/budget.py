@@ -165,6 +165,25 @@ class Table:
         return Table(layers, {**self.meta, "restricted_to": list(methods)})
 
 
+    def merged(self, other: "Table") -> "Table":
+        """One menu from two tables measured on the same model and calibration windows with
+        different menus (each option's row is measured alone, so rows combine): extend a menu
+        without measuring the first part again. Refused when the layers, their shapes, the token
+        shape or the number of windows differ; that both saw the same weights and tokens is the
+        caller's to ensure (their keys differ by the menu)."""
+        for field in ("tokens", "sample_windows", "dense_bytes_per_param"):
+            if self.meta.get(field) != other.meta.get(field):
+                raise LLMPressError(f"cannot merge sensitivity tables measured with different {field}: "
+                                    f"{self.meta.get(field)} vs {other.meta.get(field)}")
+        if set(self.layers) != set(other.layers) or any(
+                (layer["out"], layer["in"]) != (other.layers[n]["out"], other.layers[n]["in"]) for n, layer in self.layers.items()):
+            raise LLMPressError("cannot merge sensitivity tables of different layers")
+        layers = {n: {**layer, "options": layer["options"] + [o for o in other.layers[n]["options"] if o["config"] is not None]}
+                  for n, layer in self.layers.items()}
+        return Table(layers, {**self.meta, "menu": self.meta["menu"] + other.meta["menu"],
+                              "seconds": self.meta.get("seconds", 0) + other.meta.get("seconds", 0),
+                              "merged_from": [self.meta.get("key"), other.meta.get("key")]})
+
     def with_error(self, field: str) -> "Table":
         """The same table with another of its estimates (e.g. error_diag) as the `error` the
         allocators read: compare estimators without measuring again."""

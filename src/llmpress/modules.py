@@ -2,6 +2,7 @@
 
 - QuantLinear: b-bit integers packed densely into bytes (ceil(n*b/8) bytes), fp16 scales per
   (row, group), b-bit packed zero points for asymmetric grids.
+- LUTLinear: b-bit packed indices into an fp16 table of 2^b values per row (non-uniform grid).
 - GGMLLinear: the bytes of a llama.cpp block type (Q4_1, Q5_1, Q4_K, Q5_K, Q6_K), as GGUF holds them.
 - SparseLinear: the kept values (fp16) in row-major order plus a 1-bit-per-weight mask.
 - LowRankLinear: two factors (fp16) that run as two matmuls, x -> x @ down.T @ up.T.
@@ -238,6 +239,35 @@ class GGMLLinear(CompressedLinear):
                    torch.zeros(s["out_features"]) if s["bias"] else None)
 
 
+class LUTLinear(CompressedLinear):
+    """Weight[r, j] = table[r, code[r, j]]: b-bit indices packed densely, 2^b fp16 values per row
+    (a non-uniform grid, llmpress.methods.lut)."""
+
+    def __init__(self, in_features, out_features, bits, qweight, table, bias=None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.register_buffer("qweight", qweight)                          # uint8 (ceil(out*in*bits/8),)
+        self.register_buffer("table", table.to(STORAGE_DTYPE).contiguous())   # (out, 2^bits)
+        self._init_bias(bias)
+
+    def int_weight(self) -> torch.Tensor:  # (out, in) uint8
+        return unpack_bits(self.qweight, self.bits, self.out_features * self.in_features).view(
+            self.out_features, self.in_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.table.float().gather(1, self.int_weight().long())
+
+    def spec(self) -> dict:
+        return {"type": "LUTLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "bits": self.bits, "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, s: dict) -> "LUTLinear":
+        nbytes = math.ceil(s["out_features"] * s["in_features"] * s["bits"] / 8)
+        return cls(s["in_features"], s["out_features"], s["bits"], torch.zeros(nbytes, dtype=torch.uint8),
+                   torch.zeros(s["out_features"], 2 ** s["bits"]), torch.zeros(s["out_features"]) if s["bias"] else None)
+
+
 class SparseLinear(CompressedLinear):
     """Weight = zeros except at the mask's ones, which take `values` in row-major order."""
 
@@ -359,8 +389,8 @@ def with_dense_cache(module: nn.Module) -> nn.Module:
     return module
 
 
-MODULE_TYPES = {c.__name__: c for c in (QuantLinear, GGMLLinear, SparseLinear, LowRankLinear, QuantLowRankLinear,
-                                         SparseLowRankLinear)}
+MODULE_TYPES = {c.__name__: c for c in (QuantLinear, GGMLLinear, LUTLinear, SparseLinear, LowRankLinear,
+                                         QuantLowRankLinear, SparseLowRankLinear)}
 
 
 def linear_bytes(module: nn.Module) -> int:
