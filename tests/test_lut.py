@@ -114,3 +114,21 @@ def test_lut_lowers_the_logit_error_below_uniform_gptq_on_a_tiny_model():
         with torch.no_grad():
             errs[key] = (model(calib).logits - base(calib).logits).square().mean().item()
     assert errs["lut"] < errs["uniform"], errs
+
+
+def test_lut_from_the_command_line(tiny_hf_dir, tmp_path, capsys):
+    import json
+    from llmpress.cli import main
+    out, js = tmp_path / "lut2", tmp_path / "c.json"
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    code = main([str(a) for a in ("compress", "--model", tiny_hf_dir, "--method", "gptq-lut", "--bits", "2",
+                                  "--calib", text, "--num-samples", "4", "--seq-len", "32", "--out", out, "--json", js)])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "llmpress.json").read_text())
+    assert manifest["modules"]["model.layers.0.mlp.down_proj"]["type"] == "LUTLinear"
+    # 2-bit indices + 4 fp16 values per row: 2 + 64 / in bits per weight on the block linears
+    assert 2.0 < json.loads(js.read_text())["bits_per_weight"] < 3.1
+    code = main(["compress", "--model", str(tiny_hf_dir), "--method", "gptq-lut", "--group-size", "32",
+                 "--out", str(tmp_path / "bad")])
+    assert code == 2 and "group_size" in capsys.readouterr().err and not (tmp_path / "bad").exists()
