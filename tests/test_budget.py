@@ -327,3 +327,5 @@ def test_merged_tables_equal_one_measurement_of_both_menus(table_and_model):
     fewer = measure_sensitivity(model, tokens[:3], extra, sample_windows=2, progress=False)
     with pytest.raises(LLMPressError, match="tokens"):
         table.merged(fewer)
+    with pytest.raises(LLMPressError, match="share an option"):
+        both.merged(other)

@@ -164,7 +164,6 @@ class Table:
             raise LLMPressError(f"none of {methods} is on this table's menu")
         return Table(layers, {**self.meta, "restricted_to": list(methods)})
 
-
     def merged(self, other: "Table") -> "Table":
         """One menu from two tables measured on the same model and calibration windows with
         different menus (each option's row is measured alone, so rows combine): extend a menu
@@ -175,6 +174,9 @@ class Table:
             if self.meta.get(field) != other.meta.get(field):
                 raise LLMPressError(f"cannot merge sensitivity tables measured with different {field}: "
                                     f"{self.meta.get(field)} vs {other.meta.get(field)}")
+        both = [json.dumps(c, sort_keys=True) for c in self.meta.get("menu", [])]
+        if any(json.dumps(c, sort_keys=True) in both for c in other.meta.get("menu", [])):
+            raise LLMPressError("cannot merge sensitivity tables whose menus share an option")
         if set(self.layers) != set(other.layers) or any(
                 (layer["out"], layer["in"]) != (other.layers[n]["out"], other.layers[n]["in"]) for n, layer in self.layers.items()):
             raise LLMPressError("cannot merge sensitivity tables of different layers")
