@@ -169,7 +169,7 @@ def main() -> None:
         if isinstance(spec, tuple):
             _, budget, menu = spec
             cache = ROOT / "bench" / ".cache"
-            if menu is LOW_MENU_FINE_LUT:      # the fine menu's table + one of the table options, merged
+            if menu is LOW_MENU_FINE_LUT:      # the fine menu's table and the LUT options' table, merged
                 table = sensitivity_table(model, tokens, LOW_MENU_FINE, SAMPLE_WINDOWS,
                                           cache / f"low-bits-fine-{rotation}.json", progress=False)[0]
                 table = table.merged(sensitivity_table(model, tokens, LUT_OPTIONS, SAMPLE_WINDOWS,

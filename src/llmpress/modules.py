@@ -250,9 +250,7 @@ class LUTLinear(CompressedLinear):
         self.register_buffer("table", table.to(STORAGE_DTYPE).contiguous())   # (out, 2^bits)
         self._init_bias(bias)
 
-    def int_weight(self) -> torch.Tensor:  # (out, in) uint8
-        return unpack_bits(self.qweight, self.bits, self.out_features * self.in_features).view(
-            self.out_features, self.in_features)
+    int_weight = QuantLinear.int_weight      # the same packed layout of b-bit codes: (out, in) uint8
 
     def dense_weight(self) -> torch.Tensor:
         return self.table.float().gather(1, self.int_weight().long())

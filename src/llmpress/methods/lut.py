@@ -34,10 +34,14 @@ from llmpress.methods.hessian import check_damp
 from llmpress.modules import STORAGE_DTYPE, LUTLinear, pack_bits
 
 
+def decision_points(table: torch.Tensor) -> torch.Tensor:
+    """table (out, k) sorted along k -> (out, k - 1) midpoints between neighbouring entries."""
+    return ((table[:, 1:] + table[:, :-1]) / 2).contiguous()
+
+
 def nearest(w: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """w (out, n), table (out, k) sorted along k -> (out, n) int64 index of each weight's nearest entry."""
-    mid = ((table[:, 1:] + table[:, :-1]) / 2).contiguous()                 # (out, k - 1) decision points
-    return torch.searchsorted(mid, w.contiguous())
+    return torch.searchsorted(decision_points(table), w.contiguous())
 
 
 def fit_tables(w: torch.Tensor, weights: torch.Tensor, bits: int, iters: int = 25) -> torch.Tensor:
@@ -72,7 +76,7 @@ def gptq_on_tables(w: torch.Tensor, h: torch.Tensor, table: torch.Tensor, act_or
     if upper is None:
         return nearest(w, table), {"fallback": "nearest", "reason": "Cholesky failed at every damping"}
     w = w[:, perm]
-    mid = ((table[:, 1:] + table[:, :-1]) / 2).contiguous()                   # (out, k - 1)
+    mid = decision_points(table)                                               # (out, k - 1), once
     codes = torch.empty(out_f, in_f, dtype=torch.long, device=w.device)
     for i1 in range(0, in_f, 128):
         i2 = min(i1 + 128, in_f)
@@ -122,7 +126,7 @@ def lut_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, act_order: bool = 
     """w (out, in), h (in, in) -> (codes (out, in) int64 in 0..2^bits-1, tables (out, 2^bits) fp16, info).
     Steps 1-3 of the module docstring; the re-fit is kept only where it lowers the error (after the
     tables are rounded to fp16, as stored)."""
-    table = fit_tables(w, torch.diagonal(h), bits, iters).to(STORAGE_DTYPE).float().sort(dim=1).values
+    table = fit_tables(w, torch.diagonal(h), bits, iters).to(STORAGE_DTYPE).float()   # rounding keeps the order
     codes, info = gptq_on_tables(w, h, table, act_order, damp)
     if refit:
         before = layer_error(w, h, table.gather(1, codes))
