@@ -172,20 +172,20 @@ class Checkpoint:
 
 def block_metadata(block: nn.Module) -> dict:
     """The specs of a block's compressed layers, so that a reader can rebuild their shells."""
-    from llmpress.modules import CompressedLinear
-    return {"specs": json.dumps({n: m.spec() for n, m in block.named_modules() if isinstance(m, CompressedLinear)})}
+    from llmpress.modules import CompressedLinear, module_spec
+    return {"specs": json.dumps({n: module_spec(m) for n, m in block.named_modules() if isinstance(m, CompressedLinear)})}
 
 
 def read_block(block: nn.Module, path: Path) -> None:
     """Load a block file written with block_metadata into `block` (dense or meta shells): its
     compressed layers' shells are rebuilt from the specs first."""
-    from llmpress.modules import MODULE_TYPES
+    from llmpress.modules import from_spec
     with safe_open(str(path), "pt") as f:
         specs = json.loads((f.metadata() or {}).get("specs", "{}"))
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     for local, spec in specs.items():
         parent, _, attr = local.rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, attr, MODULE_TYPES[spec["type"]].empty(spec))
+        setattr(block.get_submodule(parent) if parent else block, attr, from_spec(spec))
     if any(t.is_meta for t in (*block.parameters(), *block.buffers())):
         block.to_empty(device="cpu")
     missing, unexpected = block.load_state_dict(tensors, strict=False)

@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rotate-search", type=int, metavar="N",
                    help="try N seeds from --rotate-seed on and keep the one with the smallest measured quantization "
                         "output error (3-bit per-channel RTN over every layer, on the calibration data)")
+    c.add_argument("--online-hadamard", metavar="LAYERS",
+                   help="comma-separated block linears (e.g. mlp.down_proj,self_attn.o_proj) that get a Hadamard "
+                        "rotation of their input at run time (QuaRot's R4): incoherent weights for the quantizer, a "
+                        "small runtime op; such layers export dense to compressed-tensors / GGUF")
     c.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
     c.add_argument("--damp", type=float, help="GPTQ / SparseGPT: relative Hessian damping (default 0.01)")
     c.add_argument("--refine", type=int, metavar="SWEEPS",
@@ -215,6 +219,19 @@ def cmd_compress(a) -> dict:
     return _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
 
 
+def _online_layers(model, spec: str) -> list[str]:
+    """'down_proj,self_attn.o_proj' -> the block-local names they end with (each must match one)."""
+    from llmpress.arch import adapter_for
+    local = [n for g in adapter_for(model).input_groups for n in g]
+    out = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        hits = [n for n in local if n == item or n.endswith("." + item)]
+        if len(hits) != 1:
+            raise LLMPressError(f"--online-hadamard: {item!r} matches {hits or 'no'} block linear(s); choose from {', '.join(local)}")
+        out.append(hits[0])
+    return out
+
+
 def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch) -> dict:
     from llmpress.arch import adapter_for
     from llmpress.export import save_compressed
@@ -235,6 +252,12 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         rotation = rotate_model(model, a.rotate, seed)
         if searched:
             rotation["search"] = {str(k): v for k, v in searched.items()}
+    if a.online_hadamard:
+        if source is not None:
+            raise LLMPressError("--online-hadamard needs the whole model in memory (not with --offload)")
+        from llmpress.rotate import rotate_online
+        rotation = {**(rotation or {}), "online": rotate_online(model, _online_layers(model, a.online_hadamard),
+                                                                a.rotate_seed)}
     if budget is not None:
         from llmpress.budget import check_budget, menu_configs, DEFAULT_MENU
         menu = menu_configs(a.menu or DEFAULT_MENU[budget.metric])

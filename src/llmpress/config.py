@@ -92,7 +92,14 @@ def group_transform_for(config: MethodConfig) -> Callable | None:
 
 
 def group_solver_for(config: MethodConfig) -> Callable | None:
-    return _GROUP_SOLVERS.get(config.method)
+    solver = _GROUP_SOLVERS.get(config.method)
+    if solver is None:
+        return None
+
+    def solve(linears, config, stats):
+        from llmpress.rotate import carry_online
+        return [(carry_online(lin, m), info) for lin, (m, info) in zip(linears, solver(linears, config, stats))]
+    return solve
 
 
 def method_names() -> list[str]:
@@ -106,7 +113,15 @@ def config_class(name: str) -> type[MethodConfig]:
 
 
 def handler_for(config: MethodConfig) -> Callable:
-    return _REGISTRY[config.method][1]
+    """The method's `apply(linear, config, stats) -> (module, info)`; the module keeps the linear's
+    online rotation (llmpress.rotate.rotate_online), if it has one."""
+    handler = _REGISTRY[config.method][1]
+
+    def apply(linear, config, stats):
+        from llmpress.rotate import carry_online
+        module, info = handler(linear, config, stats)
+        return carry_online(linear, module), info
+    return apply
 
 
 def config_from_dict(d: dict[str, Any]) -> MethodConfig:

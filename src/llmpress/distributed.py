@@ -59,12 +59,12 @@ def all_reduce_stats(stats: dict) -> int:
 def broadcast_results(results, owner: int, device: torch.device):
     """The solver's [(module, info)] from rank `owner` onto every rank: specs and infos as objects,
     then each stored tensor. Non-owners pass results=None and get shells filled by the broadcast."""
-    from llmpress.modules import MODULE_TYPES
+    from llmpress.modules import from_spec, module_spec
     rank, _ = world()
-    header = [[(m.spec(), info) for m, info in results] if rank == owner else None]
+    header = [[(module_spec(m), info) for m, info in results] if rank == owner else None]
     dist.broadcast_object_list(header, src=owner)
     if rank != owner:
-        results = [(MODULE_TYPES[spec["type"]].empty(spec).to(device), info) for spec, info in header[0]]
+        results = [(from_spec(spec).to(device), info) for spec, info in header[0]]
     for module, _ in results:
         for t in module.state_dict().values():
             dist.broadcast(t, src=owner)        # shells' buffers are filled in place

@@ -17,14 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmpress.errors import LLMPressError
-from llmpress.modules import MODULE_TYPES, CompressedLinear
+from llmpress.modules import CompressedLinear, from_spec, module_spec
 
 MANIFEST = "llmpress.json"
 # Not `model.safetensors`: plain transformers must fail loudly on a native llmpress folder (it would
 # otherwise load the dense architecture with every compressed layer re-initialised at random).
 WEIGHTS = "llmpress.safetensors"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = {1: "model.safetensors", 2: WEIGHTS}   # format version -> its weights file
+FORMAT_VERSION = 3          # 3: a layer may carry an online rotation (its spec says so)
+READABLE_VERSIONS = {1: "model.safetensors", 2: WEIGHTS, 3: WEIGHTS}   # format version -> its weights file
 
 
 def sha256_file(path: Path) -> str:
@@ -74,6 +74,8 @@ def save_compressed(model, tokenizer, out: str | Path, manifest: dict, overwrite
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
+        from llmpress.rotate import fold_online
+        fold_online(model)         # a layer left dense runs better without its online rotation
         tensors, tied = _dedup_state_dict(model)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = model.config
@@ -82,7 +84,7 @@ def save_compressed(model, tokenizer, out: str | Path, manifest: dict, overwrite
         config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        modules = {n: m.spec() for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+        modules = {n: module_spec(m) for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         full = {"format": "llmpress", "format_version": FORMAT_VERSION, **manifest, "modules": modules,
                 "tied": tied, "dtype": str(model.dtype).removeprefix("torch."), "versions": versions(),
@@ -140,7 +142,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None):
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, m["dtype"]))
     for fqn, spec in m["modules"].items():
         parent, _, attr = fqn.rpartition(".")
-        setattr(model.get_submodule(parent), attr, MODULE_TYPES[spec["type"]].empty(spec))
+        setattr(model.get_submodule(parent), attr, from_spec(spec))
     weights = path / READABLE_VERSIONS[m["format_version"]]
     try:
         tensors = load_file(str(weights))

@@ -10,6 +10,9 @@
   group size divides the input size only: transformers cannot load asymmetric zero points today,
   and the format's group strategy has no shorter last group; such layers are refused with the
   reason (re-plan them, or export `dense`).
+Layers with an online rotation (llmpress.rotate.rotate_online: a Hadamard on the input at run time)
+are written dense with the rotation folded back, by both exports (and by the GGUF one): neither
+format carries the runtime op, so their quantized form cannot be served there.
 """
 from __future__ import annotations
 
@@ -27,17 +30,21 @@ from llmpress.modules import CompressedLinear, GGMLLinear, QuantLinear, QuantLow
 FORMATS = ("compressed-tensors", "dense")
 
 
-def densify(model: nn.Module) -> nn.Module:
-    """Replace every compressed layer of `model` (in place) by a dense nn.Linear holding its weight."""
+def densify(model: nn.Module, only_online: bool = False) -> nn.Module:
+    """Replace every compressed layer of `model` (in place) by a dense nn.Linear holding its weight,
+    online rotations folded back in (llmpress.rotate). only_online: just the layers that carry an
+    online rotation, which no export format here can express (they are written dense)."""
+    from llmpress.rotate import fold_online, folded_weight, online_rotation_of
+    fold_online(model)                        # dense layers: weight W R -> W
     done: list[str] = []
     for name, module in list(model.named_modules()):
         if any(name.startswith(d + ".") for d in done):
             continue                          # a part of a composite layer that is already merged
-        if isinstance(module, CompressedLinear):
+        if isinstance(module, CompressedLinear) and (not only_online or online_rotation_of(module) is not None):
             done.append(name)
             dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                               dtype=model.dtype, device="meta")
-            dense.weight = nn.Parameter(module.dense_weight().to(model.dtype), requires_grad=False)
+            dense.weight = nn.Parameter(folded_weight(module).to(model.dtype), requires_grad=False)
             if module.bias is not None:
                 dense.bias = nn.Parameter(module.bias.to(model.dtype), requires_grad=False)
             parent, _, attr = name.rpartition(".")
@@ -126,6 +133,7 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out: str | Path, adap
     """Write `model` (an llmpress-compressed model) as a compressed-tensors pack-quantized folder.
     Layers with a low-rank correction (gptq-lr): with adapter_out, the quantized base goes into
     the folder and the corrections into a PEFT LoRA adapter folder; without, they are written dense."""
+    densify(model, only_online=True)          # no runtime rotation in this format: those layers go dense
     adapter = None
     if adapter_out is not None:
         if Path(adapter_out).exists():

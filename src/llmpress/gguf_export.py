@@ -198,6 +198,8 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
     copying / float: smaller and faster in llama.cpp, but no longer llmpress's exact weights there."""
     import gguf
     from llmpress.arch import adapter_for
+    from llmpress.formats import densify
+    densify(model, only_online=True)          # online rotations: no GGUF op, the layer goes float
 
     config = model.config
     if config.model_type != "llama":

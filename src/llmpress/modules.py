@@ -391,6 +391,22 @@ MODULE_TYPES = {c.__name__: c for c in (QuantLinear, GGMLLinear, LUTLinear, Spar
                                          QuantLowRankLinear, SparseLowRankLinear)}
 
 
+def module_spec(module: CompressedLinear) -> dict:
+    """`module.spec()` plus its online rotation (llmpress.rotate), so that `from_spec` rebuilds both."""
+    from llmpress.rotate import online_rotation_of
+    r = online_rotation_of(module)
+    return module.spec() if r is None else {**module.spec(), "online_rotation": r.spec()}
+
+
+def from_spec(spec: dict) -> CompressedLinear:
+    """An empty shell of the layer `module_spec` described (its online rotation attached)."""
+    from llmpress.rotate import OnlineHadamard, attach_online
+    module = MODULE_TYPES[spec["type"]].empty(spec)
+    if "online_rotation" in spec:
+        attach_online(module, OnlineHadamard(**spec["online_rotation"]))
+    return module
+
+
 def linear_bytes(module: nn.Module) -> int:
     """Bytes of a (possibly compressed) linear layer as it is stored."""
     if isinstance(module, CompressedLinear):

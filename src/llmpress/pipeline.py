@@ -26,6 +26,7 @@ from llmpress.config import MethodConfig, group_solver_for, group_transform_for,
 from llmpress.distributed import broadcast_results
 from llmpress.errors import LLMPressError
 from llmpress.methods.hessian import toward_reference
+from llmpress.rotate import fold_online
 from llmpress.stats import StatsCache, block_key, tokens_digest
 from llmpress.tune import tune_block
 from llmpress.walk import BlockWalk
@@ -66,6 +67,8 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     tune=E: after a block's layers are compressed, E epochs of gradient descent fit its quantized
     layers' scales and its norm weights to the uncompressed block's outputs (llmpress.tune; the
     target is the reference stream's when there is one).
+    Layers with an online rotation (llmpress.rotate.rotate_online) are compressed in the rotated
+    basis and keep it; those left dense get it folded back at the end.
     """
     walk = BlockWalk(model, device, batch_size, progress, source)
     adapter, blocks = walk.adapter, walk.blocks
@@ -179,6 +182,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
                                   reference=hidden_ref if more and reference else None)
     if source is not None:
         source.load_all(model)            # the finished (compressed) blocks back from the scratch folder
+    fold_online(model)                    # layers left dense: their online rotation is pure cost
     report.seconds = time.perf_counter() - t0
     report.reduced_bytes = walk.reduced_bytes
     return report

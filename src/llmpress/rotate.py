@@ -64,40 +64,62 @@ def _paley2(q: int) -> torch.Tensor:
     return torch.kron(c, one) + torch.kron(torch.eye(n, dtype=torch.float64), zero)
 
 
+def _base(m: int) -> torch.Tensor | None:
+    """A (m, m) +-1 block with B B^T = m I from the constructions here, or None."""
+    if m == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    if _is_prime(m - 1) and (m - 1) % 4 == 3:
+        return _paley1(m - 1)
+    if m % 2 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
+        return _paley2(m // 2 - 1)
+    return None
+
+
+def hadamard_factors(n: int, smallest_base: bool = False) -> tuple[int, torch.Tensor]:
+    """(2^k, base): H_n = H_{2^k} (Sylvester, symmetric) kron base, base a (m, m) +-1 Paley block
+    (or [1]) with n = 2^k m. By default the first construction found dividing n by 2 (what the
+    residual rotations use); smallest_base: the largest 2^k whose m has a construction (fewest
+    multiply-adds at run time: 1536 = 128 x 12 rather than 4 x 384)."""
+    ks = [k for k in range(n.bit_length()) if n % 2 ** k == 0]
+    for k in (reversed(ks) if smallest_base else ks):
+        base = _base(n // 2 ** k)
+        if base is not None:
+            return 2 ** k, base
+    raise LLMPressError(f"no Hadamard construction here for size {n}; use kind='random'")
+
+
+def sylvester(n: int) -> torch.Tensor:
+    """(n, n) Sylvester Hadamard matrix, n a power of two (symmetric)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.kron(h2, h)
+    return h
+
+
 def hadamard(n: int) -> torch.Tensor:
     """A (n, n) matrix of +-1 with H H^T = n I: Sylvester 2^k, times a Paley block when n = 2^k m."""
-    base = None
-    m, k = n, 0
-    while True:
-        if m == 1:
-            base = torch.ones(1, 1, dtype=torch.float64)
-        elif _is_prime(m - 1) and (m - 1) % 4 == 3:
-            base = _paley1(m - 1)
-        elif m % 2 == 0 and _is_prime(m // 2 - 1) and (m // 2 - 1) % 4 == 1:
-            base = _paley2(m // 2 - 1)
-        if base is not None or m % 2:
-            break
-        m, k = m // 2, k + 1
-    if base is None:
-        raise LLMPressError(f"no Hadamard construction here for size {n}; use kind='random'")
-    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    for _ in range(k):
-        base = torch.kron(h2, base)
-    if not torch.equal(base @ base.T, n * torch.eye(n, dtype=torch.float64)):
+    two_k, base = hadamard_factors(n)
+    h = torch.kron(sylvester(two_k), base)
+    if not torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64)):
         raise AssertionError(f"Hadamard construction of size {n} is not orthogonal")
-    return base
+    return h
 
 
 def rotation_matrix(kind: str, n: int, seed: int) -> torch.Tensor:
     """(n, n) orthogonal float64: 'hadamard' (randomized: diag(+-1) H / sqrt(n)) or 'random'."""
-    g = torch.Generator().manual_seed(seed)
     if kind == "hadamard":
-        signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
-        return signs[:, None] * hadamard(n) / n ** 0.5       # D H: the signs mix before H does
+        return _signs(n, seed)[:, None] * hadamard(n) / n ** 0.5       # D H: the signs mix before H does
+    g = torch.Generator().manual_seed(seed)
     if kind == "random":
         q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
         return q * torch.sign(torch.diagonal(r))[None, :]
     raise LLMPressError(f"unknown rotation {kind!r}; use 'hadamard' or 'random'")
+
+
+def _signs(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
 
 
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -199,3 +221,123 @@ def choose_rotation(model: nn.Module, tokens: torch.Tensor, kind: str = "hadamar
         errors[seed] = total
         del rotated, stats
     return min(errors, key=errors.get), errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Online rotations: a Hadamard applied to a linear's input at run time (QuaRot's R4 before
+# down_proj; the same across heads before o_proj). Unlike R1 / R2 it cannot be folded into the
+# neighbours (SiLU(gate) * up and the attention sit in front), so it is a runtime op: the layer
+# stores W R and computes (x R) (W R)^T = x W^T. It costs no storage (the signs come from a seed)
+# and about n (2^k + m) multiply-adds per token (n = 2^k m, two small matmuls), against the
+# layer's own n * out.
+
+class OnlineHadamard(nn.Module):
+    """x (..., n) -> x @ R with R = diag(signs) H / sqrt(n) a randomized Hadamard matrix, computed
+    as two small matmuls over its Kronecker factors H = H_{2^k} (x) B (the smallest B here):
+    viewing x as (2^k, m), x H = H_{2^k}^T X B."""
+
+    def __init__(self, n: int, seed: int = 0):
+        super().__init__()
+        two_k, base = hadamard_factors(n, smallest_base=True)
+        self.n, self.seed, self.shape = n, seed, (two_k, base.shape[0])
+        # derived from (n, seed), not stored: non-persistent buffers stay out of state_dict
+        self.register_buffer("signs", (_signs(n, seed) / n ** 0.5).float(), persistent=False)
+        self.register_buffer("left", sylvester(two_k).float(), persistent=False)
+        self.register_buffer("right", base.float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x * self.signs.to(x.dtype)).reshape(*x.shape[:-1], *self.shape)      # (..., 2^k, m)
+        y = torch.matmul(self.left.to(x.dtype), y) @ self.right.to(x.dtype)   # left is symmetric
+        return y.reshape(x.shape)
+
+    def matrix(self) -> torch.Tensor:
+        """R (n, n) float64."""
+        h = torch.kron(sylvester(self.shape[0]), _base(self.shape[1]))
+        return _signs(self.n, self.seed)[:, None] * h / self.n ** 0.5
+
+    def spec(self) -> dict:
+        return {"n": self.n, "seed": self.seed}
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}, seed={self.seed}"
+
+
+def _rotate_input(module: nn.Module, args: tuple) -> tuple:
+    return (module.online_rotation(args[0]), *args[1:])
+
+
+def online_rotation_of(module: nn.Module) -> OnlineHadamard | None:
+    r = getattr(module, "online_rotation", None)
+    return r if isinstance(r, OnlineHadamard) else None
+
+
+def attach_online(module: nn.Module, rotation: OnlineHadamard) -> nn.Module:
+    """Make `module` rotate its input by `rotation` before its own forward (a forward pre-hook, so
+    every forward path of every layer type, and every statistics hook, sees the rotated input)."""
+    if online_rotation_of(module) is not None:
+        raise LLMPressError("this layer already has an online rotation")
+    module.online_rotation = rotation
+    module.register_forward_pre_hook(_rotate_input)
+    return module
+
+
+def carry_online(source: nn.Module, module: nn.Module) -> nn.Module:
+    """Give a layer built from `source` (a compressed version of it) the source's online rotation."""
+    r = online_rotation_of(source)
+    if r is not None and online_rotation_of(module) is None:
+        attach_online(module, r)
+    return module
+
+
+def detach_online(module: nn.Module) -> None:
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if hook is _rotate_input:
+            del module._forward_pre_hooks[key]
+    del module.online_rotation
+
+
+@torch.no_grad()
+def rotate_online(model: nn.Module, layers=("mlp.down_proj",), seed: int = 0) -> dict:
+    """Give the linears named `layers` (block-local names) in every block an online Hadamard on
+    their input, folding its inverse into their weight, W -> W R (function unchanged up to float
+    rounding). Compress afterwards; layers left dense get their rotation folded back
+    (`fold_online`), since for them it is pure cost."""
+    adapter = adapter_for(model)
+    local_names = [n for g in adapter.input_groups for n in g]
+    unknown = [n for n in layers if n not in local_names]
+    if unknown or not layers:
+        raise LLMPressError(f"online rotation: {unknown or 'no layers'} are not linears of a block; "
+                            f"choose from {', '.join(local_names)}")
+    rotations: dict[int, OnlineHadamard] = {}
+    for block in adapter.blocks(model):
+        for name in layers:
+            lin = block.get_submodule(name)
+            if hasattr(lin, "dense_weight") or online_rotation_of(lin) is not None:
+                raise LLMPressError(f"online rotation: {name} is already compressed or rotated; rotate a dense model")
+            n = lin.in_features
+            if n not in rotations:
+                rotations[n] = OnlineHadamard(n, seed).to(lin.weight.device)
+            _set(lin.weight, lin.weight.double() @ rotations[n].matrix().to(lin.weight.device))
+            attach_online(lin, rotations[n])
+    return {"layers": list(layers), "seed": seed, "kind": "hadamard"}
+
+
+def folded_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) float32 weight that computes what `module` does, its online rotation (if
+    any) folded back: W' R^T."""
+    w = module.dense_weight() if hasattr(module, "dense_weight") else module.weight.float()
+    r = online_rotation_of(module)
+    return w if r is None else (w.double() @ r.matrix().to(w.device).T).float()
+
+
+@torch.no_grad()
+def fold_online(model: nn.Module) -> list[str]:
+    """Fold the online rotation of every dense (uncompressed) linear back into its weight and
+    drop it; returns their names."""
+    done = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and online_rotation_of(module) is not None:
+            _set(module.weight, folded_weight(module))
+            detach_online(module)
+            done.append(name)
+    return done

@@ -62,9 +62,10 @@ def _rounded(w, bits, group_size, symmetric, clip, weights, gguf) -> torch.Tenso
 
 def _fold(block, adapter, head: str, s: torch.Tensor) -> str | None:
     """Divide the producer of the group's input by s; returns its name, or None if impossible."""
+    from llmpress.rotate import online_rotation_of
     source = adapter.source_of(head)
-    if source is None:
-        return None
+    if source is None or online_rotation_of(block.get_submodule(head)) is not None:
+        return None                                               # a runtime rotation sits in between
     producer = block.get_submodule(source)
     with torch.no_grad():
         if isinstance(producer, torch.nn.Linear):
