@@ -5,13 +5,17 @@ counted, as `llmpress eval` measures it). Compress time is shown against the two
 (two plain passes of the calibration tokens through the decoder, measured in the same run).
 
     .venv/bin/python bench/low_bits.py [--only NAME,...] [--sequential] [--reference ALPHA]
-                                       [--calib-shape 16x2048] [--out bench/results/low_bits.json]
+                                       [--calib-shape 16x2048] [--split K] [--out bench/results/low_bits.json]
 
 --sequential / --reference: compress's statistics options (true-sequential groups; asymmetric
 calibration toward the uncompressed model's outputs, GPTAQ); the run is stored as NAME+seq+ref0.25.
 --refine K: every GPTQ layer of the run (also those an allocator chose, from a table measured
 without it) gets K QuantEase sweeps after its GPTQ pass; stored as NAME+refine5.
 --tune E: E epochs of block-wise tuning of scales and norms (llmpress.tune); stored as NAME+tune2.
+--split K: compress's statistics on the calibration windows each cut into K shorter ones (the same
+tokens; sensitivity tables and the rotation search still see the windows as drawn); stored as
+NAME/splitK. Runs on "hadamard+r4" / "hadamard+r4o" add online Hadamards (llmpress.rotate.rotate_online)
+before down_proj / and o_proj; their allocation tables re-measure only those layers' rows.
 
 The embedded weights went through GGUF Q4_1 once (see ../shared/data/README.md): comparisons
 between methods hold, absolute numbers are for this checkpoint.
@@ -34,14 +38,14 @@ sys.path.insert(0, str(ROOT / "src"))
 from llmpress import GPTQ, GPTQLUT, GPTQLowRank, Plan  # noqa: E402
 from llmpress.allocate import allocate, to_plan  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
-from llmpress.budget import Budget, plan_for_budget, sensitivity_table  # noqa: E402
+from llmpress.budget import Budget, Table, measure_sensitivity, plan_for_budget, sensitivity_table, table_key  # noqa: E402
 from llmpress.config import parse_method_spec  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402
 from llmpress.eval import model_size, perplexity  # noqa: E402
 from llmpress.models import load_model  # noqa: E402
 from llmpress.modules import with_dense_cache  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
-from llmpress.rotate import choose_rotation, rotate_model  # noqa: E402
+from llmpress.rotate import choose_rotation, rotate_model, rotate_online  # noqa: E402
 
 # The allocator's menu for 3 bits and below: GPTQ with MSE clipping per channel and at group 64,
 # and GPTQ + a rank-4 correction. Sparsity and low rank alone cost more than 3 bits per weight at
@@ -69,6 +73,10 @@ LOW_MENU_FINE = [GPTQ(bits=b, group_size=g, symmetric=False, clip="mse")
 LUT_OPTIONS = [GPTQLUT(bits=2), GPTQLUT(bits=3)]
 LOW_MENU_FINE_LUT = LOW_MENU_FINE + LUT_OPTIONS
 
+# online Hadamards on top of the residual rotation: "hadamard+r4" (before down_proj, QuaRot's R4),
+# "hadamard+r4o" (also before o_proj, across heads)
+ONLINE = {"r4": ["mlp.down_proj"], "r4o": ["mlp.down_proj", "self_attn.o_proj"]}
+
 # name -> (rotation or None, method spec | ("budget", budget, menu))
 RUNS = {
     "alloc-3.0-rot": ("hadamard", ("budget", "bits=3.0", LOW_MENU)),
@@ -86,6 +94,12 @@ RUNS = {
     "alloc-3.0-rot-fine-lut": ("hadamard", ("budget", "bits=3.0", LOW_MENU_FINE_LUT)),
     "alloc-2.5-rot-fine-lut": ("hadamard", ("budget", "bits=2.5", LOW_MENU_FINE_LUT)),
     "rot-gptq-lut-w3": ("hadamard", "gptq-lut:bits=3"),
+    "rot-r4-gptq-w3ch-asym-mse": ("hadamard+r4", "gptq:bits=3,group_size=0,symmetric=false,clip=mse"),
+    "rot-r4o-gptq-w3ch-asym-mse": ("hadamard+r4o", "gptq:bits=3,group_size=0,symmetric=false,clip=mse"),
+    "rot-r4o-gptq-w3g64-asym-mse": ("hadamard+r4o", "gptq:bits=3,group_size=64,symmetric=false,clip=mse"),
+    "alloc-3.25-rot-r4o-fine-lut": ("hadamard+r4o", ("budget", "bits=3.25", LOW_MENU_FINE_LUT)),
+    "alloc-3.0-rot-r4o-fine-lut": ("hadamard+r4o", ("budget", "bits=3.0", LOW_MENU_FINE_LUT)),
+    "alloc-2.5-rot-r4o-fine-lut": ("hadamard+r4o", ("budget", "bits=2.5", LOW_MENU_FINE_LUT)),
     "rot-gptq-lut-w2": ("hadamard", "gptq-lut:bits=2"),
     "rot-gptq-w2g64-asym-mse": ("hadamard", "gptq:bits=2,group_size=64,symmetric=false,clip=mse"),
     "gptq-w3g64": (None, "gptq:bits=3,group_size=64"),
@@ -130,12 +144,42 @@ def floor_seconds(model, tokens) -> float:
     return time.perf_counter() - t
 
 
+def table_with_online(model, tokens, menu, tag, rotation, progress=False) -> Table:
+    """The sensitivity table of the model rotated by `rotation` ("hadamard" or "hadamard+r4o", ...).
+    With online Hadamards only the rotated layers' rows are measured anew (cached in their own file,
+    keyed by the rotated model); every other layer's row is the plain Hadamard table's, which is
+    what a full measurement would give: the dense model computes the same function, and those
+    layers' weights and inputs are unchanged."""
+    cache = ROOT / "bench" / ".cache"
+    base_rotation, _, online = rotation.partition("+")
+    if not online:
+        return sensitivity_table(model, tokens, menu, SAMPLE_WINDOWS, cache / f"low-bits-{tag}-{rotation}.json",
+                                 progress=progress)[0]
+    base_model = copy.deepcopy(model)
+    from llmpress.rotate import fold_online
+    fold_online(base_model)                                 # back to the plain residual rotation
+    table = sensitivity_table(base_model, tokens, menu, SAMPLE_WINDOWS, cache / f"low-bits-{tag}-{base_rotation}.json",
+                              progress=progress)[0]
+    del base_model
+    names = {n for n in adapter_for(model).linear_names(model) if any(n.endswith(o) for o in ONLINE[online])}
+    key = table_key(model, tokens, menu, SAMPLE_WINDOWS)
+    path = cache / f"low-bits-{tag}-{rotation}-rows.json"
+    rows = Table.load(path) if path.is_file() else None
+    if rows is None or rows.meta.get("key") != key:
+        rows = measure_sensitivity(model, tokens, menu, SAMPLE_WINDOWS, progress=progress, only=names)
+        rows.meta["key"] = key
+        rows.save(path)
+    return Table({**table.layers, **rows.layers}, {**table.meta, "key": key, "rows_replaced": sorted(rows.layers),
+                                                   "rows_seconds": rows.meta["seconds"]})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "low_bits.json"))
     ap.add_argument("--only", help="comma-separated run names")
     ap.add_argument("--max-windows", type=int, default=20)
     ap.add_argument("--calib-shape", default="64x512", help="calibration windows x tokens (same token count: 16x2048)")
+    ap.add_argument("--split", type=int, default=1, help="cut each calibration window into this many (the same tokens)")
     ap.add_argument("--sequential", action="store_true", help="measure each input group after the ones before it")
     ap.add_argument("--reference", type=float, default=0.0, help="asymmetric calibration share (GPTAQ: 0.25)")
     ap.add_argument("--refine", type=int, default=0, help="QuantEase sweeps added to every GPTQ layer")
@@ -143,12 +187,18 @@ def main() -> None:
     a = ap.parse_args()
     n_calib, calib_len = (int(v) for v in a.calib_shape.split("x"))
     suffix = "" if a.calib_shape == "64x512" else f"@calib{a.calib_shape}"
+    suffix += f"/split{a.split}" if a.split > 1 else ""
     suffix += ("+seq" if a.sequential else "") + (f"+ref{a.reference:g}" if a.reference else "")
     suffix += f"+refine{a.refine}" if a.refine else ""
     suffix += f"+tune{a.tune}" if a.tune else ""
 
     dense, tok = load_model("smollm2-135m")
     tokens = calibration_tokens(tok, "wikipedia", n_calib, calib_len, seed=0)
+    if calib_len % a.split:
+        ap.error(f"--split {a.split} does not divide the window length {calib_len}")
+    # the sensitivity tables are measured on the windows as drawn; compress's statistics on the same
+    # tokens cut into shorter windows (the same token count and text)
+    table_tokens, tokens = tokens, tokens.reshape(n_calib * a.split, calib_len // a.split)
     ids = eval_tokens(tok, "wikitext2")
     names = adapter_for(dense).linear_names(dense)
     out = Path(a.out)
@@ -161,27 +211,29 @@ def main() -> None:
         t = time.perf_counter()
         rot_info = None
         if rotation == "hadamard-search":       # HeRo-Q's idea: the seed with the smallest measured error
-            seed, searched = choose_rotation(model, tokens[:16], "hadamard", range(8), progress=False)
+            seed, searched = choose_rotation(model, table_tokens[:16], "hadamard", range(8), progress=False)
             rot_info = {**rotate_model(model, "hadamard", seed), "search": searched}
         elif rotation:
-            rot_info = rotate_model(model, rotation)
+            base_rotation, _, online = rotation.partition("+")
+            rot_info = rotate_model(model, base_rotation)
+            if online:
+                rot_info["online"] = rotate_online(model, ONLINE[online])
         allocation = None
         if isinstance(spec, tuple):
             _, budget, menu = spec
             cache = ROOT / "bench" / ".cache"
             if menu is LOW_MENU_FINE_LUT:      # the fine menu's table and the LUT options' table, merged
-                table = sensitivity_table(model, tokens, LOW_MENU_FINE, SAMPLE_WINDOWS,
-                                          cache / f"low-bits-fine-{rotation}.json", progress=False)[0]
-                table = table.merged(sensitivity_table(model, tokens, LUT_OPTIONS, SAMPLE_WINDOWS,
-                                                       cache / f"low-bits-lut-{rotation}.json", progress=False)[0])
+                table = table_with_online(model, table_tokens, LOW_MENU_FINE, "fine", rotation)
+                table = table.merged(table_with_online(model, table_tokens, LUT_OPTIONS, "lut", rotation))
                 plan = to_plan(table, allocate(table, Budget.parse(budget), "knapsack")[0])
             else:
                 menu_tag = {id(LOW_MENU_ASYM): "asym", id(LOW_MENU_FINE): "fine"}.get(id(menu), "table6")
-                allocated = plan_for_budget(model, tokens, Budget.parse(budget), menu, sample_windows=SAMPLE_WINDOWS,
+                allocated = plan_for_budget(model, table_tokens, Budget.parse(budget), menu, sample_windows=SAMPLE_WINDOWS,
                                             table_path=cache / f"low-bits-{menu_tag}-{rotation or 'none'}.json",
                                             progress=False)
                 plan, table = allocated.plan, allocated.table
-            allocation = {"table_seconds": table.meta.get("seconds"), "chosen": _count(plan.resolve(names))}
+            allocation = {"table_seconds": table.meta.get("seconds"), "rows_seconds": table.meta.get("rows_seconds"),
+                          "chosen": _count(plan.resolve(names))}
         else:
             plan = Plan.uniform(parse_method_spec(spec))
         configs = plan.resolve(names)
@@ -195,7 +247,7 @@ def main() -> None:
         ppl = perplexity(model, ids, 2048, a.max_windows, progress=False)
         size = model_size(model)
         method = spec if isinstance(spec, str) else {"budget": spec[1], "menu": [c.label() for c in spec[2]]}
-        results[name + suffix] = {"calibration": a.calib_shape, "sequential": a.sequential,
+        results[name + suffix] = {"calibration": a.calib_shape, "split": a.split, "sequential": a.sequential,
                                   "reference": a.reference, "refine": a.refine, "tune": a.tune, "rotation": rot_info, "method": method, "perplexity": ppl["perplexity"],
                          "windows": ppl.get("windows"), "bits_per_weight": size["bits_per_weight"],
                          "compress_seconds": seconds, "x_floor": seconds / results["_floor_seconds"],

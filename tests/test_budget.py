@@ -10,6 +10,8 @@ from llmpress.allocate import allocate, knapsack, lagrange, summarize, to_plan, 
 from llmpress.baselines import effective_rank_ratios, owl_block_sparsity
 from llmpress.walk import dense_statistics
 from llmpress.arch import adapter_for
+from llmpress.config import config_from_dict
+from llmpress.methods.rtn import RTN
 from llmpress.budget import Budget, Table, measure_sensitivity, menu_configs, option_cost
 from llmpress.eval import model_size
 from llmpress.pipeline import compress
@@ -329,3 +331,16 @@ def test_merged_tables_equal_one_measurement_of_both_menus(table_and_model):
         table.merged(fewer)
     with pytest.raises(LLMPressError, match="share an option"):
         both.merged(other)
+
+
+def test_sensitivity_of_some_layers_equals_their_rows_of_the_full_table(table_and_model):
+    table, model, tokens = table_and_model
+    names = {"model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"}
+    menu = [config_from_dict(c) for c in table.meta["menu"]]
+    some = measure_sensitivity(model, tokens, menu, sample_windows=2, progress=False, only=names)
+    assert set(some.layers) == names
+    for n in names:
+        assert [o["error"] for o in some.layers[n]["options"]] == pytest.approx(
+            [o["error"] for o in table.layers[n]["options"]], rel=1e-6)
+    with pytest.raises(LLMPressError, match="not compressible"):
+        measure_sensitivity(model, tokens, [RTN(bits=4)], sample_windows=2, progress=False, only={"lm_head"})

@@ -251,13 +251,14 @@ def block_output_grads(walk, windows: torch.Tensor) -> list[torch.Tensor]:
 @torch.no_grad()
 def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int = 16,
                         batch_size: int = 8, progress: bool = True, device="cpu", source=None,
-                        checkpoint=None) -> Table:
+                        checkpoint=None, only: set[str] | None = None) -> Table:
     """Per layer and option: the option's error in its block's output, block-local, weighted by the
     loss's gradient there (see the module docstring). Statistics come from one forward per block of
     all calibration tokens through the dense model; the error is measured on the first
     `sample_windows` calibration windows. Does not modify `model`. checkpoint: an
     llmpress.checkpoint.Checkpoint recording the gradients and each finished block's rows (a
-    killed run resumes at its first unfinished block)."""
+    killed run resumes at its first unfinished block). only: measure only these (fully qualified
+    names), e.g. to re-measure the layers a change touched and replace their rows in a table."""
     from llmpress.modules import linear_bytes
     from llmpress.walk import BlockWalk
 
@@ -268,6 +269,9 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
     if walk.world > 1:
         raise LLMPressError("the sensitivity table is measured in one process; run it outside torchrun")
     adapter = walk.adapter
+    if only is not None and (not only or set(only) - set(adapter.linear_names(model))):
+        raise LLMPressError(f"only: {sorted(set(only) - set(adapter.linear_names(model)))[:5] or 'no layers'} "
+                            "are not compressible linears of this model")
     start = 0 if checkpoint is None else checkpoint.done
     if checkpoint is not None and checkpoint.has("grads"):
         saved = checkpoint.tensors("grads")
@@ -295,6 +299,9 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
         g = grads[i].to(walk.device).double()                           # (S, T, C)
         for group in adapter.input_groups:
             for local in group:
+                if only is not None and walk.name(i, local) not in only:
+                    bar.update()
+                    continue
                 linear = block.get_submodule(local)
                 dense_bpp = linear.weight.element_size()
                 parent, _, attr = local.rpartition(".")
