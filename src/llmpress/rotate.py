@@ -14,8 +14,9 @@ model of the same architecture and every export path still holds:
   lm_head W (V, d)           -> W diag(gamma_final) R1 (tied embeddings are untied: E R1 differs)
   v_proj rows of each head   -> R2^T W_v,h,  o_proj columns of each head -> W_o,h R2
 
-QuaRot's online Hadamard before down_proj (R4) would need a runtime op that no export format
-here carries, so it is not built. `kind="hadamard"` is the randomized Hadamard diag(+-1) H / sqrt(n)
+QuaRot's online Hadamard before down_proj (R4) cannot be folded (SiLU(gate) * up sits in front):
+`rotate_online` adds it as a runtime op (OnlineHadamard, at the end of this file) that the native
+format carries and the compressed-tensors / GGUF exports fold back (writing those layers dense). `kind="hadamard"` is the randomized Hadamard diag(+-1) H / sqrt(n)
 (Sylvester and Paley constructions: 576 = 8 x 72 and 1536 = 128 x 12 work); `kind="random"` a
 random orthogonal matrix (QR of a Gaussian). `choose_rotation` picks among seeds by measured output error
 (HeRo-Q's idea: choose the rotation by the quantization error it leads to, not at random).
