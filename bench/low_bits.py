@@ -144,7 +144,7 @@ def floor_seconds(model, tokens) -> float:
     return time.perf_counter() - t
 
 
-def table_with_online(model, tokens, menu, tag, rotation, progress=False) -> Table:
+def table_with_online(model, dense, tokens, menu, tag, rotation, progress=False) -> Table:
     """The sensitivity table of the model rotated by `rotation` ("hadamard" or "hadamard+r4o", ...).
     With online Hadamards only the rotated layers' rows are measured anew (cached in their own file,
     keyed by the rotated model); every other layer's row is the plain Hadamard table's, which is
@@ -155,9 +155,8 @@ def table_with_online(model, tokens, menu, tag, rotation, progress=False) -> Tab
     if not online:
         return sensitivity_table(model, tokens, menu, SAMPLE_WINDOWS, cache / f"low-bits-{tag}-{rotation}.json",
                                  progress=progress)[0]
-    base_model = copy.deepcopy(model)
-    from llmpress.rotate import fold_online
-    fold_online(base_model)                                 # back to the plain residual rotation
+    base_model = copy.deepcopy(dense)                       # the plain residual rotation, as its table was measured
+    rotate_model(base_model, base_rotation)
     table = sensitivity_table(base_model, tokens, menu, SAMPLE_WINDOWS, cache / f"low-bits-{tag}-{base_rotation}.json",
                               progress=progress)[0]
     del base_model
@@ -223,8 +222,8 @@ def main() -> None:
             _, budget, menu = spec
             cache = ROOT / "bench" / ".cache"
             if menu is LOW_MENU_FINE_LUT:      # the fine menu's table and the LUT options' table, merged
-                table = table_with_online(model, table_tokens, LOW_MENU_FINE, "fine", rotation)
-                table = table.merged(table_with_online(model, table_tokens, LUT_OPTIONS, "lut", rotation))
+                table = table_with_online(model, dense, table_tokens, LOW_MENU_FINE, "fine", rotation)
+                table = table.merged(table_with_online(model, dense, table_tokens, LUT_OPTIONS, "lut", rotation))
                 plan = to_plan(table, allocate(table, Budget.parse(budget), "knapsack")[0])
             else:
                 menu_tag = {id(LOW_MENU_ASYM): "asym", id(LOW_MENU_FINE): "fine"}.get(id(menu), "table6")
