@@ -144,25 +144,26 @@ def floor_seconds(model, tokens) -> float:
     return time.perf_counter() - t
 
 
-def table_with_online(model, dense, tokens, menu, tag, rotation, progress=False) -> Table:
+def table_with_online(model, dense, tokens, menu, tag, rotation, calib="", progress=False) -> Table:
     """The sensitivity table of the model rotated by `rotation` ("hadamard" or "hadamard+r4o", ...).
     With online Hadamards only the rotated layers' rows are measured anew (cached in their own file,
     keyed by the rotated model); every other layer's row is the plain Hadamard table's, which is
     what a full measurement would give: the dense model computes the same function, and those
-    layers' weights and inputs are unchanged."""
+    layers' weights and inputs are unchanged. Without a plain table for these tokens (another
+    calibration shape: `calib` names it in the file names) the rotated model's table is measured whole."""
     cache = ROOT / "bench" / ".cache"
     base_rotation, _, online = rotation.partition("+")
-    if not online:
-        return sensitivity_table(model, tokens, menu, SAMPLE_WINDOWS, cache / f"low-bits-{tag}-{rotation}.json",
+    base_path = cache / f"low-bits-{tag}-{base_rotation}{calib}.json"
+    if not online or not base_path.is_file():
+        return sensitivity_table(model, tokens, menu, SAMPLE_WINDOWS, cache / f"low-bits-{tag}-{rotation}{calib}.json",
                                  progress=progress)[0]
     base_model = copy.deepcopy(dense)                       # the plain residual rotation, as its table was measured
     rotate_model(base_model, base_rotation)
-    table = sensitivity_table(base_model, tokens, menu, SAMPLE_WINDOWS, cache / f"low-bits-{tag}-{base_rotation}.json",
-                              progress=progress)[0]
+    table = sensitivity_table(base_model, tokens, menu, SAMPLE_WINDOWS, base_path, progress=progress)[0]
     del base_model
     names = {n for n in adapter_for(model).linear_names(model) if any(n.endswith(o) for o in ONLINE[online])}
     key = table_key(model, tokens, menu, SAMPLE_WINDOWS)
-    path = cache / f"low-bits-{tag}-{rotation}-rows.json"
+    path = cache / f"low-bits-{tag}-{rotation}{calib}-rows.json"
     rows = Table.load(path) if path.is_file() else None
     if rows is None or rows.meta.get("key") != key:
         rows = measure_sensitivity(model, tokens, menu, SAMPLE_WINDOWS, progress=progress, only=names)
@@ -222,13 +223,15 @@ def main() -> None:
             _, budget, menu = spec
             cache = ROOT / "bench" / ".cache"
             if menu is LOW_MENU_FINE_LUT:      # the fine menu's table and the LUT options' table, merged
-                table = table_with_online(model, dense, table_tokens, LOW_MENU_FINE, "fine", rotation)
-                table = table.merged(table_with_online(model, dense, table_tokens, LUT_OPTIONS, "lut", rotation))
+                calib = "" if a.calib_shape == "64x512" else f"@{a.calib_shape}"
+                table = table_with_online(model, dense, table_tokens, LOW_MENU_FINE, "fine", rotation, calib)
+                table = table.merged(table_with_online(model, dense, table_tokens, LUT_OPTIONS, "lut", rotation, calib))
                 plan = to_plan(table, allocate(table, Budget.parse(budget), "knapsack")[0])
             else:
                 menu_tag = {id(LOW_MENU_ASYM): "asym", id(LOW_MENU_FINE): "fine"}.get(id(menu), "table6")
                 allocated = plan_for_budget(model, table_tokens, Budget.parse(budget), menu, sample_windows=SAMPLE_WINDOWS,
-                                            table_path=cache / f"low-bits-{menu_tag}-{rotation or 'none'}.json",
+                                            table_path=cache / (f"low-bits-{menu_tag}-{rotation or 'none'}"
+                                                                + ("" if a.calib_shape == "64x512" else f"@{a.calib_shape}") + ".json"),
                                             progress=False)
                 plan, table = allocated.plan, allocated.table
             allocation = {"table_seconds": table.meta.get("seconds"), "rows_seconds": table.meta.get("rows_seconds"),
