@@ -16,8 +16,9 @@ model of the same architecture and every export path still holds:
 
 QuaRot's online Hadamard before down_proj (R4) cannot be folded (SiLU(gate) * up sits in front):
 `rotate_online` adds it as a runtime op (OnlineHadamard, at the end of this file) that the native
-format carries and the compressed-tensors / GGUF exports fold back (writing those layers dense). `kind="hadamard"` is the randomized Hadamard diag(+-1) H / sqrt(n)
-(Sylvester and Paley constructions: 576 = 8 x 72 and 1536 = 128 x 12 work); `kind="random"` a
+format carries and the compressed-tensors / GGUF exports fold back (writing those layers dense).
+`kind="hadamard"` is the randomized Hadamard diag(+-1) H / sqrt(n) (Sylvester and Paley
+constructions: 576 = 8 x 72 and 1536 = 4 x 384 here, 128 x 12 online); `kind="random"` a
 random orthogonal matrix (QR of a Gaussian). `choose_rotation` picks among seeds by measured output error
 (HeRo-Q's idea: choose the rotation by the quantization error it leads to, not at random).
 """
