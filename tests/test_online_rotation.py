@@ -28,6 +28,9 @@ def test_online_hadamard_is_its_orthogonal_matrix(n):
     torch.testing.assert_close(r(x), (x.double() @ big).float(), rtol=1e-5, atol=1e-5)
     assert r.shape[1] <= 36                        # the small Kronecker factor: 1536 = 128 x 12, 576 = 16 x 36
     assert not r.state_dict()                      # nothing stored: rebuilt from (n, seed)
+    xb = x.to(torch.bfloat16)                      # half-precision inputs: rotated in float32, rounded once
+    assert r(xb).dtype == torch.bfloat16
+    torch.testing.assert_close(r(xb), (xb.double() @ big).to(torch.bfloat16), rtol=0, atol=0.02)
     assert not torch.equal(big, OnlineHadamard(n, seed=4).matrix())
 
 

@@ -248,9 +248,10 @@ class OnlineHadamard(nn.Module):
         self.register_buffer("right", base.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = (x * self.signs.to(x.dtype)).reshape(*x.shape[:-1], *self.shape)      # (..., 2^k, m)
-        y = torch.matmul(self.left.to(x.dtype), y) @ self.right.to(x.dtype)   # left is symmetric
-        return y.reshape(x.shape)
+        # in float32 whatever x is (1/sqrt(n) has no exact bf16 / fp16 form), then back
+        y = (x.float() * self.signs).reshape(*x.shape[:-1], *self.shape)      # (..., 2^k, m)
+        y = torch.matmul(self.left, y) @ self.right                           # left is symmetric
+        return y.reshape(x.shape).to(x.dtype)
 
     def matrix(self) -> torch.Tensor:
         """R (n, n) float64."""
