@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                         "output error (3-bit per-channel RTN over every layer, on the calibration data)")
     c.add_argument("--online-hadamard", metavar="LAYERS",
                    help="comma-separated block linears (e.g. mlp.down_proj,self_attn.o_proj) that get a Hadamard "
-                        "rotation of their input at run time (QuaRot's R4): incoherent weights for the quantizer, a "
-                        "small runtime op; such layers export dense to compressed-tensors / GGUF")
+                        "rotation of their input at run time (QuaRot's R4): incoherent weights for the quantizer, at the "
+                        "cost of a runtime op (about half a float32 down_proj here); such layers export dense to "
+                        "compressed-tensors / GGUF")
     c.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing Hessian diagonal")
     c.add_argument("--damp", type=float, help="GPTQ / SparseGPT: relative Hessian damping (default 0.01)")
     c.add_argument("--refine", type=int, metavar="SWEEPS",

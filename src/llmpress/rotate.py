@@ -248,9 +248,10 @@ class OnlineHadamard(nn.Module):
         self.register_buffer("right", base.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in float32 whatever x is (1/sqrt(n) has no exact bf16 / fp16 form), then back
-        y = (x.float() * self.signs).reshape(*x.shape[:-1], *self.shape)      # (..., 2^k, m)
-        y = torch.matmul(self.left, y) @ self.right                           # left is symmetric
+        # in float32 whatever x is (1/sqrt(n) has no exact bf16 / fp16 form), then back; each
+        # factor as one GEMM over all tokens (not a batch of tiny matmuls)
+        y = (x.float() * self.signs).reshape(-1, *self.shape) @ self.right    # (N, 2^k, m): X B
+        y = (y.transpose(1, 2) @ self.left).transpose(1, 2)                  # (X B)^T A, back: A^T X B
         return y.reshape(x.shape).to(x.dtype)
 
     def matrix(self) -> torch.Tensor:
