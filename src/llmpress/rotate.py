@@ -303,8 +303,8 @@ def detach_online(module: nn.Module) -> None:
 @torch.no_grad()
 def rotate_online(model: nn.Module, layers=("mlp.down_proj",), seed: int = 0) -> dict:
     """Give the linears named `layers` (block-local names) in every block an online Hadamard on
-    their input, folding its inverse into their weight, W -> W R (function unchanged up to float
-    rounding). Compress afterwards; layers left dense get their rotation folded back
+    their input, x -> x R, and its compensation into their weight, W -> W R, so that
+    (x R)(W R)^T = x W^T (function unchanged up to float rounding); one R per input size. Compress afterwards; layers left dense get their rotation folded back
     (`fold_online`), since for them it is pure cost."""
     adapter = adapter_for(model)
     local_names = [n for g in adapter.input_groups for n in g]
