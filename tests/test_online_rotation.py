@@ -31,6 +31,8 @@ def test_online_hadamard_is_its_orthogonal_matrix(n):
     xb = x.to(torch.bfloat16)                      # half-precision inputs: rotated in float32, rounded once
     assert r(xb).dtype == torch.bfloat16
     torch.testing.assert_close(r(xb), (xb.double() @ big).to(torch.bfloat16), rtol=0, atol=0.02)
+    cast = copy.deepcopy(r).to(torch.bfloat16)     # a model cast to bf16 keeps the rotation exact (+-1 buffers)
+    torch.testing.assert_close(cast(x), r(x), rtol=0, atol=0)
     assert not torch.equal(big, OnlineHadamard(n, seed=4).matrix())
 
 

@@ -242,16 +242,19 @@ class OnlineHadamard(nn.Module):
         super().__init__()
         two_k, base = hadamard_factors(n, smallest_base=True)
         self.n, self.seed, self.shape = n, seed, (two_k, base.shape[0])
-        # derived from (n, seed), not stored: non-persistent buffers stay out of state_dict
-        self.register_buffer("signs", (_signs(n, seed) / n ** 0.5).float(), persistent=False)
+        # derived from (n, seed), not stored: non-persistent buffers stay out of state_dict. All
+        # +-1, so exact in any dtype a model is cast to; 1/sqrt(n) is applied in float32.
+        self.register_buffer("signs", _signs(n, seed).float(), persistent=False)
         self.register_buffer("left", sylvester(two_k).float(), persistent=False)
         self.register_buffer("right", base.float(), persistent=False)
+        self.scale = n ** -0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in float32 whatever x is (1/sqrt(n) has no exact bf16 / fp16 form), then back; each
         # factor as one GEMM over all tokens (not a batch of tiny matmuls)
-        y = (x.float() * self.signs).reshape(-1, *self.shape) @ self.right    # (N, 2^k, m): X B
-        y = (y.transpose(1, 2) @ self.left).transpose(1, 2)                  # (X B)^T A, back: A^T X B
+        signs, left, right = self.signs.float(), self.left.float(), self.right.float()
+        y = (x.float() * (signs * self.scale)).reshape(-1, *self.shape) @ right   # (N, 2^k, m): X B
+        y = (y.transpose(1, 2) @ left).transpose(1, 2)                          # (X B)^T A, back: A^T X B
         return y.reshape(x.shape).to(x.dtype)
 
     def matrix(self) -> torch.Tensor:
