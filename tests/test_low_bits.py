@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import needs_embedded, tiny_llama
+from conftest import assert_keeps_embedded_logits, needs_embedded, tiny_llama
 from llmpress import GPTQ, RTN, AWQ, GPTQLowRank, Plan
 from llmpress.arch import adapter_for
 from llmpress.config import handler_for, parse_method_spec
@@ -189,13 +189,7 @@ def test_cli_compress_rotated(tmp_path, tiny_hf_dir):
 def test_rotation_keeps_embedded_model_logits():
     from llmpress.models import load_model
     model, tok = load_model("smollm2-135m")
-    ids = tok("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        ref = model(ids).logits
-        rotate_model(model, "hadamard")
-        got = model(ids).logits
-    assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
-    assert torch.equal(got[0, -1].argmax(), ref[0, -1].argmax())
+    assert_keeps_embedded_logits(model, tok, lambda m: rotate_model(m, "hadamard"))
 
 
 def test_rotation_search_picks_the_smallest_measured_error(tiny_model, calib_tokens):

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from conftest import needs_embedded, tiny_llama
+from conftest import assert_keeps_embedded_logits, needs_embedded, tiny_llama
+from llmpress.methods.lut import layer_error
 from llmpress import AWQ, GPTQ, RTN, Plan
 from llmpress.arch import adapter_for
 from llmpress.config import handler_for
@@ -81,8 +82,7 @@ def test_online_rotation_lowers_the_quantization_error_of_a_coherent_layer():
     r = OnlineHadamard(128, 0).matrix().float()
 
     def error(wq, basis):
-        d = wq @ basis.T - w if basis is not None else wq - w
-        return ((d @ h) * d).sum().item()
+        return layer_error(w, h, wq @ basis.T if basis is not None else wq)
 
     def deq(q, s, z):
         return (q - z) * s
@@ -174,15 +174,9 @@ def test_online_rotation_keeps_embedded_model_logits_and_lowers_down_proj_error(
     from llmpress.methods.gptq import gptq_solve
     from llmpress.models import load_model
     model, tok = load_model("smollm2-135m")
-    ids = tok("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        ref = model(ids).logits
-        rotate_model(model, "hadamard")
-        plain = copy.deepcopy(model)
-        rotate_online(model, ["mlp.down_proj", "self_attn.o_proj"])
-        got = model(ids).logits
-    assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
-    assert torch.equal(got[0, -1].argmax(), ref[0, -1].argmax())
+    rotate_model(model, "hadamard")
+    plain = copy.deepcopy(model)
+    assert_keeps_embedded_logits(model, tok, lambda m: rotate_online(m, ["mlp.down_proj", "self_attn.o_proj"]))
     # the last block's down_proj (the largest gain measured: 0.62x with 32 x 512 tokens; the unit
     # test above checks that the statistics of a rotated layer are R^T H R, so H is measured once)
     tokens = calibration_tokens(tok, "wikipedia", 32, 512, seed=0)
@@ -193,6 +187,5 @@ def test_online_rotation_keeps_embedded_model_logits_and_lowers_down_proj_error(
     for w, hh in ((plain.get_submodule(name).weight.double(), h),
                   (model.get_submodule(name).weight.double(), r.T @ h @ r)):
         q, s, z, _ = gptq_solve(w.float(), hh.float(), 3, 0, False, act_order=True, clip="mse")
-        d = (q - z) * s - w
-        errors.append(((d @ hh) * d).sum().item())
+        errors.append(layer_error(w, hh, (q - z) * s))
     assert errors[1] < 0.8 * errors[0]

@@ -269,9 +269,9 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
     if walk.world > 1:
         raise LLMPressError("the sensitivity table is measured in one process; run it outside torchrun")
     adapter = walk.adapter
-    if only is not None and (not only or set(only) - set(adapter.linear_names(model))):
-        raise LLMPressError(f"only: {sorted(set(only) - set(adapter.linear_names(model)))[:5] or 'no layers'} "
-                            "are not compressible linears of this model")
+    unknown = None if only is None else sorted(set(only) - set(adapter.linear_names(model)))
+    if only is not None and (unknown or not only):
+        raise LLMPressError(f"only: {unknown[:5] or 'no layers'} are not compressible linears of this model")
     start = 0 if checkpoint is None else checkpoint.done
     if checkpoint is not None and checkpoint.has("grads"):
         saved = checkpoint.tensors("grads")

@@ -315,7 +315,7 @@ def rotate_online(model: nn.Module, layers=("mlp.down_proj",), seed: int = 0) ->
     if unknown or not layers:
         raise LLMPressError(f"online rotation: {unknown or 'no layers'} are not linears of a block; "
                             f"choose from {', '.join(local_names)}")
-    rotations: dict[int, OnlineHadamard] = {}
+    rotations: dict[int, tuple[OnlineHadamard, torch.Tensor]] = {}     # in size -> (op, its matrix), once
     for block in adapter.blocks(model):
         for name in layers:
             lin = block.get_submodule(name)
@@ -323,9 +323,11 @@ def rotate_online(model: nn.Module, layers=("mlp.down_proj",), seed: int = 0) ->
                 raise LLMPressError(f"online rotation: {name} is already compressed or rotated; rotate a dense model")
             n = lin.in_features
             if n not in rotations:
-                rotations[n] = OnlineHadamard(n, seed).to(lin.weight.device)
-            _set(lin.weight, lin.weight.double() @ rotations[n].matrix().to(lin.weight.device))
-            attach_online(lin, rotations[n])
+                op = OnlineHadamard(n, seed).to(lin.weight.device)
+                rotations[n] = op, op.matrix().to(lin.weight.device)
+            op, r = rotations[n]
+            _set(lin.weight, lin.weight.double() @ r)
+            attach_online(lin, op)
     return {"layers": list(layers), "seed": seed, "kind": "hadamard"}
 
 
