@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from llmpress import GPTQ, GPTQLUT, GPTQLowRank, Plan  # noqa: E402
+from llmpress import GPTQ, GPTQLUT, GPTQVQ, GPTQLowRank, Plan  # noqa: E402
 from llmpress.allocate import allocate, to_plan  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
 from llmpress.budget import Budget, Table, measure_sensitivity, plan_for_budget, sensitivity_table, table_key  # noqa: E402
@@ -72,6 +72,10 @@ LOW_MENU_FINE = [GPTQ(bits=b, group_size=g, symmetric=False, clip="mse")
 # non-uniform tables (gptq-lut) measured as a second table and merged with the fine menu's
 LUT_OPTIONS = [GPTQLUT(bits=2), GPTQLUT(bits=3)]
 LOW_MENU_FINE_LUT = LOW_MENU_FINE + LUT_OPTIONS
+# vector codebooks (gptq-vq, GPTVQ 2-D): a third table, merged with both; 2.5 and 3.5 bits are
+# whole codes per pair of weights
+VQ_OPTIONS = [GPTQVQ(bits=b) for b in (2, 2.5, 3, 3.5)]
+LOW_MENU_FINE_LUT_VQ = LOW_MENU_FINE_LUT + VQ_OPTIONS
 
 # online Hadamards on top of the residual rotation: "hadamard+r4" (before down_proj, QuaRot's R4),
 # "hadamard+r4o" (also before o_proj, across heads)
@@ -101,6 +105,14 @@ RUNS = {
     "alloc-3.0-rot-r4o-fine-lut": ("hadamard+r4o", ("budget", "bits=3.0", LOW_MENU_FINE_LUT)),
     "alloc-2.5-rot-r4o-fine-lut": ("hadamard+r4o", ("budget", "bits=2.5", LOW_MENU_FINE_LUT)),
     "rot-gptq-lut-w2": ("hadamard", "gptq-lut:bits=2"),
+    "alloc-3.25-rot-r4o-fine-lut-vq": ("hadamard+r4o", ("budget", "bits=3.25", LOW_MENU_FINE_LUT_VQ)),
+    "alloc-3.0-rot-r4o-fine-lut-vq": ("hadamard+r4o", ("budget", "bits=3.0", LOW_MENU_FINE_LUT_VQ)),
+    "alloc-2.5-rot-r4o-fine-lut-vq": ("hadamard+r4o", ("budget", "bits=2.5", LOW_MENU_FINE_LUT_VQ)),
+    "rot-r4o-gptq-vq-w3": ("hadamard+r4o", "gptq-vq:bits=3"),
+    "rot-r4o-gptq-vq-w2.5": ("hadamard+r4o", "gptq-vq:bits=2.5"),
+    "rot-r4o-gptq-vq-w2": ("hadamard+r4o", "gptq-vq:bits=2"),
+    "rot-r4o-gptq-lut-w3": ("hadamard+r4o", "gptq-lut:bits=3"),
+    "rot-r4o-gptq-lut-w2": ("hadamard+r4o", "gptq-lut:bits=2"),
     "rot-gptq-w2g64-asym-mse": ("hadamard", "gptq:bits=2,group_size=64,symmetric=false,clip=mse"),
     "gptq-w3g64": (None, "gptq:bits=3,group_size=64"),
     "gptq-w3g64-mse": (None, "gptq:bits=3,group_size=64,clip=mse"),
@@ -222,10 +234,12 @@ def main() -> None:
         if isinstance(spec, tuple):
             _, budget, menu = spec
             cache = ROOT / "bench" / ".cache"
-            if menu is LOW_MENU_FINE_LUT:      # the fine menu's table and the LUT options' table, merged
+            if menu is LOW_MENU_FINE_LUT or menu is LOW_MENU_FINE_LUT_VQ:   # the fine menu's table and the LUT (VQ) options' tables, merged
                 calib = "" if a.calib_shape == "64x512" else f"@{a.calib_shape}"
                 table = table_with_online(model, dense, table_tokens, LOW_MENU_FINE, "fine", rotation, calib)
                 table = table.merged(table_with_online(model, dense, table_tokens, LUT_OPTIONS, "lut", rotation, calib))
+                if menu is LOW_MENU_FINE_LUT_VQ:
+                    table = table.merged(table_with_online(model, dense, table_tokens, VQ_OPTIONS, "vq", rotation, calib))
                 plan = to_plan(table, allocate(table, Budget.parse(budget), "knapsack")[0])
             else:
                 menu_tag = {id(LOW_MENU_ASYM): "asym", id(LOW_MENU_FINE): "fine"}.get(id(menu), "table6")

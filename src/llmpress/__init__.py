@@ -17,8 +17,9 @@ from llmpress.methods.sparsegpt import SparseGPT
 from llmpress.methods.wanda import Wanda
 from llmpress.methods.qlr import GPTQLowRank
 from llmpress.methods.lut import GPTQLUT
+from llmpress.methods.vq import GPTQVQ
 from llmpress.methods.oats import OATS
 
 __version__ = "0.1.0"
 __all__ = ["LLMPressError", "MethodConfig", "config_from_dict", "Plan", "RTN", "GPTQ", "AWQ", "Magnitude", "Wanda",
-           "SparseGPT", "SVD", "ASVD", "SVDLLM", "GPTQLowRank", "GPTQLUT", "OATS"]
+           "SparseGPT", "SVD", "ASVD", "SVDLLM", "GPTQLowRank", "GPTQLUT", "GPTQVQ", "OATS"]

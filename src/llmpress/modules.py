@@ -4,6 +4,8 @@
   (row, group), b-bit packed zero points for asymmetric grids.
 - LUTLinear: b-bit packed indices into an fp16 table of 2^b values per row (non-uniform grid).
 - GGMLLinear: the bytes of a llama.cpp block type (Q4_1, Q5_1, Q4_K, Q5_K, Q6_K), as GGUF holds them.
+- VQLinear: packed codes of vectors of `dim` weights into fp16 codebooks shared by blocks of rows,
+  an fp16 scale per row.
 - SparseLinear: the kept values (fp16) in row-major order plus a 1-bit-per-weight mask.
 - LowRankLinear: two factors (fp16) that run as two matmuls, x -> x @ down.T @ up.T.
 - QuantLowRankLinear: a QuantLinear plus a LowRank correction of its error (fp16 factors).
@@ -266,6 +268,42 @@ class LUTLinear(CompressedLinear):
                    torch.zeros(s["out_features"], 2 ** s["bits"]), torch.zeros(s["out_features"]) if s["bias"] else None)
 
 
+class VQLinear(CompressedLinear):
+    """Weight[r, dim*v : dim*v + dim] = scale[r] * codebook[r // rows, code[r, v]]: one packed code of
+    code_bits = log2(k) bits per vector of `dim` consecutive weights, a codebook of k fp16 vectors per
+    block of `rows` rows, an fp16 scale per row (llmpress.methods.vq)."""
+
+    def __init__(self, in_features, out_features, dim, rows, qweight, codebook, scale, bias=None):
+        super().__init__()
+        self.in_features, self.out_features, self.dim, self.rows = in_features, out_features, dim, rows
+        self.code_bits = int(codebook.shape[1]).bit_length() - 1
+        self.register_buffer("qweight", qweight)                              # uint8 (ceil(out*in/dim*code_bits/8),)
+        self.register_buffer("codebook", codebook.to(STORAGE_DTYPE).contiguous())   # (ceil(out/rows), k, dim)
+        self.register_buffer("scale", scale.to(STORAGE_DTYPE))                # (out,)
+        self._init_bias(bias)
+
+    def codes(self) -> torch.Tensor:  # (out, in / dim) int64
+        n = self.out_features * self.in_features // self.dim
+        return unpack_bits(self.qweight, self.code_bits, n).view(self.out_features, -1).long()
+
+    def dense_weight(self) -> torch.Tensor:
+        book = (torch.arange(self.out_features, device=self.scale.device) // self.rows)[:, None]
+        vectors = self.codebook.float()[book, self.codes()]                   # (out, in / dim, dim)
+        return vectors.reshape(self.out_features, self.in_features) * self.scale.float()[:, None]
+
+    def spec(self) -> dict:
+        return {"type": "VQLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "dim": self.dim, "rows": self.rows, "code_bits": self.code_bits, "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, s: dict) -> "VQLinear":
+        o, i, d = s["out_features"], s["in_features"], s["dim"]
+        nbytes = math.ceil(o * i // d * s["code_bits"] / 8)
+        return cls(i, o, d, s["rows"], torch.zeros(nbytes, dtype=torch.uint8),
+                   torch.zeros(math.ceil(o / s["rows"]), 2 ** s["code_bits"], d), torch.zeros(o),
+                   torch.zeros(o) if s["bias"] else None)
+
+
 class SparseLinear(CompressedLinear):
     """Weight = zeros except at the mask's ones, which take `values` in row-major order."""
 
@@ -387,7 +425,7 @@ def with_dense_cache(module: nn.Module) -> nn.Module:
     return module
 
 
-MODULE_TYPES = {c.__name__: c for c in (QuantLinear, GGMLLinear, LUTLinear, SparseLinear, LowRankLinear,
+MODULE_TYPES = {c.__name__: c for c in (QuantLinear, GGMLLinear, LUTLinear, VQLinear, SparseLinear, LowRankLinear,
                                          QuantLowRankLinear, SparseLowRankLinear)}
 
 
