@@ -124,3 +124,26 @@ def test_vq_lowers_the_logit_error_below_uniform_per_channel_gptq_on_a_tiny_mode
         with torch.no_grad():
             errs[key] = (model(calib).logits - base(calib).logits).square().mean().item()
     assert errs["vq"] < errs["uniform"], errs
+
+
+def test_vq_from_the_command_line(tiny_hf_dir, tmp_path, capsys):
+    import json
+    from llmpress.cli import main
+    out, js = tmp_path / "vq", tmp_path / "c.json"
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    code = main([str(a) for a in ("compress", "--model", tiny_hf_dir, "--method", "gptq-vq", "--bits", "2.5",
+                                  "--rows", "32", "--calib", text, "--num-samples", "4", "--seq-len", "32",
+                                  "--out", out, "--json", js)])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "llmpress.json").read_text())
+    spec = manifest["modules"]["model.layers.0.mlp.down_proj"]
+    assert spec["type"] == "VQLinear" and spec["code_bits"] == 5 and spec["rows"] == 32
+    # 5-bit codes per pair + a scale per row + 32 fp16 pairs per 32 rows: 2.5 + 16 / in + 32 / in
+    assert 2.5 < json.loads(js.read_text())["bits_per_weight"] < 3.5
+    code = main(["compress", "--model", str(tiny_hf_dir), "--method", "gptq-vq", "--bits", "2.25",
+                 "--out", str(tmp_path / "bad")])
+    assert code == 2 and "whole number of bits" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    code = main(["compress", "--model", str(tiny_hf_dir), "--method", "gptq", "--bits", "3", "--rows", "8",
+                 "--out", str(tmp_path / "bad")])
+    assert code == 2 and "rows" in capsys.readouterr().err and not (tmp_path / "bad").exists()

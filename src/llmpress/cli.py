@@ -29,13 +29,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="HF folder, Hub id, .gguf file, llmpress folder or smollm2-135m")
     c.add_argument("--method", help="method name (see --plan for per-layer choices)")
     c.add_argument("--plan", help="Plan JSON file (instead of --method)")
-    c.add_argument("--bits", type=int)
+    c.add_argument("--bits", type=_number, help="bits per weight (gptq-vq: a multiple of 1/dim, e.g. 2.5)")
     c.add_argument("--group-size", type=int)
     c.add_argument("--asymmetric", action="store_true", help="asymmetric quantization grid (zero points)")
     c.add_argument("--sparsity", type=float)
     c.add_argument("--nm", help="N:M structured sparsity, e.g. 2:4")
     c.add_argument("--param-ratio", type=float)
     c.add_argument("--rank", type=int, help="gptq-lr: rank of the low-rank correction")
+    c.add_argument("--dim", type=int, help="gptq-vq: weights per vector (default 2)")
+    c.add_argument("--rows", type=int, help="gptq-vq: rows sharing one codebook (default 256)")
     c.add_argument("--clip", choices=["mse"], help="RTN / GPTQ / AWQ: search each group's clipping range")
     c.add_argument("--gguf-type", choices=["q4_1", "q5_1", "q4_k", "q5_k", "q6_k"],
                    help="RTN / AWQ / GPTQ: quantize onto this llama.cpp block grid (fixes bits and group size; "
@@ -168,11 +170,17 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _number(text: str) -> int | float:
+    """An int when the value is whole ("3"), else a float ("2.5")."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def _config_from_args(a):
     from llmpress.config import config_from_dict
     opts = {"bits": a.bits, "group_size": a.group_size, "sparsity": a.sparsity, "nm": a.nm,
             "param_ratio": a.param_ratio, "damp": a.damp, "alpha": a.alpha, "rank": a.rank, "clip": a.clip,
-            "gguf": a.gguf_type, "refine": a.refine}
+            "gguf": a.gguf_type, "refine": a.refine, "dim": a.dim, "rows": a.rows}
     kwargs = {k: v for k, v in opts.items() if v is not None}
     if a.asymmetric:
         kwargs["symmetric"] = False
