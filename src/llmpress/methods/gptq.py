@@ -69,31 +69,24 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
         return q, scale, zero, {"fallback": "rtn", "reason": "Cholesky failed at every damping"}
     group_of = (perm // group_size).tolist()          # group of each visited column
     codes = torch.zeros(out_f, in_f, device=w.device)
+
+    def pick(w1, i, col, u):
+        g = group_of[col]
+        if not static and col % group_size == 0:      # a group's grid fitted when the sweep reaches it
+            scale_t[g], zero_t[g] = quant_grid(w1[:, i:i + group_size], bits, symmetric, clip,
+                                               diag[col:col + group_size])
+        s, z = scale_t[g], zero_t[g]
+        if grid is None:
+            q = quantize_to_grid(w1[:, i], s, z, bits)
+            deq = (q - z) * s
+        else:                                         # z is the offset: w = q s + z
+            q = ggml_grid.quantize(w1[:, i], s, z, bits)
+            deq = q * s + z
+        codes[:, col] = q
+        return deq[:, None]
+
     # Block width: a multiple of group_size near 128, so a group never straddles two blocks.
-    block = group_size * max(1, 128 // group_size) if not static else 128
-    for i1 in range(0, in_f, block):
-        i2 = min(i1 + block, in_f)
-        w1 = w[:, i1:i2].clone()                      # (out, B) updated in place
-        err1 = torch.zeros_like(w1)
-        u1 = upper[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = group_of[col]
-            if not static and col % group_size == 0:
-                scale_t[g], zero_t[g] = quant_grid(w1[:, i:i + group_size], bits, symmetric, clip,
-                                                   diag[col:col + group_size])
-            s, z = scale_t[g], zero_t[g]
-            if grid is None:
-                q = quantize_to_grid(w1[:, i], s, z, bits)
-                deq = (q - z) * s
-            else:                                     # z is the offset: w = q s + z
-                q = ggml_grid.quantize(w1[:, i], s, z, bits)
-                deq = q * s + z
-            codes[:, col] = q
-            e = (w1[:, i] - deq) / u1[i, i]
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)    # spread the error over later columns
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    hessian.gptq_sweep(w, upper, pick, block=group_size * max(1, 128 // group_size) if not static else 128)
     if act_order:
         codes = codes[:, torch.argsort(perm)]
     info = {"damp": used}

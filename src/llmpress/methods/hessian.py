@@ -37,6 +37,30 @@ def inverse_cholesky(h: torch.Tensor, damp: float) -> tuple[torch.Tensor | None,
     return None, None
 
 
+def gptq_sweep(w: torch.Tensor, upper: torch.Tensor, pick, step: int = 1, block: int = 128) -> None:
+    """GPTQ's column sweep (Frantar et al. 2022, arXiv:2210.17323), shared by every solver that
+    rounds onto some grid with its error feedback. w (out, in): the weights in visiting order
+    (modified in place), upper (in, in): the upper Cholesky factor of the damped inverse Hessian in
+    the same order. Columns are taken `step` at a time (a vector quantizer's `step` columns at once)
+    in blocks of `block` columns (a multiple of step) with lazy updates of the later blocks:
+    pick(w1, i, col, u) -> (out, step) the values chosen for columns col .. col + step - 1, given the
+    block's working copy w1 (out, B) whose columns i .. are still unquantized and their (step, step)
+    block u of `upper`. The error of each chosen column is spread over the later ones."""
+    in_f = w.shape[1]
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        w1 = w[:, i1:i2].clone()                                               # (out, B) updated in place
+        err1 = torch.zeros_like(w1)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(0, i2 - i1, step):
+            q = pick(w1, i, i1 + i, u1[i:i + step, i:i + step])                # (out, step)
+            for j in range(i, i + step):                                       # one column at a time, q fixed
+                e = (w1[:, j] - q[:, j - i]) / u1[j, j]
+                w1[:, j:].addr_(e, u1[j, j:], alpha=-1.0)                      # spread over later columns
+                err1[:, j] = e
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+
+
 def check_damp(damp: float) -> None:
     if not 0 < damp <= 1:
         raise LLMPressError(f"damp (relative to the mean Hessian diagonal) must be in (0, 1], got {damp!r}")

@@ -78,18 +78,13 @@ def gptq_on_tables(w: torch.Tensor, h: torch.Tensor, table: torch.Tensor, act_or
     w = w[:, perm]
     mid = decision_points(table)                                               # (out, k - 1), once
     codes = torch.empty(out_f, in_f, dtype=torch.long, device=w.device)
-    for i1 in range(0, in_f, 128):
-        i2 = min(i1 + 128, in_f)
-        w1 = w[:, i1:i2].clone()                                               # (out, B) updated in place
-        err1 = torch.zeros_like(w1)
-        u1 = upper[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            q = torch.searchsorted(mid, w1[:, i:i + 1].contiguous())           # (out, 1)
-            codes[:, i1 + i] = q[:, 0]
-            e = (w1[:, i] - table.gather(1, q)[:, 0]) / u1[i, i]
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)                          # spread over later columns
-            err1[:, i] = e
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+
+    def pick(w1, i, col, u):
+        q = torch.searchsorted(mid, w1[:, i:i + 1].contiguous())              # (out, 1)
+        codes[:, col] = q[:, 0]
+        return table.gather(1, q)
+
+    hessian.gptq_sweep(w, upper, pick)
     return codes[:, torch.argsort(perm)], {"damp": used}
 
 

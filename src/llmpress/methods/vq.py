@@ -109,26 +109,16 @@ def gptq_vq(w: torch.Tensor, h: torch.Tensor, books: torch.Tensor, rows: int, di
     w = w[:, perm]
     vec_perm = perm.view(-1, dim)[:, 0] // dim                                 # vector visited k-th
     codes = torch.empty(out_f, in_f // dim, dtype=torch.long, device=w.device)
-    block = 128 - 128 % dim
-    for i1 in range(0, in_f, block):
-        i2 = min(i1 + block, in_f)
-        w1 = w[:, i1:i2].clone()                                               # (out, B) updated in place
-        err1 = torch.zeros_like(w1)
-        u1 = upper[i1:i2, i1:i2]
-        for i in range(0, i2 - i1, dim):
-            s = slice(i, i + dim)
-            lower = torch.linalg.inv(u1[s, s]).T                               # (dim, dim) = U_SS^-T
-            y = w1[:, s] @ lower.T                                             # (out, dim) in the loss metric
-            z = books @ lower.T                                                # (B, k, dim)
-            dist = (y[:, None, :] - z[book_of_row]).square().sum(-1)           # (out, k)
-            c = dist.argmin(1)
-            codes[:, (i1 + i) // dim] = c
-            q = books[book_of_row, c]                                          # (out, dim)
-            for j in range(dim):                                               # scalar GPTQ steps, q fixed
-                e = (w1[:, i + j] - q[:, j]) / u1[i + j, i + j]
-                w1[:, i + j:].addr_(e, u1[i + j, i + j:], alpha=-1.0)
-                err1[:, i + j] = e
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+
+    def pick(w1, i, col, u):
+        lower = torch.linalg.inv(u).T                                          # (dim, dim) = U_SS^-T
+        y = w1[:, i:i + dim] @ lower.T                                         # (out, dim) in the loss metric
+        z = books @ lower.T                                                    # (B, k, dim)
+        c = (y[:, None, :] - z[book_of_row]).square().sum(-1).argmin(1)        # (out,) nearest there
+        codes[:, col // dim] = c
+        return books[book_of_row, c]                                           # (out, dim)
+
+    hessian.gptq_sweep(w, upper, pick, step=dim, block=128 - 128 % dim)
     out = torch.empty_like(codes)
     out[:, vec_perm] = codes                                                   # back to the original vector order
     return out, {"damp": used}
