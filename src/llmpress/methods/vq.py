@@ -45,11 +45,15 @@ def vector_order(h: torch.Tensor, dim: int) -> torch.Tensor:
     return (order[:, None] * dim + torch.arange(dim, device=h.device)).reshape(-1)
 
 
-def kmeans(points: torch.Tensor, weights: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
+def kmeans(points: torch.Tensor, weights: torch.Tensor, k: int, iters: int, generator: torch.Generator,
+           sample: int | None = None) -> torch.Tensor:
     """points (N, d), weights (N, d) >= 0 per coordinate -> (k, d) centroids of the weighted k-means
     sum_n sum_d weights[n, d] (points[n, d] - c[n, d])^2: k-means++ seeding from `generator`, then
     Lloyd's iterations (a centroid's coordinate = the weighted mean of its points'; an empty cluster
     keeps its centroid)."""
+    if sample is not None and points.shape[0] > sample:      # a seeded subset: Lloyd's cost is N x k per step
+        keep = torch.randperm(points.shape[0], generator=generator)[:sample]
+        points, weights = points[keep], weights[keep]
     n = points.shape[0]
     if n <= k:                       # every vector its own codeword (exact), the rest repeats
         return points[torch.arange(k, device=points.device) % n].clone()
@@ -80,14 +84,15 @@ def assign(points: torch.Tensor, weights: torch.Tensor, cent: torch.Tensor) -> t
 def fit_codebooks(wn: torch.Tensor, hdiag: torch.Tensor, dim: int, k: int, rows: int, iters: int = 20,
                   seed: int = 0) -> torch.Tensor:
     """wn (out, in) normalized rows, hdiag (in,) -> (ceil(out / rows), k, dim) codebooks: one weighted
-    k-means per block of `rows` rows over its vectors of `dim` consecutive columns."""
+    k-means per block of `rows` rows over (a seeded sample of 512 k of) its vectors of `dim`
+    consecutive columns (all vectors: 3-4x the time for errors within 1 %, on the embedded model)."""
     out_f, in_f = wn.shape
     gen = torch.Generator().manual_seed(seed)
     wt = hdiag.float().clamp(min=0).view(1, in_f // dim, dim)
     books = []
     for r0 in range(0, out_f, rows):
         block = wn[r0:r0 + rows].float().reshape(-1, in_f // dim, dim)         # (R, in/dim, dim)
-        books.append(kmeans(block.reshape(-1, dim), wt.expand_as(block).reshape(-1, dim), k, iters, gen))
+        books.append(kmeans(block.reshape(-1, dim), wt.expand_as(block).reshape(-1, dim), k, iters, gen, 512 * k))
     return torch.stack(books)
 
 
@@ -131,26 +136,28 @@ def decode(codes: torch.Tensor, books: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def layer_error(w: torch.Tensor, h: torch.Tensor, deq: torch.Tensor) -> float:
-    d = (deq - w).double()
-    return ((d @ h.double()) * d).sum().item()
+    """tr((deq - w) H (deq - w)^T): float32 products (they only compare candidates), a float64 sum."""
+    d = (deq - w).float()
+    return ((d @ h.float()) * d).double().sum().item()
 
 
 def refit_scales(w: torch.Tensor, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """w, q (out, in) -> (out,) scales s minimizing each row's (w - s q) H (w - s q)^T."""
-    qh = q.double() @ h.double()
+    qh = (q.float() @ h.float()).double()
     num = (qh * w.double()).sum(1)
     den = (qh * q.double()).sum(1)
     return torch.where(den > 0, num / den.clamp(min=1e-30), torch.ones_like(den)).float()
 
 
 def refit_codebooks(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, books: torch.Tensor,
-                    scale: torch.Tensor, rows: int, steps: int = 20) -> torch.Tensor:
+                    scale: torch.Tensor, rows: int, steps: int = 5) -> torch.Tensor:
     """The codebooks minimizing tr((W - S Q(C)) H (W - S Q(C))^T) for fixed codes and scales S,
     by `steps` conjugate-gradient iterations on that quadratic (exact operator, never formed: one
-    (out, in) x (in, in) product per step), from `books`."""
+    (out, in) x (in, in) float32 product per step), from `books`. The caller keeps the result only
+    if it lowers the error (5 steps reach within 0.01 % of 20's decrease on the embedded model)."""
     out_f = w.shape[0]
-    h = h.double()
-    s = scale.double()[:, None]
+    h = h.float()
+    s = scale.float()[:, None]
     b, k, dim = books.shape
     flat = (torch.arange(out_f, device=w.device) // rows)[:, None] * k + codes     # (out, in/dim) codeword id
 
@@ -162,14 +169,14 @@ def refit_codebooks(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, books
         return torch.zeros(b * k, dim, dtype=g.dtype, device=g.device).index_add_(
             0, flat.reshape(-1), g.reshape(-1, dim)).reshape(b, k, dim)
 
-    c = books.double()
-    r = gather((w.double() - expand(c)) @ h)                  # minus half the gradient
+    c = books.float()
+    r = gather((w.float() - expand(c)) @ h)                  # minus half the gradient
     p, rr = r.clone(), (r * r).sum()
     for _ in range(steps):
         if rr.item() <= 1e-30:
             break
         ap = gather(expand(p) @ h)
-        alpha = rr / (p * ap).sum().clamp(min=1e-300)
+        alpha = rr / (p * ap).sum().clamp(min=1e-30)
         c = c + alpha * p
         r = r - alpha * ap
         rr_new = (r * r).sum()
