@@ -109,6 +109,7 @@ RUNS = {
     "alloc-3.0-rot-r4o-fine-lut-vq": ("hadamard+r4o", ("budget", "bits=3.0", LOW_MENU_FINE_LUT_VQ)),
     "alloc-2.5-rot-r4o-fine-lut-vq": ("hadamard+r4o", ("budget", "bits=2.5", LOW_MENU_FINE_LUT_VQ)),
     "rot-r4o-gptq-vq-w3": ("hadamard+r4o", "gptq-vq:bits=3"),
+    "rot-r4o-gptq-vq-w3-seed1": ("hadamard+r4o", "gptq-vq:bits=3,seed=1"),   # another k-means seeding: the draw's noise
     "rot-r4o-gptq-vq-w2.5": ("hadamard+r4o", "gptq-vq:bits=2.5"),
     "rot-r4o-gptq-vq-w2": ("hadamard+r4o", "gptq-vq:bits=2"),
     "rot-r4o-gptq-lut-w3": ("hadamard+r4o", "gptq-lut:bits=3"),
