@@ -12,6 +12,8 @@ calibration toward the uncompressed model's outputs, GPTAQ); the run is stored a
 --refine K: every GPTQ layer of the run (also those an allocator chose, from a table measured
 without it) gets K QuantEase sweeps after its GPTQ pass; stored as NAME+refine5.
 --tune E: E epochs of block-wise tuning of scales and norms (llmpress.tune); stored as NAME+tune2.
+--vq-seed S: every gptq-vq layer of the run seeds its k-means with S (an allocation keeps the plan its
+table gave): another draw of the same recipe; stored as NAME+vqseedS.
 --split K: compress's statistics on the calibration windows each cut into K shorter ones (the same
 tokens; sensitivity tables and the rotation search still see the windows as drawn); stored as
 NAME/splitK. Runs on "hadamard+r4" / "hadamard+r4o" add online Hadamards (llmpress.rotate.rotate_online)
@@ -197,6 +199,8 @@ def main() -> None:
     ap.add_argument("--reference", type=float, default=0.0, help="asymmetric calibration share (GPTAQ: 0.25)")
     ap.add_argument("--refine", type=int, default=0, help="QuantEase sweeps added to every GPTQ layer")
     ap.add_argument("--tune", type=int, default=0, help="epochs of block-wise scale / norm tuning (llmpress.tune)")
+    ap.add_argument("--vq-seed", type=int, help="another k-means seeding for every gptq-vq layer of the run (the "
+                                                 "allocation stays the one its table gave): the draw's noise")
     a = ap.parse_args()
     n_calib, calib_len = (int(v) for v in a.calib_shape.split("x"))
     suffix = "" if a.calib_shape == "64x512" else f"@calib{a.calib_shape}"
@@ -204,6 +208,7 @@ def main() -> None:
     suffix += ("+seq" if a.sequential else "") + (f"+ref{a.reference:g}" if a.reference else "")
     suffix += f"+refine{a.refine}" if a.refine else ""
     suffix += f"+tune{a.tune}" if a.tune else ""
+    suffix += f"+vqseed{a.vq_seed}" if a.vq_seed is not None else ""
 
     dense, tok = load_model("smollm2-135m")
     tokens = calibration_tokens(tok, "wikipedia", n_calib, calib_len, seed=0)
@@ -256,6 +261,8 @@ def main() -> None:
         configs = plan.resolve(names)
         if a.refine:
             configs = {k: dataclasses.replace(c, refine=a.refine) if isinstance(c, GPTQ) else c for k, c in configs.items()}
+        if a.vq_seed is not None:
+            configs = {k: dataclasses.replace(c, seed=a.vq_seed) if isinstance(c, GPTQVQ) else c for k, c in configs.items()}
         report = compress(model, configs, tokens, progress=False, sequential=a.sequential,
                           reference=a.reference, tune=a.tune)
         seconds = time.perf_counter() - t
