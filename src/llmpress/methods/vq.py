@@ -12,7 +12,7 @@ Steps:
    each coordinate weighted by its Hessian diagonal h_jj (as GPTVQ's EM initialisation);
 2. codes are chosen vector by vector (vectors in order of decreasing h, act-order) by GPTQ's sweep:
    the vector of columns S is given the codeword minimizing (w_S - c)^T [(H^-1)_SS]^-1 (w_S - c),
-   the exact loss increase of fixing S while the later columns absorb the error (GPTVQ eq. 4),
+   the exact loss increase of fixing S while the later columns absorb the error (as GPTVQ does),
    and that error is spread over the later columns through the inverse Hessian's Cholesky factor;
 3. with the codes fixed the row scales (closed form) and then the codebooks (conjugate gradients on
    the exact quadratic ||(W - S C[codes]) X||^2) are re-fitted, each kept only if the layer's
@@ -51,7 +51,7 @@ def vector_order(h: torch.Tensor, dim: int) -> torch.Tensor:
 def kmeans(points: torch.Tensor, weights: torch.Tensor, k: int, iters: int, generator: torch.Generator,
            sample: int | None = None) -> torch.Tensor:
     """points (N, d), weights (N, d) >= 0 per coordinate -> (k, d) centroids of the weighted k-means
-    sum_n sum_d weights[n, d] (points[n, d] - c[n, d])^2: k-means++ seeding from `generator`, then
+    sum_n sum_d weights[n, d] (points[n, d] - c[a(n), d])^2 (a(n): the centroid of point n): k-means++ seeding from `generator`, then
     Lloyd's iterations (a centroid's coordinate = the weighted mean of its points'; an empty cluster
     keeps its centroid)."""
     if sample is not None and points.shape[0] > sample:      # a seeded subset: Lloyd's cost is N x k per step
