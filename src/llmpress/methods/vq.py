@@ -51,8 +51,9 @@ def vector_order(h: torch.Tensor, dim: int) -> torch.Tensor:
 def kmeans(points: torch.Tensor, weights: torch.Tensor, k: int, iters: int, generator: torch.Generator,
            sample: int | None = None) -> torch.Tensor:
     """points (N, d), weights (N, d) >= 0 per coordinate -> (k, d) centroids of the weighted k-means
-    sum_n sum_d weights[n, d] (points[n, d] - c[a(n), d])^2 (a(n): the centroid of point n): k-means++ seeding from `generator`, then
-    Lloyd's iterations (a centroid's coordinate = the weighted mean of its points'; an empty cluster
+    sum_n sum_d weights[n, d] (points[n, d] - c[a(n), d])^2 (a(n): the centroid of point n), on a
+    seeded subset of `sample` points if given: k-means++ seeding from `generator`, then Lloyd's
+    iterations (a centroid's coordinate = the weighted mean of its points'; an empty cluster
     keeps its centroid)."""
     if sample is not None and points.shape[0] > sample:      # a seeded subset: Lloyd's cost is N x k per step
         keep = torch.randperm(points.shape[0], generator=generator)[:sample]
