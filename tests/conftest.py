@@ -15,6 +15,35 @@ def tiny_llama(seed: int = 0, vocab_size: int = 256, hidden: int = 64, layers: i
     return LlamaForCausalLM(config).eval()
 
 
+def logit_errors(base, calib: torch.Tensor, configs: dict) -> dict:
+    """{key: mean squared logit difference to `base` on `calib`} of a copy of `base` compressed
+    uniformly with each config (the pipeline end to end)."""
+    import copy
+
+    from llmpress import Plan
+    from llmpress.arch import adapter_for
+    from llmpress.pipeline import compress
+    names = adapter_for(base).linear_names(base)
+    errs = {}
+    for key, config in configs.items():
+        model = copy.deepcopy(base)
+        compress(model, Plan.uniform(config).resolve(names), calib, progress=False)
+        with torch.no_grad():
+            errs[key] = (model(calib).logits - base(calib).logits).square().mean().item()
+    return errs
+
+
+def compress_cli(model_dir, tmp_path, *method_args):
+    """`llmpress compress --model model_dir METHOD_ARGS` calibrated on 4 x 32 tokens of a small text
+    file, into tmp_path / "out" with its JSON report at tmp_path / "c.json": (exit code, out, json)."""
+    from llmpress.cli import main
+    out, js, text = tmp_path / "out", tmp_path / "c.json", tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    code = main([str(a) for a in ("compress", "--model", model_dir, *method_args, "--calib", text,
+                                  "--num-samples", "4", "--seq-len", "32", "--out", out, "--json", js)])
+    return code, out, js
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

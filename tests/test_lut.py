@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import needs_embedded, tiny_llama
+from conftest import compress_cli, logit_errors, needs_embedded, tiny_llama
 from llmpress import GPTQ, GPTQLUT, Plan
 from llmpress.arch import adapter_for
 from llmpress.config import handler_for, parse_method_spec
@@ -106,24 +106,15 @@ def test_lut_through_the_pipeline_save_load_and_reference(tmp_path, tiny_model, 
 def test_lut_lowers_the_logit_error_below_uniform_gptq_on_a_tiny_model():
     base = tiny_llama(0, layers=2)
     calib = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(3))
-    names = adapter_for(base).linear_names(base)
-    errs = {}
-    for key, config in {"lut": GPTQLUT(bits=2), "uniform": GPTQ(bits=2, group_size=0, symmetric=False, clip="mse")}.items():
-        model = copy.deepcopy(base)
-        compress(model, Plan.uniform(config).resolve(names), calib, progress=False)
-        with torch.no_grad():
-            errs[key] = (model(calib).logits - base(calib).logits).square().mean().item()
+    errs = logit_errors(base, calib, {"lut": GPTQLUT(bits=2),
+                                      "uniform": GPTQ(bits=2, group_size=0, symmetric=False, clip="mse")})
     assert errs["lut"] < errs["uniform"], errs
 
 
 def test_lut_from_the_command_line(tiny_hf_dir, tmp_path, capsys):
     import json
     from llmpress.cli import main
-    out, js = tmp_path / "lut2", tmp_path / "c.json"
-    text = tmp_path / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
-    code = main([str(a) for a in ("compress", "--model", tiny_hf_dir, "--method", "gptq-lut", "--bits", "2",
-                                  "--calib", text, "--num-samples", "4", "--seq-len", "32", "--out", out, "--json", js)])
+    code, out, js = compress_cli(tiny_hf_dir, tmp_path, "--method", "gptq-lut", "--bits", "2")
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "llmpress.json").read_text())
     assert manifest["modules"]["model.layers.0.mlp.down_proj"]["type"] == "LUTLinear"

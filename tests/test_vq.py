@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import needs_embedded, tiny_llama
+from conftest import compress_cli, logit_errors, needs_embedded, tiny_llama
 from llmpress import GPTQ, GPTQLUT, GPTQVQ, Plan
 from llmpress.arch import adapter_for
 from llmpress.config import handler_for, parse_method_spec
@@ -115,26 +115,15 @@ def test_vq_lowers_the_logit_error_below_uniform_per_channel_gptq_on_a_tiny_mode
     embedded model's; the cost claim is the layer-level test's)."""
     base = tiny_llama(0, layers=2)
     calib = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(3))
-    names = adapter_for(base).linear_names(base)
-    errs = {}
-    for key, config in {"vq": GPTQVQ(bits=3, rows=64),
-                        "uniform": GPTQ(bits=3, group_size=0, symmetric=False, clip="mse")}.items():
-        model = copy.deepcopy(base)
-        compress(model, Plan.uniform(config).resolve(names), calib, progress=False)
-        with torch.no_grad():
-            errs[key] = (model(calib).logits - base(calib).logits).square().mean().item()
+    errs = logit_errors(base, calib, {"vq": GPTQVQ(bits=3, rows=64),
+                                      "uniform": GPTQ(bits=3, group_size=0, symmetric=False, clip="mse")})
     assert errs["vq"] < errs["uniform"], errs
 
 
 def test_vq_from_the_command_line(tiny_hf_dir, tmp_path, capsys):
     import json
     from llmpress.cli import main
-    out, js = tmp_path / "vq", tmp_path / "c.json"
-    text = tmp_path / "t.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
-    code = main([str(a) for a in ("compress", "--model", tiny_hf_dir, "--method", "gptq-vq", "--bits", "2.5",
-                                  "--rows", "32", "--calib", text, "--num-samples", "4", "--seq-len", "32",
-                                  "--out", out, "--json", js)])
+    code, out, js = compress_cli(tiny_hf_dir, tmp_path, "--method", "gptq-vq", "--bits", "2.5", "--rows", "32")
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "llmpress.json").read_text())
     spec = manifest["modules"]["model.layers.0.mlp.down_proj"]
