@@ -33,6 +33,36 @@ def logit_errors(base, calib: torch.Tensor, configs: dict) -> dict:
     return errs
 
 
+def embedded_rotated_errors(configs: dict) -> tuple[dict, dict]:
+    """SmolLM2-135M cut to its first 4 blocks and rotated (Hadamard), calibrated on 16 x 256 tokens
+    of `wikipedia`: for each config, a copy compressed uniformly -> ({key: mean squared error of the
+    last block's output on 4 x 256 WikiText-2 tokens}, {key: bits per weight of the block linears})."""
+    import copy
+
+    from llmpress import Plan
+    from llmpress.arch import adapter_for
+    from llmpress.data import calibration_tokens, eval_tokens
+    from llmpress.eval import model_size
+    from llmpress.models import load_model
+    from llmpress.pipeline import compress
+    from llmpress.rotate import rotate_model
+    base, tok = load_model("smollm2-135m")
+    base.model.layers = base.model.layers[:4]
+    base.config.num_hidden_layers = 4
+    rotate_model(base, "hadamard")
+    calib = calibration_tokens(tok, "wikipedia", 16, 256, seed=0)
+    held = eval_tokens(tok, "wikitext2")[: 4 * 256].view(4, 256)
+    names = adapter_for(base).linear_names(base)
+    errors, bits = {}, {}
+    for key, config in configs.items():
+        model = copy.deepcopy(base)
+        compress(model, Plan.uniform(config).resolve(names), calib, progress=False)
+        bits[key] = model_size(model)["bits_per_weight"]
+        with torch.no_grad():
+            errors[key] = (model.model(held).last_hidden_state - base.model(held).last_hidden_state).square().mean().item()
+    return errors, bits
+
+
 def compress_cli(model_dir, tmp_path, *method_args):
     """`llmpress compress --model model_dir METHOD_ARGS` calibrated on 4 x 32 tokens of a small text
     file, into tmp_path / "out" with its JSON report at tmp_path / "c.json": (exit code, out, json)."""

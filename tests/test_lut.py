@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from conftest import compress_cli, logit_errors, needs_embedded, tiny_llama
+from conftest import compress_cli, embedded_rotated_errors, logit_errors, needs_embedded, tiny_llama
 from llmpress import GPTQ, GPTQLUT, Plan
 from llmpress.arch import adapter_for
 from llmpress.config import handler_for, parse_method_spec
@@ -132,21 +132,6 @@ def test_embedded_model_two_bit_tables_beat_uniform_two_bit_on_other_text():
     (2.09 bits per weight on the full model) give a lower last-block error on WikiText-2 windows than
     uniform asymmetric 2-bit GPTQ with group 64 (2.28 bits per weight; the bench's perplexities:
     116.9 vs 185.2)."""
-    from llmpress.data import calibration_tokens, eval_tokens
-    from llmpress.models import load_model
-    from llmpress.rotate import rotate_model
-    base, tok = load_model("smollm2-135m")
-    base.model.layers = base.model.layers[:4]
-    base.config.num_hidden_layers = 4
-    rotate_model(base, "hadamard")
-    calib = calibration_tokens(tok, "wikipedia", 16, 256, seed=0)
-    held = eval_tokens(tok, "wikitext2")[: 4 * 256].view(4, 256)
-    names = adapter_for(base).linear_names(base)
-    errors = {}
-    for key, config in {"lut": GPTQLUT(bits=2),
-                        "uniform": GPTQ(bits=2, group_size=64, symmetric=False, clip="mse")}.items():
-        model = copy.deepcopy(base)
-        compress(model, Plan.uniform(config).resolve(names), calib, progress=False)
-        with torch.no_grad():
-            errors[key] = (model.model(held).last_hidden_state - base.model(held).last_hidden_state).square().mean().item()
+    errors, _ = embedded_rotated_errors({"lut": GPTQLUT(bits=2),
+                                         "uniform": GPTQ(bits=2, group_size=64, symmetric=False, clip="mse")})
     assert errors["lut"] < errors["uniform"], errors

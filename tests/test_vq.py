@@ -1,10 +1,9 @@
 """gptq-vq: vectors of `dim` weights coded into codebooks shared by blocks of rows (GPTVQ)."""
-import copy
 
 import pytest
 import torch
 
-from conftest import compress_cli, logit_errors, needs_embedded, tiny_llama
+from conftest import compress_cli, embedded_rotated_errors, logit_errors, needs_embedded, tiny_llama
 from llmpress import GPTQ, GPTQLUT, GPTQVQ, Plan
 from llmpress.arch import adapter_for
 from llmpress.config import handler_for, parse_method_spec
@@ -144,24 +143,7 @@ def test_embedded_model_three_bit_vectors_beat_uniform_three_bit_per_channel_on_
     """SmolLM2-135M cut to its first 4 blocks and rotated, calibrated on `wikipedia`: 3-bit pairs
     (3.04 bits per weight on the full model) give a lower last-block error on WikiText-2 windows
     than uniform asymmetric 3-bit GPTQ per channel with MSE clipping (3.03 bits per weight)."""
-    from llmpress.data import calibration_tokens, eval_tokens
-    from llmpress.eval import model_size
-    from llmpress.models import load_model
-    from llmpress.rotate import rotate_model
-    base, tok = load_model("smollm2-135m")
-    base.model.layers = base.model.layers[:4]
-    base.config.num_hidden_layers = 4
-    rotate_model(base, "hadamard")
-    calib = calibration_tokens(tok, "wikipedia", 16, 256, seed=0)
-    held = eval_tokens(tok, "wikitext2")[: 4 * 256].view(4, 256)
-    names = adapter_for(base).linear_names(base)
-    errors, bits = {}, {}
-    for key, config in {"vq": GPTQVQ(bits=3),
-                        "uniform": GPTQ(bits=3, group_size=0, symmetric=False, clip="mse")}.items():
-        model = copy.deepcopy(base)
-        compress(model, Plan.uniform(config).resolve(names), calib, progress=False)
-        bits[key] = model_size(model)["bits_per_weight"]
-        with torch.no_grad():
-            errors[key] = (model.model(held).last_hidden_state - base.model(held).last_hidden_state).square().mean().item()
+    errors, bits = embedded_rotated_errors({"vq": GPTQVQ(bits=3),
+                                            "uniform": GPTQ(bits=3, group_size=0, symmetric=False, clip="mse")})
     assert bits["vq"] < bits["uniform"] + 0.03, bits
     assert errors["vq"] < 0.9 * errors["uniform"], errors

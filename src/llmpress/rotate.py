@@ -307,8 +307,9 @@ def detach_online(module: nn.Module) -> None:
 def rotate_online(model: nn.Module, layers=("mlp.down_proj",), seed: int = 0) -> dict:
     """Give the linears named `layers` (block-local names) in every block an online Hadamard on
     their input, x -> x R, and its compensation into their weight, W -> W R, so that
-    (x R)(W R)^T = x W^T (function unchanged up to float rounding); one R per input size. Compress afterwards; layers left dense get their rotation folded back
-    (`fold_online`), since for them it is pure cost."""
+    (x R)(W R)^T = x W^T (function unchanged up to float rounding); one R per input size. Compress
+    afterwards; layers left dense get their rotation folded back (`fold_online`), since for them it
+    is pure cost."""
     adapter = adapter_for(model)
     local_names = [n for g in adapter.input_groups for n in g]
     unknown = [n for n in layers if n not in local_names]
