@@ -454,9 +454,16 @@ def cmd_export(a) -> None:
     manifest = read_manifest(a.dir)                        # an llmpress folder, before anything heavy
     if Path(a.out).exists():
         raise LLMPressError(f"{a.out} already exists")
+    if a.format == "gguf":               # an architecture the writer does not know: refused before loading
+        from llmpress.gguf_arch import gguf_arch
+        from transformers import AutoConfig
+        gguf_arch(AutoConfig.from_pretrained(a.dir, local_files_only=True, trust_remote_code=False))
     model, tokenizer = load_compressed(a.dir)
     if a.format == "gguf":
+        from llmpress.gguf_arch import check_exportable
         from llmpress.gguf_export import export_gguf
+        for note in check_exportable(model.config):
+            print(f"note: {note}", file=sys.stderr)
         from llmpress.models import resolve_source
         source = manifest.get("source_model")
         try:

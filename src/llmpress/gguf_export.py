@@ -1,4 +1,5 @@
-"""Export to GGUF (llama.cpp's format) for the llama architecture, holding exactly llmpress's weights.
+"""Export to GGUF (llama.cpp's format), holding exactly llmpress's weights, for every architecture
+llmpress.gguf_arch knows (llama / SmolLM, mistral, qwen2, qwen3, gemma2, gemma3).
 
 Per tensor, the type follows from the compressed layer, with no re-quantization:
 - a symmetric 4-bit layer with groups of 32 IS GGUF Q4_0 (w = (q - 8) * d, d fp16 per 32 weights):
@@ -9,8 +10,9 @@ Per tensor, the type follows from the compressed layer, with no re-quantization:
 - every other linear (other grids, sparse, low-rank, dense) is written merged, in F32 (exact);
 - norms in F32; embeddings / LM head copied byte for byte from the source GGUF when the model came
   from one (llmpress never changes them), F32 otherwise.
-q_proj / k_proj rows are permuted as llama.cpp's converter does (readers undo it).
-Hyper-parameters come from the model config; the tokenizer (and chat template) from the source
+q_proj / k_proj rows are permuted as llama.cpp's converter does for the llama architecture
+(readers undo it); biases (qwen2's q/k/v) are F32; Gemma's norms are stored as 1 + w.
+Hyper-parameters come from the model config (llmpress.gguf_arch.write_hparams); the tokenizer (and chat template) from the source
 GGUF, or converted from a Hugging Face byte-level BPE tokenizer (tokenizer_metadata, as llama.cpp's
 converter does); other tokenizers (SentencePiece) are not converted: the file then has no tokenizer
 metadata, which transformers does not need but llama.cpp does (the CLI says so).
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from llmpress.errors import LLMPressError
+from llmpress.gguf_arch import check_exportable, extra_tensors, gguf_arch, write_hparams
 from llmpress.modules import CompressedLinear, GGMLLinear, QuantLinear, QuantLowRankLinear
 
 Q4_0_BLOCK = 32
@@ -182,7 +185,8 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
                 float_type: str = "F32", copy_embeddings: bool = True, encode=None,
                 adapter_out: str | Path | None = None, tokenizer_fields: dict | None = None,
                 embedding_type: str | None = None) -> dict:
-    """Write `model` (llama architecture) to the GGUF file `out`; returns {tensor name: type}.
+    """Write `model` (llama, mistral, qwen2, qwen3, gemma2, gemma3: llmpress.gguf_arch) to the GGUF
+    file `out`; returns {tensor name: type}.
 
     adapter_out: layers with a low-rank correction (gptq-lr) are written as their quantized base,
     and the corrections as a GGUF LoRA adapter file there (llama.cpp's `--lora`; alpha 0, so its
@@ -202,8 +206,8 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
     densify(model, only_online=True)          # online rotations: no GGUF op, the layer goes float
 
     config = model.config
-    if config.model_type != "llama":
-        raise LLMPressError(f"GGUF export is built for the llama architecture (SmolLM, Llama); got {config.model_type}")
+    arch = gguf_arch(config)
+    notes = check_exportable(config)
     out = Path(out)
     if out.exists():
         raise LLMPressError(f"{out} already exists")
@@ -223,19 +227,9 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
         if not any(isinstance(m, QuantLowRankLinear) for m in model.modules()):
             raise LLMPressError("the model has no quantized layers with a low-rank correction (gptq-lr)")
     tmp = out.with_name(f".{out.name}.tmp")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer = gguf.GGUFWriter(str(tmp), arch.name)
     writer.add_name(getattr(config, "_name_or_path", "") or "llmpress export")
-    writer.add_block_count(n_blocks)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(config.vocab_size)
+    write_hparams(writer, config, n_blocks)
     if reader is not None:                                  # tokenizer and chat template, as they were
         for key, field in reader.fields.items():
             if key.startswith("tokenizer."):
@@ -243,8 +237,11 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
                 writer.add_key_value(key, field.contents(), field.types[0], sub)
     elif tokenizer_fields is not None:
         _write_tokenizer(writer, tokenizer_fields)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
+    names = gguf.get_tensor_name_map(arch.model_arch(), n_blocks)
     types: dict[str, str] = {}
+    for name, data in extra_tensors(config).items():        # llama3 rotary factors
+        writer.add_tensor(name, data)
+        types[name] = "F32"
     tied = bool(getattr(config, "tie_word_embeddings", False))
     linears = set(adapter.linear_names(model))
     with torch.no_grad():
@@ -254,14 +251,13 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
                 target = names.get_name(fqn + ".weight", try_suffixes=(".weight",))
                 heads = {"self_attn.q_proj": config.num_attention_heads,
                          "self_attn.k_proj": config.num_key_value_heads}.get(fqn.split(".", 3)[-1])
-                perm = _qk_permutation(module.out_features, heads) if heads else None
+                perm = _qk_permutation(module.out_features, heads) if heads and arch.permute_qk else None
+                bias = getattr(module, "bias", None)
                 if adapter_out is not None and isinstance(module, QuantLowRankLinear):
                     # the adapter's B rows follow the base's row order (q/k permuted likewise)
                     up = module.up if perm is None else module.up[perm]
                     lora[target + ".lora_a"] = module.down.contiguous().numpy()          # (r, in) fp16
                     lora[target + ".lora_b"] = up.contiguous().numpy()                   # (out, r) fp16
-                    if module.bias is not None:
-                        raise LLMPressError(f"{fqn} has a bias; the llama GGUF layout has none")
                     module = module.quant
                 kind = gguf_type_of(module)
                 if kind == "F32" or encode is not None:
@@ -284,12 +280,14 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
                     data = ENCODERS[kind](codes, scale)
                     writer.add_tensor(target, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
                 types[target] = kind
-                if getattr(module, "bias", None) is not None:
-                    raise LLMPressError(f"{fqn} has a bias; the llama GGUF layout has none")
+                if bias is not None:                           # qwen2's q/k/v: F32, rows as the weight's
+                    b = bias.detach().float() if perm is None else bias.detach().float()[perm]
+                    writer.add_tensor(target[: -len(".weight")] + ".bias", b.contiguous().numpy())
+                    types[target[: -len(".weight")] + ".bias"] = "F32"
                 continue
             for pname, p in params.items():
                 full = f"{fqn}.{pname}" if fqn else pname
-                if fqn == "lm_head" and tied:
+                if fqn == "lm_head" and (tied or arch.tied_only):
                     continue
                 target = names.get_name(full, try_suffixes=(".weight",))
                 if target is None:
@@ -310,7 +308,10 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
                     types[target] = src.tensor_type.name
                 else:                                           # norms stay F32, as llama.cpp keeps them
                     kind = float_type if embedding else "F32"
-                    writer.add_tensor(target, p.detach().float().contiguous().numpy().astype(
+                    data = p.detach().float()
+                    if arch.norm_shift and full.endswith("norm.weight"):
+                        data = data + arch.norm_shift                 # Gemma: x * (1 + w) is stored as w + 1
+                    writer.add_tensor(target, data.contiguous().numpy().astype(
                         np.float16 if kind == "F16" else np.float32))
                     types[target] = kind
     try:
