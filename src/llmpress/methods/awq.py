@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.config import MethodConfig, register
-from llmpress.methods.rtn import (RTN, apply_rtn, check_quant_options, fix_gguf_grid, ggml_linear_from_codes,
+from llmpress.methods.rtn import (RTN, apply_rtn, check_gguf_clip, check_quant_options, fix_gguf_grid, ggml_linear_from_codes,
                                   gguf_shape_problem, gguf_storage, quant_linear_from_codes, quant_storage, rtn_gguf,
                                   rtn_quantize)
 
@@ -118,7 +118,8 @@ class AWQ(MethodConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        check_quant_options(self.bits, self.group_size, self.clip)
+        check_quant_options(self.bits, self.group_size, self.clip, self.symmetric)
+        check_gguf_clip(self)
 
     def shape_problem(self, out_features, in_features):
         return gguf_shape_problem(self, in_features)

@@ -20,14 +20,15 @@ from llmpress.config import MethodConfig, register
 from llmpress.errors import LLMPressError
 from llmpress.methods import ggml_grid, hessian
 from llmpress.methods.hessian import check_damp
-from llmpress.methods.rtn import (QUANT_MENU, check_quant_options, fix_gguf_grid, ggml_linear_from_codes, gguf_shape_problem,
+from llmpress.methods.rtn import (QUANT_MENU, check_gguf_clip, check_quant_options, fix_gguf_grid, ggml_linear_from_codes, gguf_shape_problem,
                                   gguf_storage, quant_grid, quant_linear_from_codes, quant_storage, quantize_to_grid,
                                   rtn_quantize)
 
 
 def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                act_order: bool = False, damp: float = 0.01, clip: str | None = None,
-               grid: tuple[torch.Tensor, torch.Tensor] | None = None, refine: int = 0):
+               grid: tuple[torch.Tensor, torch.Tensor] | None = None, refine: int = 0,
+               fixed: tuple[torch.Tensor, torch.Tensor] | None = None):
     """w (out, in), h (in, in) -> (codes (out, in), scale (out, G), zero (out, G), info).
 
     Groups are runs of `group_size` input columns in the original order (the last may be shorter;
@@ -39,6 +40,7 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     grid=(scale, offset) (out, G): a fixed grid w = q * scale + offset per (row, group), fitted by
     the caller (a GGUF block type, llmpress.methods.ggml_grid), returned in place of (scale, zero).
     refine: coordinate-descent sweeps after the GPTQ pass (QuantEase), on the damped Hessian.
+    fixed=(scale, zero) (out, G): a uniform grid given by the caller (refit_scales), not fitted.
     If the damped Hessian cannot be inverted even at DAMP_STEPS x damp, falls back to RTN (info says so).
     """
     out_f, in_f = w.shape
@@ -47,14 +49,16 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     w_target, h_orig = w.clone(), h                    # original column order, for refine
     diag = torch.diagonal(h).float()
     n_groups = -(-in_f // group_size)
-    static = act_order or n_groups == 1 or grid is not None
+    static = act_order or n_groups == 1 or grid is not None or fixed is not None
     scale_t = torch.empty(n_groups, out_f, device=w.device)   # transposed: one contiguous row per group
     zero_t = torch.empty(n_groups, out_f, device=w.device)
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(in_f, device=w.device)
     if grid is not None:                               # zero_t holds the offsets
         scale_t, zero_t = grid[0].T.contiguous(), grid[1].T.contiguous()
+    if fixed is not None:
+        scale_t, zero_t = fixed[0].T.contiguous().float(), fixed[1].T.contiguous().float()
     if static:
-        for g in range(n_groups if grid is None else 0):
+        for g in range(n_groups if grid is None and fixed is None else 0):
             cols = slice(g * group_size, (g + 1) * group_size)
             scale_t[g], zero_t[g] = quant_grid(w[:, cols], bits, symmetric, clip, diag[cols])
         w = w[:, perm]
@@ -100,6 +104,47 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     if dead.any():
         info["dead_columns"] = int(dead.sum())
     return codes, scale_t.T.contiguous(), zero_t.T.contiguous(), info
+
+
+def refit_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 group_size: int, chunk: int = 256) -> torch.Tensor:
+    """The scales that minimize the layer's output error tr((W' - W) H (W' - W)^T) for fixed codes,
+    W'[r, j] = (q[r, j] - z[r, g]) s[r, g] (g: j's group): per row, the G x G linear system
+    A s = b with A[g, g'] = sum_{j in g, k in g'} c_j H_jk c_k and b[g] = sum_{j in g} c_j (H w)_j,
+    c = q - z. GPTQ fixes each group's scale before its sweep; this re-fits them all jointly to the
+    codes the sweep chose (the closed-form scale step of GPTVQ / of llama.cpp's weighted
+    least-squares scale, in the Hessian's metric rather than its diagonal). w (out, in) target,
+    h (in, in) damped Hessian, codes (out, in), scale / zero (out, G) -> scale (out, G) rounded to
+    fp16 as stored; groups whose codes are all at zero keep their scale. Rows in chunks (memory
+    chunk x in x G)."""
+    out_f, in_f = w.shape
+    n_groups = scale.shape[1]
+    pad = n_groups * group_size - in_f                       # a shorter last group: zero-padded columns
+    group = torch.arange(in_f, device=w.device) // group_size                      # column -> group
+    hp = torch.nn.functional.pad(h, (0, pad, 0, pad)).view(in_f + pad, n_groups, group_size)
+    hw = torch.nn.functional.pad(w @ h, (0, pad)).view(out_f, n_groups, group_size)   # (out, G, gs) = H w_r
+    new = torch.empty_like(scale)
+    for r0 in range(0, out_f, chunk):
+        rows = slice(r0, r0 + chunk)
+        c = torch.nn.functional.pad(codes[rows].float() - zero[rows][:, group], (0, pad))
+        c = c.view(-1, n_groups, group_size)                                        # (R, G, gs)
+        y = torch.einsum("jgs,rgs->rjg", hp, c).reshape(-1, n_groups, group_size, n_groups)   # H (c . 1_g)
+        a = torch.einsum("rfs,rfsg->rfg", c, y)                                     # (R, G, G)
+        b = torch.einsum("rgs,rgs->rg", hw[rows], c)                                # (R, G)
+        empty = torch.diagonal(a, dim1=1, dim2=2) <= 0                              # (R, G) no code off zero
+        a = a + torch.diag_embed(empty.to(a.dtype))
+        b = torch.where(empty, scale[rows], b)
+        new[rows] = torch.linalg.solve(a.double(), b.double()[..., None])[..., 0].float()
+    new = new.to(torch.float16).float()
+    return torch.where(torch.isfinite(new) & (new != 0), new, scale)
+
+
+def quant_error(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                group_size: int) -> float:
+    """tr((W' - W) H (W' - W)^T) of the uniform grid's weights W' = (q - z) s."""
+    group = torch.arange(w.shape[1], device=w.device) // group_size
+    d = (codes.float() - zero[:, group]) * scale[:, group] - w
+    return ((d @ h) * d).sum().item()
 
 
 def refine_codes(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
@@ -154,16 +199,24 @@ class GPTQ(MethodConfig):
     gguf: str | None = None
     # coordinate-descent sweeps after the GPTQ pass (QuantEase); None / 0: off
     refine: int | None = None
+    # rounds of joint scale re-fit to the chosen codes + GPTQ sweep on the new grid (refit_scales); None / 0: off
+    refit: int | None = None
 
     def __post_init__(self) -> None:
         fix_gguf_grid(self)
         super().__post_init__()
 
     def validate(self) -> None:
-        check_quant_options(self.bits, self.group_size, self.clip)
+        check_quant_options(self.bits, self.group_size, self.clip, self.symmetric)
+        check_gguf_clip(self)
         check_damp(self.damp)
         if self.refine is not None and (not isinstance(self.refine, int) or self.refine < 0):
             raise LLMPressError(f"refine (coordinate-descent sweeps) must be an integer >= 0, got {self.refine!r}")
+        if self.refit is not None and (not isinstance(self.refit, int) or self.refit < 0):
+            raise LLMPressError(f"refit (scale re-fit rounds) must be an integer >= 0, got {self.refit!r}")
+        if self.refit and self.gguf:
+            raise LLMPressError(f"refit is built for the uniform grids (bits / group_size); gguf={self.gguf} has "
+                                "two-level scales")
 
     def shape_problem(self, out_features, in_features):
         return gguf_shape_problem(self, in_features)
@@ -172,6 +225,32 @@ class GPTQ(MethodConfig):
         if self.gguf:
             return gguf_storage(self, out_features, in_features)
         return quant_storage(self.bits, self.group_size, self.symmetric, out_features, in_features)
+
+
+def refit_loop(w, h, codes, scale, zero, config, used_damp: float):
+    """The scales re-fitted jointly to GPTQ's codes (refit_scales), then config.refit - 1 rounds of
+    GPTQ's sweep again on those fixed scales and a re-fit; a round is kept only if the layer's error
+    (on GPTQ's damped Hessian) falls. Returns (codes, scale, info)."""
+    wp, hp, _ = hessian.prepare(w, h)
+    hp = hp.float()
+    hp.diagonal().add_(used_damp * torch.diagonal(hp).mean())
+    gs = config.group_size or w.shape[1]
+    codes0, scale0 = codes, scale
+    before = quant_error(wp, hp, codes, scale, zero, gs)
+    scale = refit_scales(wp, hp, codes, scale, zero, gs)          # the sweep's codes, their best scales
+    err = quant_error(wp, hp, codes, scale, zero, gs)
+    rounds = 1
+    for _ in range(config.refit - 1):          # then: sweep again on those scales, re-fit, keep if better
+        new_codes, _, _, _ = gptq_solve(w, h, config.bits, config.group_size, config.symmetric, config.act_order,
+                                        config.damp, None, None, config.refine or 0, fixed=(scale, zero))
+        new_scale = refit_scales(wp, hp, new_codes, scale, zero, gs)
+        new_err = quant_error(wp, hp, new_codes, new_scale, zero, gs)
+        if not new_err < err:
+            break
+        codes, scale, err, rounds = new_codes, new_scale, new_err, rounds + 1
+    if not err < before:                       # fp16 rounding of the re-fitted scales can undo a tiny gain
+        return codes0, scale0, {"rounds": 0, "error_ratio": 1.0}
+    return codes, scale, {"rounds": rounds, "error_ratio": round(err / before, 6) if before > 0 else 1.0}
 
 
 def solve_group(linears, config: GPTQ, stats):
@@ -185,6 +264,8 @@ def solve_group(linears, config: GPTQ, stats):
         grid = (scale, offset)
     codes, scale, zero, info = gptq_solve(w, h, config.bits, config.group_size, config.symmetric,
                                           config.act_order, config.damp, config.clip, grid, config.refine or 0)
+    if config.refit and not config.gguf and "fallback" not in info:
+        codes, scale, info["refit"] = refit_loop(w, h, codes, scale, zero, config, info["damp"])
     out, start = [], 0
     for m in linears:
         rows = slice(start, start + m.out_features)

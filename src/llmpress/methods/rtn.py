@@ -34,12 +34,48 @@ def quant_grid(w: torch.Tensor, bits: int, symmetric: bool, clip: str | None = N
     """
     if clip is None:
         return _grid(w, bits, symmetric, 1.0)
+    if clip == "search":
+        return search_scale(w, bits, weights)
 
     def error(scale, zero):                                                      # (rows,)
         d = w - (quantize_to_grid(w, scale[:, None], zero[:, None], bits) - zero[:, None]) * scale[:, None]
         return (d * d) @ weights if weights is not None else (d * d).sum(1)
 
     return search_clip(clip, lambda shrink: _grid(w, bits, symmetric, shrink), error)
+
+
+SCALE_STEPS = tuple(0.1 * k for k in range(-9, 10))     # llama.cpp's make_qx_quants: nmax + 0.1 k
+
+
+def search_scale(w: torch.Tensor, bits: int, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The importance-weighted scale search of llama.cpp's imatrix quantizer (make_qx_quants in
+    ggml-quants.c, I. Kawrakow 2024), for a symmetric b-bit grid w = (q - 2**(b-1)) * scale.
+
+    w (rows, cols), weights (cols,) the importance of each column (the Hessian diagonal, i.e.
+    llama.cpp's imatrix x n; None: equal). Each weight counts importance * sqrt(sigma2 + w^2)
+    (sigma2 = the mean w^2 of the row's group), as llama.cpp weighs it. The grid keeps all
+    2**b levels: the weight of largest magnitude (either sign) maps to the extreme level -nmax,
+    so the scale is negative when that weight is positive. For each of the 19 inverse scales
+    -(nmax + 0.1 k) / max, k = -9..9, codes are rounded to nearest and the scale set to the weighted
+    least-squares fit sum(w x l) / sum(w l^2); the best fit (largest sum(w x l)^2 / sum(w l^2)) is
+    kept. Returns scale (rows,) as stored (fp16) and zero (rows,) = 2**(b-1)."""
+    nmax = 2 ** (bits - 1)
+    sigma2 = (w * w).mean(1, keepdim=True)
+    imp = torch.sqrt(sigma2 + w * w) * (weights[None] if weights is not None else 1.0)    # (rows, cols)
+    peak = w.gather(1, w.abs().argmax(1, keepdim=True))                                  # (rows, 1) signed
+    safe = torch.where(peak != 0, peak, torch.ones_like(peak))
+    best_score = torch.full_like(peak[:, 0], -1.0)
+    best_scale = torch.zeros_like(peak[:, 0])
+    for k in SCALE_STEPS:
+        l = torch.clamp(torch.round(-(nmax + k) / safe * w), -nmax, nmax - 1)
+        sumlx, suml2 = (imp * w * l).sum(1), (imp * l * l).sum(1)
+        score = torch.where(suml2 > 0, sumlx * sumlx / suml2.clamp(min=1e-30), torch.zeros_like(sumlx))
+        better = score > best_score
+        best_scale = torch.where(better, sumlx / suml2.clamp(min=1e-30), best_scale)
+        best_score = torch.where(better, score, best_score)
+    scale = best_scale.to(STORAGE_DTYPE).float()
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))              # an all-zero group
+    return scale, torch.full_like(scale, float(nmax))
 
 
 def search_clip(clip: str, grid_at, error) -> tuple[torch.Tensor, ...]:
@@ -147,6 +183,12 @@ def fix_gguf_grid(config) -> None:
         object.__setattr__(config, name, value)
 
 
+def check_gguf_clip(config) -> None:
+    if config.gguf and config.clip == "search":
+        raise LLMPressError(f"clip=search is built for the symmetric uniform grids (Q4_0 / Q5_0 / Q8_0 as bits=4|5|8, "
+                            f"group_size=32); gguf={config.gguf} takes clip=mse")
+
+
 def gguf_shape_problem(config, in_features: int) -> str | None:
     if config.gguf is None:
         return None
@@ -174,13 +216,17 @@ def rtn_gguf(w: torch.Tensor, gguf: str, clip: str | None = None, weights: torch
     return codes, parts
 
 
-def check_quant_options(bits: int, group_size: int, clip: str | None = None) -> None:
+def check_quant_options(bits: int, group_size: int, clip: str | None = None, symmetric: bool | None = None) -> None:
     if not isinstance(bits, int) or not 2 <= bits <= 8:
         raise LLMPressError(f"bits must be an integer in 2..8, got {bits!r}")
     if not isinstance(group_size, int) or group_size < 0:
         raise LLMPressError(f"group_size must be a positive integer (or 0: per channel), got {group_size!r}")
-    if clip not in (None, "mse"):
-        raise LLMPressError(f"clip must be 'mse' (search the clipping range per group) or none, got {clip!r}")
+    if clip not in (None, "mse", "search"):
+        raise LLMPressError(f"clip must be 'mse' (search the clipping range per group), 'search' (llama.cpp's "
+                            f"importance-weighted scale search, symmetric grids) or none, got {clip!r}")
+    if clip == "search" and symmetric is False:
+        raise LLMPressError("clip=search (llama.cpp's signed scale search) is built for symmetric grids; "
+                            "use clip=mse for asymmetric ones")
 
 
 @dataclass(frozen=True)
@@ -199,7 +245,8 @@ class RTN(MethodConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        check_quant_options(self.bits, self.group_size, self.clip)
+        check_quant_options(self.bits, self.group_size, self.clip, self.symmetric)
+        check_gguf_clip(self)
 
     def shape_problem(self, out_features, in_features):
         return gguf_shape_problem(self, in_features)
