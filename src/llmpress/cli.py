@@ -38,8 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rank", type=int, help="gptq-lr: rank of the low-rank correction")
     c.add_argument("--dim", type=int, help="gptq-vq: weights per vector (default 2)")
     c.add_argument("--rows", type=int, help="gptq-vq: rows sharing one codebook (default 256)")
-    c.add_argument("--clip", choices=["mse"], help="RTN / GPTQ / AWQ: search each group's clipping range")
-    c.add_argument("--gguf-type", choices=["q4_1", "q5_1", "q4_k", "q5_k", "q6_k"],
+    c.add_argument("--clip", choices=["mse", "search"],
+                   help="RTN / GPTQ / AWQ: mse: search each group's clipping range; search: llama.cpp's "
+                        "importance-weighted signed scale search (symmetric grids: all 2^b levels used)")
+    c.add_argument("--gguf-type", choices=["q4_1", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"],
                    help="RTN / AWQ / GPTQ: quantize onto this llama.cpp block grid (fixes bits and group size; "
                         "--format gguf then writes these bytes as they are)")
     c.add_argument("--rotate", choices=["hadamard", "random"],
@@ -59,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--refine", type=int, metavar="SWEEPS",
                    help="GPTQ: coordinate-descent sweeps over the columns after the GPTQ pass (QuantEase; same grid, "
                         "never a higher layer error; about as costly per sweep as GPTQ itself)")
+    c.add_argument("--refit", type=int, metavar="ROUNDS",
+                   help="GPTQ (uniform grids): re-fit every group's scale jointly to the chosen codes in the Hessian "
+                        "metric, then sweep again on those scales, ROUNDS times at most (kept while the error falls)")
     c.add_argument("--alpha", type=float, help="ASVD: activation scaling exponent (default 0.5)")
     c.add_argument("--calib", default="wikipedia", help="calibration source: wikipedia, c4, wikitext2-train or a file")
     c.add_argument("--num-samples", type=int, default=128)
@@ -182,6 +187,10 @@ def _config_from_args(a):
             "param_ratio": a.param_ratio, "damp": a.damp, "alpha": a.alpha, "rank": a.rank, "clip": a.clip,
             "gguf": a.gguf_type, "refine": a.refine, "dim": a.dim, "rows": a.rows}
     kwargs = {k: v for k, v in opts.items() if v is not None}
+    if a.refit is not None:
+        if a.method != "gptq":
+            raise LLMPressError("--refit applies to --method gptq")
+        kwargs["refit"] = a.refit
     if a.asymmetric:
         kwargs["symmetric"] = False
     if a.act_order:

@@ -6,7 +6,7 @@ Per tensor, the type follows from the compressed layer, with no re-quantization:
   its codes and fp16 scales are written as Q4_0 blocks as they are;
 - a symmetric 5-bit layer with groups of 32 IS Q5_0 (w = (q - 16) * d);
 - a symmetric 8-bit layer with groups of 32 IS Q8_0 (w = qs * d with qs = q - 128);
-- a layer solved on a GGUF grid (`gguf=q4_1|q5_1|q4_k|q5_k|q6_k`) holds that type's bytes: copied;
+- a layer solved on a GGUF grid (`gguf=q4_1|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k`) holds that type's bytes: copied;
 - every other linear (other grids, sparse, low-rank, dense) is written merged, in F32 (exact);
 - norms in F32; embeddings / LM head copied byte for byte from the source GGUF when the model came
   from one (llmpress never changes them), F32 otherwise.

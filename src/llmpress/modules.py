@@ -3,7 +3,7 @@
 - QuantLinear: b-bit integers packed densely into bytes (ceil(n*b/8) bytes), fp16 scales per
   (row, group), b-bit packed zero points for asymmetric grids.
 - LUTLinear: b-bit packed indices into an fp16 table of 2^b values per row (non-uniform grid).
-- GGMLLinear: the bytes of a llama.cpp block type (Q4_1, Q5_1, Q4_K, Q5_K, Q6_K), as GGUF holds them.
+- GGMLLinear: the bytes of a llama.cpp block type (Q4_1, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), as GGUF holds them.
 - VQLinear: packed codes of vectors of `dim` weights into fp16 codebooks shared by blocks of rows,
   an fp16 scale per row.
 - SparseLinear: the kept values (fp16) in row-major order plus a 1-bit-per-weight mask.
@@ -187,7 +187,7 @@ class QuantLinear(CompressedLinear):
 
 
 class GGMLLinear(CompressedLinear):
-    """A layer quantized onto one of llama.cpp's block grids (Q4_1, Q5_1, Q4_K, Q5_K, Q6_K; see
+    """A layer quantized onto one of llama.cpp's block grids (Q4_1, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; see
     llmpress.methods.ggml_grid), holding the GGML bytes themselves: what is stored, counted and
     exported to GGUF is one buffer, and the weight is rebuilt exactly as gguf-py dequantizes it.
     4-bit types with 32-weight sub-blocks (Q4_1, Q4_K) run packed on torch's int4 kernel

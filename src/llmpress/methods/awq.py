@@ -111,7 +111,7 @@ class AWQ(MethodConfig):
     group_size: int = 128       # 0: per channel
     symmetric: bool = True
     clip: str | None = None     # "mse": search each group's clipping range (AWQ's auto_clip)
-    gguf: str | None = None     # q4_1|q5_1|q4_k|q5_k|q6_k: scale and round onto that llama.cpp grid
+    gguf: str | None = None     # q4_1|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k: scale and round onto that llama.cpp grid
 
     def __post_init__(self) -> None:
         fix_gguf_grid(self)

@@ -11,6 +11,8 @@ export copies them. Every grid is w = q * s + o per sub-block, with q in 0..2**b
 | Q4_K | 4.5  | 32 of a 256 super-block | s = d * sc, o = -dmin * mc; d, dmin fp16 per 256, sc, mc 6-bit |
 | Q5_K | 5.5  | 32 of 256 | as Q4_K, 5-bit codes |
 | Q6_K | 6.5625 | 16 of 256 | s = d * sc, o = -32 s; d fp16 per 256, sc int8 |
+| Q3_K | 3.4375 | 16 of 256 | s = d * sc, o = -4 s; d fp16 per 256, sc 6-bit signed (stored + 32) |
+| Q2_K | 2.625  | 16 of 256 | s = d * sc, o = -dmin * mc; d, dmin fp16 per 256, sc, mc 4-bit |
 
 The two-level K-quant scales (I. Kawrakow, "k-quants", llama.cpp PR #1684, 2023) are fitted as
 llama.cpp does in spirit: each sub-block's float range first (min-max, or the clip search of
@@ -38,14 +40,17 @@ class GGMLType:
     sub: int           # weights per sub-block (one s, o each)
     nbytes: int        # bytes per block
     symmetric: bool
+    scale_levels: int = 0   # K-quants: the largest multiple of d a sub-block scale (and min) is stored as
 
 
 TYPES = {t.name.lower(): t for t in (
     GGMLType("Q4_1", 4, 32, 32, 20, False),
     GGMLType("Q5_1", 5, 32, 32, 24, False),
-    GGMLType("Q4_K", 4, 256, 32, 144, False),
-    GGMLType("Q5_K", 5, 256, 32, 176, False),
-    GGMLType("Q6_K", 6, 256, 16, 210, True),
+    GGMLType("Q4_K", 4, 256, 32, 144, False, 63),
+    GGMLType("Q5_K", 5, 256, 32, 176, False, 63),
+    GGMLType("Q6_K", 6, 256, 16, 210, True, 127),
+    GGMLType("Q3_K", 3, 256, 16, 110, True, 31),
+    GGMLType("Q2_K", 2, 256, 16, 84, False, 15),
 )}
 
 
@@ -95,12 +100,12 @@ def fit(w: torch.Tensor, t: GGMLType, clip: str | None = None, weights: torch.Te
         return d.float(), m.float(), {"d": d, "m": m}
     per = t.block // t.sub                                                 # sub-blocks per super-block
     s = s.reshape(rows, -1, per)
-    levels = 127 if t.symmetric else 63
+    levels = t.scale_levels
     d = (s.amax(-1) / levels).to(F16)                                      # (rows, B)
     sc = _small_multiple(s, d, levels, at_least=1)
     scale = (d.float()[..., None] * sc.float()).reshape(rows, -1)          # exact in fp32, as ggml computes it
-    if t.symmetric:                                                         # Q6_K: w = d sc (q - 32)
-        return scale, -32 * scale, {"d": d, "sc": sc}
+    if t.symmetric:                                          # Q6_K / Q3_K: w = d sc (q - 2**(bits - 1))
+        return scale, -(2 ** (t.bits - 1)) * scale, {"d": d, "sc": sc}
     mins = (-lo).reshape(rows, -1, per)                                    # >= 0
     dmin = (mins.amax(-1) / levels).to(F16)
     mc = _small_multiple(mins, dmin, levels, at_least=0)
@@ -220,6 +225,23 @@ def encode(t: GGMLType, codes: torch.Tensor, parts: dict) -> torch.Tensor:
             fields.append(_bit_planes((q >> 4).view(rows, nb, 8, 32).transpose(-1, -2).reshape(rows, nb, 256), 32))
         # qs: chunk k (64 weights) -> 32 bytes, weights 64k + l low, 64k + 32 + l high
         fields.append(_nibbles(q.view(rows, nb, 4, 64)).reshape(rows, nb, 128))
+    elif t.name in ("Q2_K", "Q3_K"):   # weight e = 128 h + 32 k + l: 2 low bits at qs[32 h + l] bits 2k
+        qq = q.view(rows, nb, 2, 4, 32)                                     # (h, k, l)
+        low = qq & 0x03
+        qs = (low[:, :, :, 0] | (low[:, :, :, 1] << 2) | (low[:, :, :, 2] << 4) | (low[:, :, :, 3] << 6))
+        qs = qs.reshape(rows, nb, 64)
+        if t.name == "Q2_K":     # scales byte j: sc (low nibble), mc (high nibble) of 16-weight sub-block j
+            scales = parts["sc"].reshape(rows, nb, 16).to(torch.int32) | (parts["mc"].reshape(rows, nb, 16).to(torch.int32) << 4)
+            fields = [scales, qs, _f16_bytes(parts["d"]), _f16_bytes(parts["dmin"])]
+        else:                    # Q3_K: hmask[l] bit 4 h + k = the third bit; 6-bit scales sc + 32
+            hi = ((qq >> 2) & 1).permute(0, 1, 4, 2, 3).reshape(rows, nb, 32, 8)      # (l, 4 h + k)
+            hmask = (hi << torch.arange(8, dtype=torch.int32)).sum(-1)
+            u = (parts["sc"].reshape(rows, nb, 16).to(torch.int32) + 32)                # 0..63
+            low4 = u & 0x0F
+            b_low = low4[..., 0:8] | (low4[..., 8:16] << 4)                             # bytes 0..7
+            h2 = (u >> 4).view(rows, nb, 4, 4)                                          # (j // 4, j % 4)
+            b_high = h2[:, :, 0] | (h2[:, :, 1] << 2) | (h2[:, :, 2] << 4) | (h2[:, :, 3] << 6)   # bytes 8..11
+            fields = [hmask, qs, b_low, b_high, _f16_bytes(parts["d"])]
     else:                        # Q6_K: weight e = 128 h + 32 k + l
         qq = q.view(rows, nb, 2, 4, 32)                                     # (h, k, l)
         low = qq & 0x0F
@@ -255,6 +277,24 @@ def decode_parts(t: GGMLType, raw: torch.Tensor, cols: int):
         if t.bits == 5:
             q = q | (_unbit_planes(b[..., 16:48]).reshape(rows, nb, 32, 8).transpose(-1, -2) << 4)
         scale, offset = d * sc.float(), -(dmin * mc.float())
+    elif t.name in ("Q2_K", "Q3_K"):                                          # weight 128 h + 32 k + l
+        qs = b[..., 16:80] if t.name == "Q2_K" else b[..., 32:96]
+        qs = qs.reshape(rows, nb, 2, 1, 32)
+        q = (qs >> (2 * torch.arange(4, dtype=torch.uint8)).view(1, 1, 1, 4, 1)) & 0x03     # (rows, nb, 2, 4, 32)
+        if t.name == "Q2_K":
+            sb = b[..., 0:16]
+            d, dmin = f16(b[..., 80:82]), f16(b[..., 82:84])
+            scale, offset = d * (sb & 0x0F).float(), -(dmin * (sb >> 4).float())
+        else:
+            hm = b[..., 0:32].to(torch.int32)                                    # (rows, nb, 32): byte l
+            hbit = (hm[..., None] >> torch.arange(8, dtype=torch.int32)) & 1     # (rows, nb, l, 4 h + k)
+            q = q | (hbit.view(rows, nb, 32, 2, 4).permute(0, 1, 3, 4, 2) << 2).to(q.dtype)
+            sc = b[..., 96:108].to(torch.int32)
+            j = torch.arange(16)
+            low4 = (sc[..., j % 8] >> (4 * (j // 8))) & 0x0F
+            high2 = (sc[..., 8 + j % 4] >> (2 * (j // 4))) & 0x03
+            scale = f16(b[..., 108:110]) * ((low4 | (high2 << 4)) - 32).float()  # (rows, nb, 16)
+            offset = -4 * scale              # q s - 4 s == (q - 4) s exactly: every product fits in fp32
     else:                                                                     # Q6_K: weight 128 h + 32 k + l
         ql, qh = b[..., 0:128].reshape(rows, nb, 2, 64), b[..., 128:192].reshape(rows, nb, 2, 32)
         low = torch.stack([ql[..., 0:32] & 0x0F, ql[..., 32:64] & 0x0F, ql[..., 0:32] >> 4, ql[..., 32:64] >> 4], 3)

@@ -194,7 +194,7 @@ class GPTQ(MethodConfig):
     act_order: bool = True
     damp: float = 0.01
     clip: str | None = None     # "mse": search each group's clipping range (Hessian-weighted error)
-    # q4_1|q5_1|q4_k|q5_k|q6_k: solve ON that llama.cpp grid (fixes bits, group_size = its sub-block),
+    # q4_1|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k: solve ON that llama.cpp grid (fixes bits, group_size = its sub-block),
     # so the GGUF export holds exactly these weights; grids fitted up front (static)
     gguf: str | None = None
     # coordinate-descent sweeps after the GPTQ pass (QuantEase); None / 0: off

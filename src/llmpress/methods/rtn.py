@@ -238,7 +238,7 @@ class RTN(MethodConfig):
     group_size: int = 128       # 0: per channel (one scale per output row)
     symmetric: bool = True
     clip: str | None = None     # "mse": search each group's clipping range (data-free: unweighted)
-    gguf: str | None = None     # q4_1|q5_1|q4_k|q5_k|q6_k: quantize onto that llama.cpp grid (fixes bits, group_size)
+    gguf: str | None = None     # q4_1|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k: quantize onto that llama.cpp grid (fixes bits, group_size)
 
     def __post_init__(self) -> None:
         fix_gguf_grid(self)
