@@ -42,7 +42,7 @@ from llmpress import GPTQ, Plan  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens, load_text  # noqa: E402
 from llmpress.eval import perplexity  # noqa: E402
-from llmpress.gguf_export import _qk_permutation, export_gguf  # noqa: E402
+from llmpress.gguf_export import export_gguf, qk_permutation  # noqa: E402
 from llmpress.models import load_model, resolve_source  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
 
@@ -140,10 +140,9 @@ def main() -> None:
 
                 def encode(fqn, w, q=q):
                     raw = q[fqn]
-                    heads = {"self_attn.q_proj": config.num_attention_heads,
-                             "self_attn.k_proj": config.num_key_value_heads}.get(fqn.split(".", 3)[-1])
-                    if heads:                              # the export permutes q / k rows for llama
-                        raw = raw[_qk_permutation(raw.shape[0], heads).numpy()]
+                    perm = qk_permutation(config, fqn, raw.shape[0])     # the export's q / k row order
+                    if perm is not None:
+                        raw = raw[perm.numpy()]
                     return raw, gguf.GGMLQuantizationType.Q4_0
                 path = tmp / f"{len(results['files'])}.gguf"
                 export_gguf(dense, path, source_gguf=source, encode=encode)

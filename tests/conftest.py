@@ -84,19 +84,25 @@ def calib_tokens():
     return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained in memory (offline) with a 256-token vocabulary."""
+def bpe_tokenizer(vocab_size: int = 256):
+    """A byte-level BPE tokenizer trained in memory (offline) on one sentence: the 256 byte
+    tokens and <s>, plus merges up to vocab_size (llama.cpp needs merges: vocab_size > 257)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with a 256-token vocabulary."""
+    return bpe_tokenizer(256)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import bpe_tokenizer as make_bpe_tokenizer
 from llmpress.errors import LLMPressError
 
 VOCAB = 300
@@ -46,15 +47,7 @@ def tiny_model(kind: str):
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
     """A byte-level BPE tokenizer with merges (llama.cpp needs them), 290 ids < VOCAB."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10,
-                            trainer=trainers.BpeTrainer(vocab_size=290, special_tokens=["<s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+    return make_bpe_tokenizer(290)
 
 
 def assert_llamacpp_agrees(path, model, tokenizer, prompts: int = 4, top: int = 8, tol: float = 5e-3) -> None:

@@ -217,18 +217,12 @@ def test_gguf_export_of_a_hf_model_carries_its_tokenizer(tmp_path, capsys):
     """A model compressed from a Hugging Face folder: the GGUF export converts its byte-level BPE
     tokenizer (tokens, merges, types, special ids), and transformers rebuilds from the file a
     tokenizer that encodes text as the original does; the unknown pre-tokenizer is reported."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from conftest import bpe_tokenizer
     from llmpress.cli import main
     import gguf
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10,
-                            trainer=trainers.BpeTrainer(vocab_size=290, special_tokens=["<s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tiny_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
-    assert len(tiny_tokenizer) < 290 and tok.get_vocab_size() > 257                # it has merges
+    tiny_tokenizer = bpe_tokenizer(290)
+    assert len(tiny_tokenizer) < 290 and tiny_tokenizer.backend_tokenizer.get_vocab_size() > 257    # it has merges
     torch.manual_seed(0)
     src = tmp_path / "hf"
     LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,

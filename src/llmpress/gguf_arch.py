@@ -49,6 +49,11 @@ ARCHS = {
 }
 
 
+# llama.cpp recognizes the 27B Gemma models by their layer count and scales their attention by
+# 1/sqrt(hidden / heads) instead of 1/sqrt(head_dim)
+LAYERS_27B = {"gemma2": 46, "gemma3": 62}
+
+
 def gguf_arch(config) -> GGUFArch:
     arch = ARCHS.get(getattr(config, "model_type", None))
     if arch is None:
@@ -94,8 +99,7 @@ def check_exportable(config) -> list[str]:
         scalar = getattr(config, "query_pre_attn_scalar", None)
         # llama.cpp scales attention by 1/sqrt(head_dim), except for the 27B layer counts (1/sqrt(hidden/heads))
         expect = (config.hidden_size // config.num_attention_heads
-                  if config.num_hidden_layers in ({"gemma2": 46}.get(arch.name), {"gemma3": 62}.get(arch.name))
-                  else head_dim(config))
+                  if config.num_hidden_layers == LAYERS_27B.get(arch.name) else head_dim(config))
         if scalar is not None and float(scalar) != float(expect):
             raise LLMPressError(f"GGUF export: llama.cpp scales {config.model_type} attention by 1/sqrt({expect}); "
                                 f"this model's query_pre_attn_scalar is {scalar}")

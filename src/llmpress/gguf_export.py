@@ -159,6 +159,14 @@ def _qk_permutation(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
+def qk_permutation(config, fqn: str, rows: int) -> torch.Tensor | None:
+    """The row order the GGUF file stores linear `fqn` in: llama.cpp's for q_proj / k_proj of the
+    llama architecture (gguf_arch.permute_qk), None (as it is) for every other layer."""
+    heads = {"self_attn.q_proj": config.num_attention_heads,
+             "self_attn.k_proj": config.num_key_value_heads}.get(fqn.split(".", 3)[-1])
+    return _qk_permutation(rows, heads) if heads and gguf_arch(config).permute_qk else None
+
+
 ENCODERS = {"Q4_0": encode_q4_0, "Q5_0": encode_q5_0, "Q8_0": encode_q8_0}
 EMBEDDING_TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "F16", "F32")   # what gguf-py quantizes
 BITS_TYPE = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}        # symmetric b-bit grids with groups of 32
@@ -207,7 +215,7 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
 
     config = model.config
     arch = gguf_arch(config)
-    notes = check_exportable(config)
+    check_exportable(config)                 # refuses what llama.cpp would compute differently
     out = Path(out)
     if out.exists():
         raise LLMPressError(f"{out} already exists")
@@ -249,9 +257,7 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
             params = dict(module.named_parameters(recurse=False))
             if fqn in linears:
                 target = names.get_name(fqn + ".weight", try_suffixes=(".weight",))
-                heads = {"self_attn.q_proj": config.num_attention_heads,
-                         "self_attn.k_proj": config.num_key_value_heads}.get(fqn.split(".", 3)[-1])
-                perm = _qk_permutation(module.out_features, heads) if heads and arch.permute_qk else None
+                perm = qk_permutation(config, fqn, module.out_features)
                 bias = getattr(module, "bias", None)
                 if adapter_out is not None and isinstance(module, QuantLowRankLinear):
                     # the adapter's B rows follow the base's row order (q/k permuted likewise)

@@ -181,6 +181,16 @@ def _unnibble(b: torch.Tensor) -> torch.Tensor:
     return torch.cat([b & 0x0F, b >> 4], -1)
 
 
+def _crumbs(x: torch.Tensor) -> torch.Tensor:
+    """x (rows, nb, 2, 4, 32) 2-bit values -> (rows, nb, 2, 32) bytes: value k of byte l at bits 2k
+    (the 2-bit fields of Q2_K / Q3_K `qs` and Q6_K `qh`)."""
+    return x[:, :, :, 0] | (x[:, :, :, 1] << 2) | (x[:, :, :, 2] << 4) | (x[:, :, :, 3] << 6)
+
+
+def _uncrumbs(b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(b >> (2 * k)) & 0x03 for k in range(4)], -2)
+
+
 def _bit_planes(bits: torch.Tensor, nbytes: int) -> torch.Tensor:
     """bits (..., 8 * nbytes) in {0, 1} -> (..., nbytes) bytes, bit j of the stream at byte j // 8, bit j % 8."""
     b = bits.to(torch.int32).reshape(*bits.shape[:-1], nbytes, 8)
@@ -227,9 +237,7 @@ def encode(t: GGMLType, codes: torch.Tensor, parts: dict) -> torch.Tensor:
         fields.append(_nibbles(q.view(rows, nb, 4, 64)).reshape(rows, nb, 128))
     elif t.name in ("Q2_K", "Q3_K"):   # weight e = 128 h + 32 k + l: 2 low bits at qs[32 h + l] bits 2k
         qq = q.view(rows, nb, 2, 4, 32)                                     # (h, k, l)
-        low = qq & 0x03
-        qs = (low[:, :, :, 0] | (low[:, :, :, 1] << 2) | (low[:, :, :, 2] << 4) | (low[:, :, :, 3] << 6))
-        qs = qs.reshape(rows, nb, 64)
+        qs = _crumbs(qq & 0x03).reshape(rows, nb, 64)
         if t.name == "Q2_K":     # scales byte j: sc (low nibble), mc (high nibble) of 16-weight sub-block j
             scales = parts["sc"].reshape(rows, nb, 16).to(torch.int32) | (parts["mc"].reshape(rows, nb, 16).to(torch.int32) << 4)
             fields = [scales, qs, _f16_bytes(parts["d"]), _f16_bytes(parts["dmin"])]
@@ -247,7 +255,7 @@ def encode(t: GGMLType, codes: torch.Tensor, parts: dict) -> torch.Tensor:
         low = qq & 0x0F
         ql = (low[:, :, :, 0:2] | (low[:, :, :, 2:4] << 4)).reshape(rows, nb, 128)   # byte 64h + 32(k%2) + l, nibble k//2
         hi = (qq >> 4) & 0x03
-        qh = (hi[:, :, :, 0] | (hi[:, :, :, 1] << 2) | (hi[:, :, :, 2] << 4) | (hi[:, :, :, 3] << 6))
+        qh = _crumbs(hi)
         sc = parts["sc"].reshape(rows, nb, 16).to(torch.int8).view(torch.uint8)
         fields = [ql, qh.reshape(rows, nb, 64), sc, _f16_bytes(parts["d"])]
     return torch.cat([f.to(torch.uint8) for f in fields], -1).reshape(rows, -1)
@@ -279,8 +287,7 @@ def decode_parts(t: GGMLType, raw: torch.Tensor, cols: int):
         scale, offset = d * sc.float(), -(dmin * mc.float())
     elif t.name in ("Q2_K", "Q3_K"):                                          # weight 128 h + 32 k + l
         qs = b[..., 16:80] if t.name == "Q2_K" else b[..., 32:96]
-        qs = qs.reshape(rows, nb, 2, 1, 32)
-        q = (qs >> (2 * torch.arange(4, dtype=torch.uint8)).view(1, 1, 1, 4, 1)) & 0x03     # (rows, nb, 2, 4, 32)
+        q = _uncrumbs(qs.reshape(rows, nb, 2, 32))                                       # (rows, nb, 2, 4, 32)
         if t.name == "Q2_K":
             sb = b[..., 0:16]
             d, dmin = f16(b[..., 80:82]), f16(b[..., 82:84])
@@ -298,7 +305,7 @@ def decode_parts(t: GGMLType, raw: torch.Tensor, cols: int):
     else:                                                                     # Q6_K: weight 128 h + 32 k + l
         ql, qh = b[..., 0:128].reshape(rows, nb, 2, 64), b[..., 128:192].reshape(rows, nb, 2, 32)
         low = torch.stack([ql[..., 0:32] & 0x0F, ql[..., 32:64] & 0x0F, ql[..., 0:32] >> 4, ql[..., 32:64] >> 4], 3)
-        high = torch.stack([(qh >> (2 * k)) & 0x03 for k in range(4)], 3)    # (rows, nb, 2, 4, 32)
+        high = _uncrumbs(qh)                                                  # (rows, nb, 2, 4, 32)
         q = low | (high << 4)
         scale = f16(b[..., 208:210]) * b[..., 192:208].contiguous().view(torch.int8).float()   # (rows, nb, 16)
         offset = -32 * scale                 # q s - 32 s == (q - 32) s exactly: every product fits in fp32

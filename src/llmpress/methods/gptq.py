@@ -95,7 +95,7 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
         codes = codes[:, torch.argsort(perm)]
     info = {"damp": used}
     if refine:
-        h_damped = h_orig.float() + used * torch.diagonal(h_orig).float().mean() * torch.eye(in_f, device=w.device)
+        h_damped = damped(h_orig, used)
         onto, back = ((lambda x, s, z: ggml_grid.quantize(x, s, z, bits), lambda q, s, z: q * s + z) if grid is not None else
                       (lambda x, s, z: quantize_to_grid(x, s, z, bits), lambda q, s, z: (q - z) * s))
         expand = lambda t: t.T.repeat_interleave(group_size, 1)[:, :in_f]      # (G, out) -> (out, in)
@@ -104,6 +104,11 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     if dead.any():
         info["dead_columns"] = int(dead.sum())
     return codes, scale_t.T.contiguous(), zero_t.T.contiguous(), info
+
+
+def damped(h: torch.Tensor, rel: float) -> torch.Tensor:
+    """h + rel * mean(diag h) I in float32: the objective GPTQ minimizes at the damping it used."""
+    return h.float() + rel * torch.diagonal(h).float().mean() * torch.eye(h.shape[0], device=h.device)
 
 
 def refit_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -232,8 +237,7 @@ def refit_loop(w, h, codes, scale, zero, config, used_damp: float):
     GPTQ's sweep again on those fixed scales and a re-fit; a round is kept only if the layer's error
     (on GPTQ's damped Hessian) falls. Returns (codes, scale, info)."""
     wp, hp, _ = hessian.prepare(w, h)
-    hp = hp.float()
-    hp.diagonal().add_(used_damp * torch.diagonal(hp).mean())
+    hp = damped(hp, used_damp)
     gs = config.group_size or w.shape[1]
     codes0, scale0 = codes, scale
     before = quant_error(wp, hp, codes, scale, zero, gs)
