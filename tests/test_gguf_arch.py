@@ -180,3 +180,30 @@ def test_llama3_rope_scaling_is_written_as_rope_freqs(tmp_path, bpe_tokenizer):
     types = export_gguf(model, tmp_path / "m.gguf", tokenizer_fields=fields)
     assert types["rope_freqs.weight"] == "F32"
     assert_llamacpp_agrees(tmp_path / "m.gguf", model, bpe_tokenizer)
+
+
+def test_every_gguf_grid_runs_in_llamacpp(tmp_path, bpe_tokenizer):
+    """A qwen2 model (256 wide, so the 256-weight super-blocks fit) GPTQ-solved with a different
+    llama.cpp grid on each layer (Q2_K .. Q6_K, Q4_1, Q5_1, IQ4_NL, IQ4_XS): llama.cpp loads the
+    file and predicts as transformers does on the same weights (its Q8 activations: within 5e-2)."""
+    import transformers as T
+    from llmpress import GPTQ
+    from llmpress.gguf_export import export_gguf, tokenizer_metadata
+    from llmpress.pipeline import compress
+    pytest.importorskip("xllamacpp")
+    torch.manual_seed(0)
+    model = T.Qwen2ForCausalLM(T.Qwen2Config(**{**COMMON, "hidden_size": 256, "intermediate_size": 512},
+                                             tie_word_embeddings=True)).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0, 0.15)
+    grids = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_1", "q5_1", "iq4_nl", "iq4_xs"]
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in ("self_attn.q_proj", "self_attn.k_proj",
+             "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    configs = {n: GPTQ(gguf=grids[i % len(grids)]) for i, n in enumerate(names)}
+    tokens = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
+    compress(model, configs, tokens, progress=False)
+    fields, _ = tokenizer_metadata(bpe_tokenizer, VOCAB)
+    types = export_gguf(model, tmp_path / "m.gguf", tokenizer_fields=fields)
+    assert {t for n, t in types.items() if n.startswith("blk.") and n.endswith(".weight") and "norm" not in n} \
+        == {g.upper() for g in grids}
+    assert_llamacpp_agrees(tmp_path / "m.gguf", model, bpe_tokenizer, tol=5e-2)

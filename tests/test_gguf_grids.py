@@ -1,4 +1,4 @@
-"""Quantizing ON llama.cpp's block grids (Q4_1, Q5_1, Q4_K, Q5_K, Q6_K): bytes bit-exact against
+"""Quantizing ON llama.cpp's block grids (Q4_1, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS): bytes bit-exact against
 gguf-py, GPTQ better than round-to-nearest on the same grid, exact GGUF round trip."""
 import numpy as np
 import pytest
@@ -31,6 +31,10 @@ def test_ggml_bytes_decode_like_gguf_py(kind, clip):
     turns into exactly the layer's weight; every code value and the top bit are exercised; the cost
     model counts exactly those bytes (= the type's size in GGUF)."""
     import gguf
+    if clip and kind.startswith("iq4"):
+        with pytest.raises(LLMPressError, match="clip=mse does not apply"):
+            RTN(gguf=kind, clip=clip)
+        return
     lin = _linear()
     config = RTN(gguf=kind, clip=clip)
     q, _ = apply_rtn(lin, config, None)
@@ -63,7 +67,7 @@ def test_gguf_option_fixes_the_grid_and_refuses_conflicts():
     assert GPTQ(gguf="q4_1").shape_problem(64, 576) is None
 
 
-@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "q4_1", "q3_k", "q2_k"])
+@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "q4_1", "q3_k", "q2_k", "iq4_nl", "iq4_xs"])
 def test_gptq_on_the_gguf_grid_beats_rtn_on_it(kind):
     """GPTQ solving on the fixed grid: output error ||(W - W') X|| below RTN's on the same grid, and
     the result is still on it (bytes that gguf-py decodes to the layer's weight)."""
@@ -91,6 +95,42 @@ def test_gptq_on_the_gguf_grid_beats_rtn_on_it(kind):
     assert np.array_equal(ref, gptq.dense_weight().numpy())
 
 
+def test_iq4_table_grids_fit_like_llamacpp_and_use_negative_scales():
+    """IQ4_NL / IQ4_XS: codes index the 16-value table (both ends used), block scales may be
+    negative (the peak then takes -127), IQ4_XS sub-block scales are multiples l - 32 of one fp16 d
+    with the largest at l = -32; the importance-weighted scale search lowers the weighted error
+    below the peak-to-end scale it starts from; they never run on the uniform int4 kernel."""
+    import gguf
+    lin = _linear()
+    w = lin.weight.detach()
+    imp = torch.rand(512) ** 4 + 0.01                         # a few columns matter much more
+    for kind in ("iq4_nl", "iq4_xs"):
+        t = ggml_grid.TYPES[kind]
+        q, deq, parts = ggml_grid.round_to_grid(w, t, weights=imp)
+        codes, scale, offset = ggml_grid.decode_parts(t, ggml_grid.encode(t, q, parts), 512)
+        assert codes.min() == 0 and codes.max() == 15 and (scale < 0).any() and (scale > 0).any()
+        assert torch.equal(offset, torch.zeros_like(offset))
+        raw = ggml_grid.encode(t, q, parts)
+        assert np.array_equal(gguf.quants.dequantize(raw.numpy(), getattr(gguf.GGMLQuantizationType, t.name)),
+                              deq.numpy())
+        if kind == "iq4_xs":
+            l = parts["sc"].long()
+            assert l.min() == -32 and l.max() <= 31
+            assert ((l == -32).sum(-1) >= 1).all() or (parts["d"] == 0).any()     # the peak sub-block at -32
+        # the search beats mapping each block's peak onto the table's end (its first candidate)
+        ws = w.reshape(24, -1, 32)
+        peak = ws.gather(-1, ws.abs().argmax(-1, keepdim=True))
+        naive = (peak / 113).to(torch.float16).float()
+        table = torch.tensor(ggml_grid.KVALUES, dtype=torch.float32)
+        naive_deq = ggml_grid.values(ggml_grid.quantize(ws, naive, 0, 4, t.levels), naive, 0, t.levels).reshape(24, 512)
+        sigma2 = 2 * (w.reshape(24, -1, t.block) ** 2).mean(-1, keepdim=True).repeat_interleave(t.block, -1).reshape(24, 512)
+        iw = imp * torch.sqrt(sigma2 + w * w)
+        assert (((deq - w) ** 2) * iw).sum() < 0.95 * (((naive_deq - w) ** 2) * iw).sum()
+        assert table[codes.long()].abs().max() == 127
+        rtn, _ = apply_rtn(lin, RTN(gguf=kind), None)
+        assert not rtn.runs_packed(torch.randn(2, 512).to(torch.bfloat16))
+
+
 def test_q4_grids_run_packed_in_bfloat16():
     lin = _linear(out_f=48, in_f=256)
     for kind in ("q4_k", "q4_1"):
@@ -107,18 +147,18 @@ def test_q4_grids_run_packed_in_bfloat16():
     assert not q40.runs_packed(xb)                 # the int4 packing takes rows in multiples of 16
 
 
-def _llama_256():
-    """A one-block llama whose hidden (256) and intermediate (512) sizes take 256-weight K-quant blocks."""
+def _llama_256(layers=1):
+    """A llama whose hidden (256) and intermediate (512) sizes take 256-weight K-quant blocks."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          tie_word_embeddings=True)
     return LlamaForCausalLM(config).eval()
 
 
 def test_gguf_grid_model_saves_reloads_and_exports_exactly(tmp_path, tiny_tokenizer):
-    """A model GPTQ-solved on Q4_K / Q5_K / Q6_K / Q4_1 / Q5_1 / Q3_K / Q2_K (one type per layer): save -> load gives
+    """A model GPTQ-solved on Q4_K / Q5_K / Q6_K / Q4_1 / Q5_1 / Q3_K / Q2_K / IQ4_NL / IQ4_XS (one type per layer): save -> load gives
     identical logits; the GGUF export writes each layer's bytes as that type, and transformers' GGUF
     reader gives back llmpress's logits exactly; compressed-tensors refuses it with the reason."""
     import gguf
@@ -127,10 +167,11 @@ def test_gguf_grid_model_saves_reloads_and_exports_exactly(tmp_path, tiny_tokeni
     from llmpress.formats import check_compressed_tensors
     from llmpress.gguf_export import export_gguf
     from llmpress.pipeline import compress
-    model = _llama_256()
+    model = _llama_256(layers=2)                 # block 1 for the IQ4 grids
     kinds = {"self_attn.q_proj": "q4_k", "self_attn.k_proj": "q5_k", "self_attn.v_proj": "q6_k",
              "self_attn.o_proj": "q4_1", "mlp.gate_proj": "q5_1", "mlp.up_proj": "q3_k", "mlp.down_proj": "q2_k"}
     configs = {f"model.layers.0.{k}": GPTQ(gguf=v) for k, v in kinds.items()}
+    configs.update({f"model.layers.1.{k}": GPTQ(gguf="iq4_nl" if "attn" in k else "iq4_xs") for k in kinds})
     tokens = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     compress(model, configs, tokens, progress=False)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -146,6 +187,7 @@ def test_gguf_grid_model_saves_reloads_and_exports_exactly(tmp_path, tiny_tokeni
     on_disk = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
     assert on_disk["blk.0.attn_k.weight"] == "Q5_K" and on_disk["blk.0.ffn_down.weight"] == "Q2_K"
     assert on_disk["blk.0.ffn_up.weight"] == "Q3_K"
+    assert on_disk["blk.1.attn_k.weight"] == "IQ4_NL" and on_disk["blk.1.ffn_down.weight"] == "IQ4_XS"
     model.config.save_pretrained(tmp_path)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
     with torch.no_grad():

@@ -187,7 +187,7 @@ class QuantLinear(CompressedLinear):
 
 
 class GGMLLinear(CompressedLinear):
-    """A layer quantized onto one of llama.cpp's block grids (Q4_1, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; see
+    """A layer quantized onto one of llama.cpp's block grids (Q4_1, Q5_1, Q2_K..Q6_K, IQ4_NL, IQ4_XS; see
     llmpress.methods.ggml_grid), holding the GGML bytes themselves: what is stored, counted and
     exported to GGUF is one buffer, and the weight is rebuilt exactly as gguf-py dequantizes it.
     4-bit types with 32-weight sub-blocks (Q4_1, Q4_K) run packed on torch's int4 kernel
@@ -207,7 +207,7 @@ class GGMLLinear(CompressedLinear):
 
     def runs_packed(self, x: torch.Tensor) -> bool:
         return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.type.bits == 4
-                and self.type.sub in QuantLinear.INT4_GROUPS and self.out_features % 16 == 0)
+                and self.type.levels is None and self.type.sub in QuantLinear.INT4_GROUPS and self.out_features % 16 == 0)
 
     def _int4(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._packed is None:

@@ -14,6 +14,16 @@ export copies them. Every grid is w = q * s + o per sub-block, with q in 0..2**b
 | Q3_K | 3.4375 | 16 of 256 | s = d * sc, o = -4 s; d fp16 per 256, sc 6-bit signed (stored + 32) |
 | Q2_K | 2.625  | 16 of 256 | s = d * sc, o = -dmin * mc; d, dmin fp16 per 256, sc, mc 4-bit |
 
+The non-uniform IQ4 grids (I. Kawrakow, llama.cpp PRs #5590 IQ4_NL and #5747 IQ4_XS, 2024) store
+w = s * KVALUES[q] instead, a fixed 16-value table, with o = 0:
+
+| IQ4_NL | 4.5  | 32      | s = d (fp16) |
+| IQ4_XS | 4.25 | 32 of 256 | s = d * (l - 32); d fp16 per 256, l 6-bit |
+
+Their scales are fitted by llama.cpp's importance-weighted search (quantize_row_iq4_nl_impl):
+16 candidate inverse scales mapping the sub-block's signed peak near either end of the table,
+each scored by its weighted least-squares fit (`fit_table_scales`).
+
 The two-level K-quant scales (I. Kawrakow, "k-quants", llama.cpp PR #1684, 2023) are fitted as
 llama.cpp does in spirit: each sub-block's float range first (min-max, or the clip search of
 llmpress.methods.rtn), then the super-block scale d = max s / 63 (or 127) in fp16 and each
@@ -41,6 +51,11 @@ class GGMLType:
     nbytes: int        # bytes per block
     symmetric: bool
     scale_levels: int = 0   # K-quants: the largest multiple of d a sub-block scale (and min) is stored as
+    levels: tuple[int, ...] | None = None   # non-uniform grids: w = s * levels[q] (IQ4_NL, IQ4_XS)
+
+
+# the IQ4 table (kvalues_iq4nl in ggml-common.h): a 4-bit code's value before the block scale
+KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 TYPES = {t.name.lower(): t for t in (
@@ -51,6 +66,8 @@ TYPES = {t.name.lower(): t for t in (
     GGMLType("Q6_K", 6, 256, 16, 210, True, 127),
     GGMLType("Q3_K", 3, 256, 16, 110, True, 31),
     GGMLType("Q2_K", 2, 256, 16, 84, False, 15),
+    GGMLType("IQ4_NL", 4, 32, 32, 18, True, 0, KVALUES),
+    GGMLType("IQ4_XS", 4, 256, 32, 136, True, 32, KVALUES),
 )}
 
 
@@ -90,6 +107,8 @@ def fit(w: torch.Tensor, t: GGMLType, clip: str | None = None, weights: torch.Te
     the second-level rounding of the K-quant scales."""
     rows, cols = w.shape
     check_shape(t, cols)
+    if t.levels is not None:
+        return _fit_table(w, t, weights)
     ws = w.reshape(rows, cols // t.sub, t.sub)                              # (rows, S, sub)
     wt = None if weights is None else weights.reshape(cols // t.sub, t.sub)
     s, lo = _sub_ranges(ws, t, clip, wt)                                   # float (rows, S)
@@ -111,6 +130,67 @@ def fit(w: torch.Tensor, t: GGMLType, clip: str | None = None, weights: torch.Te
     mc = _small_multiple(mins, dmin, levels, at_least=0)
     offset = -(dmin.float()[..., None] * mc.float()).reshape(rows, -1)
     return scale, offset, {"d": d, "dmin": dmin, "sc": sc, "mc": mc}
+
+
+def _fit_table(w: torch.Tensor, t: GGMLType, weights: torch.Tensor | None):
+    """IQ4_NL / IQ4_XS: the float sub-block scales of fit_table_scales, then as stored: IQ4_NL d =
+    fp16(s); IQ4_XS d = fp16(-s_peak / 32) per super-block (s_peak: the sub-block scale of largest
+    magnitude, so it is stored as l - 32 = -32 exactly) and each sub-block's nearest multiple
+    l - 32 in -32..31 of it. Returns (scale (rows, S), zeros, parts) like fit."""
+    rows, cols = w.shape
+    s = fit_table_scales(w, t, weights)                                    # (rows, S) float32
+    if t.block == t.sub:
+        d = s.to(F16)
+        return d.float(), torch.zeros_like(s), {"d": d}
+    s = s.reshape(rows, -1, t.block // t.sub)                              # (rows, B, 8)
+    peak = s.gather(-1, s.abs().argmax(-1, keepdim=True))[..., 0]          # (rows, B) signed
+    d = (-peak / 32).to(F16)
+    df = d.float()[..., None]
+    l = torch.round(s / torch.where(df != 0, df, torch.ones_like(df))).clamp(-32, 31)
+    l = torch.where(df != 0, l, torch.zeros_like(l))
+    scale = (df * l).reshape(rows, -1)                                     # exact in fp32, as ggml computes it
+    return scale, torch.zeros_like(scale), {"d": d, "sc": l.to(torch.int8)}
+
+
+def fit_table_scales(w: torch.Tensor, t: GGMLType, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """llama.cpp's IQ4 scale search (quantize_row_iq4_nl_impl, ntry = 7): w (rows, cols) float32,
+    weights (cols,) the importance of each column (a Hessian diagonal, i.e. llama.cpp's imatrix
+    x n; None: data-free) -> the float scale of each sub-block (rows, cols / sub).
+
+    Each weight counts importance * sqrt(sigma2 + w^2) (sigma2 = 2 sum w^2 / 256 over its
+    super-block, or over the block for IQ4_NL), or w^2 without importance, as llama.cpp weighs
+    them. Candidate inverse scales map the signed peak to +127 or to -(127 - k), k = -7..7; codes
+    round to the nearest table value and the scale is the weighted least-squares fit
+    sum(w x v) / sum(w v^2); the best fit (largest sum(w x v)^2 / sum(w v^2)) is kept. Scales can
+    be negative (the peak then uses the table's -127 end)."""
+    rows, cols = w.shape
+    table = torch.tensor(t.levels, dtype=torch.float32, device=w.device)
+    ws = w.reshape(rows, cols // t.sub, t.sub)                             # (rows, S, sub)
+    per = t.block // t.sub
+    if weights is None:
+        imp = ws * ws
+    else:
+        sup = w.reshape(rows, -1, t.block)
+        sigma2 = (2 / t.block) * (sup * sup).sum(-1, keepdim=True)         # (rows, B, 1)
+        sigma2 = sigma2.repeat_interleave(per, 1)                           # (rows, S, 1)
+        imp = weights.reshape(1, -1, t.sub) * torch.sqrt(sigma2 + ws * ws)
+    peak = ws.gather(-1, ws.abs().argmax(-1, keepdim=True))                 # (rows, S, 1) signed
+    safe = torch.where(peak != 0, peak, torch.ones_like(peak))
+    best_score = torch.full_like(peak[..., 0], -1.0)
+    best = torch.zeros_like(peak[..., 0])
+    for inverse in [-t.levels[0]] + [k + t.levels[0] for k in range(-7, 8)]:
+        v = table[nearest_level(inverse / safe * ws, table)]
+        sumvx, sumv2 = (imp * v * ws).sum(-1), (imp * v * v).sum(-1)
+        score = torch.where(sumv2 > 0, sumvx * sumvx / sumv2.clamp(min=1e-30), torch.zeros_like(sumvx))
+        better = score > best_score
+        best = torch.where(better, sumvx / sumv2.clamp(min=1e-30), best)
+        best_score = torch.where(better, score, best_score)
+    return torch.where(peak[..., 0] != 0, best, torch.zeros_like(best))
+
+
+def nearest_level(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest entry of the ascending table (L,) for every x (int64, x's shape)."""
+    return torch.bucketize(x, (table[1:] + table[:-1]) / 2)
 
 
 def _small_multiple(x: torch.Tensor, d: torch.Tensor, levels: int, at_least: int) -> torch.Tensor:
@@ -152,15 +232,31 @@ def round_to_grid(w: torch.Tensor, t: GGMLType, clip: str | None = None, weights
     the dequantized weights are q * scale + offset, the very float32 operations `decode` makes."""
     rows, cols = w.shape
     scale, offset, parts = fit(w, t, clip, weights)
-    q = quantize(w.view(rows, -1, t.sub), scale[..., None], offset[..., None], t.bits)
-    return q.view(rows, cols), (q * scale[..., None] + offset[..., None]).view(rows, cols), parts
+    q = quantize(w.view(rows, -1, t.sub), scale[..., None], offset[..., None], t.bits, t.levels)
+    return q.view(rows, cols), values(q, scale[..., None], offset[..., None], t.levels).view(rows, cols), parts
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes (as float) of w on the grid w = q * scale + offset (broadcast); 0 where scale is 0."""
+def quantize(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
+             levels: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Codes (as float) of w on the grid w = q * scale + offset, or w = scale * levels[q] for a
+    table grid (broadcast; table scales may be negative); 0 where scale is 0."""
+    if levels is not None:
+        table = torch.tensor(levels, dtype=torch.float32, device=w.device)
+        safe = torch.where(scale != 0, scale, torch.ones_like(scale))
+        q = nearest_level(w / safe, table).float()
+        return torch.where(scale != 0, q, torch.zeros_like(q))
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.clamp(torch.round((w - offset) / safe), 0, 2 ** bits - 1)
     return torch.where(scale > 0, q, torch.zeros_like(q))
+
+
+def values(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, levels: tuple[int, ...] | None = None):
+    """The weights of codes q on their grid (broadcast): q * scale + offset, or scale * levels[q]
+    (one float32 rounding either way, the one ggml makes)."""
+    if levels is None:
+        return q * scale + offset
+    table = torch.tensor(levels, dtype=torch.float32, device=q.device)
+    return scale * table[q.long()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +319,16 @@ def encode(t: GGMLType, codes: torch.Tensor, parts: dict) -> torch.Tensor:
     rows, cols = codes.shape
     nb = cols // t.block
     q = codes.to(torch.int32).reshape(rows, nb, t.block)
-    if t.name in ("Q4_1", "Q5_1"):
+    if t.name == "IQ4_NL":
+        fields = [_f16_bytes(parts["d"]), _nibbles(q)]
+    elif t.name == "IQ4_XS":     # l + 32 (6 bits): low nibble in scales_l[ib / 2] at 4 (ib % 2), top 2 bits at scales_h 2 ib
+        u = parts["sc"].reshape(rows, nb, 8).to(torch.int32) + 32
+        high = ((u >> 4) << (2 * torch.arange(8, dtype=torch.int32))).sum(-1)          # (rows, nb) uint16
+        scales_h = torch.stack([high & 0xFF, high >> 8], -1)
+        low = u & 0x0F
+        fields = [_f16_bytes(parts["d"]), scales_h, low[..., 0::2] | (low[..., 1::2] << 4),
+                  _nibbles(q.view(rows, nb, 8, 32)).reshape(rows, nb, 128)]
+    elif t.name in ("Q4_1", "Q5_1"):
         fields = [_f16_bytes(parts["d"]), _f16_bytes(parts["m"])]
         if t.bits == 5:          # fifth bits as a little-endian uint32 per block, bit j = weight j
             fields.append(_bit_planes(q >> 4, 4))
@@ -271,7 +376,16 @@ def decode_parts(t: GGMLType, raw: torch.Tensor, cols: int):
     def f16(x):
         return x.contiguous().view(F16).float()                              # (rows, nb, 1)
 
-    if t.name in ("Q4_1", "Q5_1"):
+    if t.name == "IQ4_NL":
+        q, scale, offset = _unnibble(b[..., 2:18]), f16(b[..., 0:2]), torch.zeros(rows, nb, 1)
+    elif t.name == "IQ4_XS":
+        high = b[..., 2].to(torch.int32) | (b[..., 3].to(torch.int32) << 8)                 # (rows, nb)
+        ib = torch.arange(8)
+        low = (b[..., 4:8].to(torch.int32)[..., ib // 2] >> (4 * (ib % 2))) & 0x0F             # (rows, nb, 8)
+        l = (low | (((high[..., None] >> (2 * ib)) & 3) << 4)) - 32
+        scale = f16(b[..., 0:2]) * l.float()                                                   # (rows, nb, 8)
+        q, offset = _unnibble(b[..., 8:136].reshape(rows, nb, 8, 16)), torch.zeros_like(scale)
+    elif t.name in ("Q4_1", "Q5_1"):
         d, m = f16(b[..., 0:2]), f16(b[..., 2:4])
         q = _unnibble(b[..., -16:])
         if t.bits == 5:
@@ -317,4 +431,4 @@ def decode(t: GGMLType, raw: torch.Tensor, cols: int) -> torch.Tensor:
     gguf.quants.dequantize: q * s is exact in float32 for every type, and the one rounding (+ o)
     is the one ggml makes."""
     q, scale, offset = decode_parts(t, raw, cols)
-    return (q * scale[..., None] + offset[..., None]).reshape(raw.shape[0], cols)
+    return values(q, scale[..., None], offset[..., None], t.levels).reshape(raw.shape[0], cols)

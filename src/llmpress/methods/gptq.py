@@ -28,7 +28,7 @@ from llmpress.methods.rtn import (QUANT_MENU, check_gguf_clip, check_quant_optio
 def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                act_order: bool = False, damp: float = 0.01, clip: str | None = None,
                grid: tuple[torch.Tensor, torch.Tensor] | None = None, refine: int = 0,
-               fixed: tuple[torch.Tensor, torch.Tensor] | None = None):
+               fixed: tuple[torch.Tensor, torch.Tensor] | None = None, levels: tuple[int, ...] | None = None):
     """w (out, in), h (in, in) -> (codes (out, in), scale (out, G), zero (out, G), info).
 
     Groups are runs of `group_size` input columns in the original order (the last may be shorter;
@@ -38,7 +38,8 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     layout needs no permutation index. clip="mse": each grid's clipping range is searched for the
     smallest rounding error weighted by h_jj (quant_grid).
     grid=(scale, offset) (out, G): a fixed grid w = q * scale + offset per (row, group), fitted by
-    the caller (a GGUF block type, llmpress.methods.ggml_grid), returned in place of (scale, zero).
+    the caller (a GGUF block type, llmpress.methods.ggml_grid), returned in place of (scale, zero);
+    with levels (a table of 2**bits values, IQ4_NL / IQ4_XS) the grid is w = scale * levels[q].
     refine: coordinate-descent sweeps after the GPTQ pass (QuantEase), on the damped Hessian.
     fixed=(scale, zero) (out, G): a uniform grid given by the caller (refit_scales), not fitted.
     If the damped Hessian cannot be inverted even at DAMP_STEPS x damp, falls back to RTN (info says so).
@@ -66,7 +67,7 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     upper, used = hessian.inverse_cholesky(h, damp)
     if upper is None and grid is not None:
         q = ggml_grid.quantize(w[:, torch.argsort(perm)], grid[0].repeat_interleave(group_size, 1),
-                               grid[1].repeat_interleave(group_size, 1), bits)
+                               grid[1].repeat_interleave(group_size, 1), bits, levels)
         return q, grid[0], grid[1], {"fallback": "rtn", "reason": "Cholesky failed at every damping"}
     if upper is None:
         q, scale, zero = rtn_quantize(w[:, torch.argsort(perm)], bits, group_size, symmetric, clip, diag)
@@ -83,9 +84,9 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
         if grid is None:
             q = quantize_to_grid(w1[:, i], s, z, bits)
             deq = (q - z) * s
-        else:                                         # z is the offset: w = q s + z
-            q = ggml_grid.quantize(w1[:, i], s, z, bits)
-            deq = q * s + z
+        else:                                         # z is the offset: w = q s + z (or s levels[q])
+            q = ggml_grid.quantize(w1[:, i], s, z, bits, levels)
+            deq = ggml_grid.values(q, s, z, levels)
         codes[:, col] = q
         return deq[:, None]
 
@@ -96,7 +97,8 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     info = {"damp": used}
     if refine:
         h_damped = damped(h_orig, used)
-        onto, back = ((lambda x, s, z: ggml_grid.quantize(x, s, z, bits), lambda q, s, z: q * s + z) if grid is not None else
+        onto, back = ((lambda x, s, z: ggml_grid.quantize(x, s, z, bits, levels),
+                       lambda q, s, z: ggml_grid.values(q, s, z, levels)) if grid is not None else
                       (lambda x, s, z: quantize_to_grid(x, s, z, bits), lambda q, s, z: (q - z) * s))
         expand = lambda t: t.T.repeat_interleave(group_size, 1)[:, :in_f]      # (G, out) -> (out, in)
         codes, info["refine"] = refine_codes(w_target, h_damped, codes, expand(scale_t), expand(zero_t), bits,
@@ -199,7 +201,7 @@ class GPTQ(MethodConfig):
     act_order: bool = True
     damp: float = 0.01
     clip: str | None = None     # "mse": search each group's clipping range (Hessian-weighted error)
-    # q4_1|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k: solve ON that llama.cpp grid (fixes bits, group_size = its sub-block),
+    # q4_1|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k|iq4_nl|iq4_xs: solve ON that llama.cpp grid (fixes bits, group_size = its sub-block),
     # so the GGUF export holds exactly these weights; grids fitted up front (static)
     gguf: str | None = None
     # coordinate-descent sweeps after the GPTQ pass (QuantEase); None / 0: off
@@ -261,13 +263,14 @@ def solve_group(linears, config: GPTQ, stats):
     """Members of an input group share H, and GPTQ treats rows independently given H: stack them."""
     w = torch.cat([m.weight.detach() for m in linears])              # (sum out_k, in)
     h = stats.hessian()
-    grid = parts = None
+    grid = parts = levels = None
     if config.gguf:       # the GGUF grid, fitted from the original weights (Hessian-weighted clip search)
-        scale, offset, parts = ggml_grid.fit(w.float(), ggml_grid.ggml_type(config.gguf), config.clip,
-                                             torch.diagonal(h).float())
-        grid = (scale, offset)
+        t = ggml_grid.ggml_type(config.gguf)
+        scale, offset, parts = ggml_grid.fit(w.float(), t, config.clip, torch.diagonal(h).float())
+        grid, levels = (scale, offset), t.levels
     codes, scale, zero, info = gptq_solve(w, h, config.bits, config.group_size, config.symmetric,
-                                          config.act_order, config.damp, config.clip, grid, config.refine or 0)
+                                          config.act_order, config.damp, config.clip, grid, config.refine or 0,
+                                          levels=levels)
     if config.refit and not config.gguf and "fallback" not in info:
         codes, scale, info["refit"] = refit_loop(w, h, codes, scale, zero, config, info["damp"])
     out, start = [], 0

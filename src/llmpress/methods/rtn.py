@@ -184,6 +184,9 @@ def fix_gguf_grid(config) -> None:
 
 
 def check_gguf_clip(config) -> None:
+    if config.gguf and config.clip and config.gguf.startswith("iq4"):
+        raise LLMPressError(f"gguf={config.gguf} always fits its scales by llama.cpp's importance-weighted search "
+                            f"(ggml_grid.fit_table_scales); clip={config.clip} does not apply, leave it unset")
     if config.gguf and config.clip == "search":
         raise LLMPressError(f"clip=search is built for the symmetric uniform grids (Q4_0 / Q5_0 / Q8_0 as bits=4|5|8, "
                             f"group_size=32); gguf={config.gguf} takes clip=mse")
@@ -238,7 +241,7 @@ class RTN(MethodConfig):
     group_size: int = 128       # 0: per channel (one scale per output row)
     symmetric: bool = True
     clip: str | None = None     # "mse": search each group's clipping range (data-free: unweighted)
-    gguf: str | None = None     # q4_1|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k: quantize onto that llama.cpp grid (fixes bits, group_size)
+    gguf: str | None = None     # q4_1|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k|iq4_nl|iq4_xs: quantize onto that llama.cpp grid (fixes bits, group_size)
 
     def __post_init__(self) -> None:
         fix_gguf_grid(self)
