@@ -1,8 +1,10 @@
 """Issue 23: llmpress's GGUF against llama.cpp's own imatrix quantizer, in one run, on the same
 dense weights and the same calibration tokens.
 
-Part 1 (this file today): Q4_0 on the embedded SmolLM2-135M (576-wide rows: Q4_0 is the type
-every block linear takes). Files, all with the source GGUF's embedding bytes (identical across
+On the embedded SmolLM2-135M (576-wide rows). `--grid q4_0` (default): Q4_0, the type every block
+linear takes; `--grid iq4_nl`: IQ4_NL (the same 4.5 bits per weight, a non-uniform table);
+`--grid iq4_xs`: IQ4_XS where the rows are whole 256-weight blocks (down_proj), IQ4_NL elsewhere,
+llama-quantize's fallback. Files, all with the source GGUF's embedding bytes (identical across
 files, so only the block linears differ):
 - llama.cpp Q4_0 with an importance matrix: ggml_quantize_chunk (bench/ggml_reference.py, the code
   `llama-quantize --imatrix` runs) with the imatrix llama-imatrix would compute from these
@@ -16,12 +18,13 @@ seq_len 2048, first `--windows` windows) and, with `--tools DIR` (../shared/tool
 DIR), llama.cpp's own `llama-perplexity` (context 512, first `--chunks` chunks); the increase over
 the dense / F16 file and its ratio to llama.cpp's imatrix file.
 
-    .venv/bin/python bench/gguf_vs_llamacpp.py --tools /work/tools/llama [--out bench/results/gguf_vs_llamacpp.json]
+    .venv/bin/python bench/gguf_vs_llamacpp.py --tools /work/tools/llama [--grid iq4_nl] [--out FILE.json]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import re
 import subprocess
@@ -38,7 +41,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from ggml_reference import quantize_all  # noqa: E402
-from llmpress import GPTQ, Plan  # noqa: E402
+from llmpress import GPTQ  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens, load_text  # noqa: E402
 from llmpress.eval import perplexity  # noqa: E402
@@ -46,12 +49,34 @@ from llmpress.gguf_export import export_gguf, qk_permutation  # noqa: E402
 from llmpress.models import load_model, resolve_source  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
 
-VARIANTS = {
-    "llmpress GPTQ W4 g32 (Q4_0)": GPTQ(bits=4, group_size=32),
-    "llmpress GPTQ W4 g32 clip=mse": GPTQ(bits=4, group_size=32, clip="mse"),
-    "llmpress GPTQ W4 g32 clip=search": GPTQ(bits=4, group_size=32, clip="search"),
-    "llmpress GPTQ W4 g32 clip=search refit=3": GPTQ(bits=4, group_size=32, clip="search", refit=3),
+# --grid: the llama.cpp type of every block linear (by its row length: llama-quantize's fallback
+# for rows that are not whole 256-weight blocks, IQ4_XS -> IQ4_NL) and llmpress's variants on it
+GRIDS = {
+    "q4_0": (lambda cols: "Q4_0", {
+        "llmpress GPTQ W4 g32 (Q4_0)": GPTQ(bits=4, group_size=32),
+        "llmpress GPTQ W4 g32 clip=mse": GPTQ(bits=4, group_size=32, clip="mse"),
+        "llmpress GPTQ W4 g32 clip=search": GPTQ(bits=4, group_size=32, clip="search"),
+        "llmpress GPTQ W4 g32 clip=search refit=3": GPTQ(bits=4, group_size=32, clip="search", refit=3),
+    }),
+    "iq4_nl": (lambda cols: "IQ4_NL", {
+        "llmpress GPTQ gguf=iq4_nl": GPTQ(gguf="iq4_nl"),
+        "llmpress GPTQ gguf=iq4_nl refine=2": GPTQ(gguf="iq4_nl", refine=2),
+    }),
+    "iq4_xs": (lambda cols: "IQ4_XS" if cols % 256 == 0 else "IQ4_NL", {
+        "llmpress GPTQ gguf=iq4_xs": GPTQ(gguf="iq4_xs"),
+        "llmpress GPTQ gguf=iq4_xs refine=2": GPTQ(gguf="iq4_xs", refine=2),
+    }),
 }
+
+
+def plan_on(cfg: GPTQ, type_of, model) -> dict:
+    """{fqn: config}: cfg where its grid takes the layer's rows, else the same solver on llama.cpp's fallback type."""
+    out = {}
+    for name in adapter_for(model).linear_names(model):
+        cols = model.get_submodule(name).in_features
+        kind = type_of(cols)
+        out[name] = cfg if not cfg.gguf or kind.lower() == cfg.gguf else dataclasses.replace(cfg, gguf=kind.lower())
+    return out
 
 
 @torch.no_grad()
@@ -87,12 +112,14 @@ def main() -> None:
     import gguf
     from transformers import AutoModelForCausalLM
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gguf_vs_llamacpp.json"))
+    ap.add_argument("--out", help="default bench/results/gguf_vs_llamacpp[_GRID].json")
     ap.add_argument("--tools", type=Path, help="llama.cpp tools folder (../shared/tools/llama-cpp-tools.sh DIR)")
     ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
+    ap.add_argument("--grid", choices=list(GRIDS), default="q4_0")
     a = ap.parse_args()
+    type_of, variants = GRIDS[a.grid]
     _, source = resolve_source("smollm2-135m")
     dense, tok = load_model("smollm2-135m")
     ids = eval_tokens(tok, "wikitext2")
@@ -100,7 +127,8 @@ def main() -> None:
     config = dense.config
     results = {"date": time.strftime("%Y-%m-%d"), "model": "smollm2-135m", "calibration": "wikipedia 64 x 512 seed 0",
                "windows": a.windows, "chunks": a.chunks, "files": {}}
-    out = Path(a.out)
+    results["grid"] = a.grid
+    out = Path(a.out or ROOT / "bench" / "results" / f"gguf_vs_llamacpp{'' if a.grid == 'q4_0' else '_' + a.grid}.json")
 
     def measure(name: str, model, path: Path, tmp: Path, seconds: float | None = None) -> None:
         row = {"bytes": path.stat().st_size, "compress_seconds": seconds}
@@ -132,9 +160,10 @@ def main() -> None:
             imp = imatrix(dense, tokens)
             results["imatrix_seconds"] = time.perf_counter() - t
             names = adapter_for(dense).linear_names(dense)
-            for label, use in (("llama.cpp Q4_0 imatrix", True), ("llama.cpp Q4_0", False)):
+            kinds = {n: type_of(dense.get_submodule(n).in_features) for n in names}
+            for label, use in ((f"llama.cpp {a.grid.upper()} imatrix", True), (f"llama.cpp {a.grid.upper()}", False)):
                 t = time.perf_counter()
-                q = quantize_all(a.tools, {n: (dense.get_submodule(n).weight.detach().half().float().numpy(), "Q4_0",
+                q = quantize_all(a.tools, {n: (dense.get_submodule(n).weight.detach().half().float().numpy(), kinds[n],
                                                imp[n] if use else None) for n in names})
                 seconds = time.perf_counter() - t
 
@@ -143,28 +172,30 @@ def main() -> None:
                     perm = qk_permutation(config, fqn, raw.shape[0])     # the export's q / k row order
                     if perm is not None:
                         raw = raw[perm.numpy()]
-                    return raw, gguf.GGMLQuantizationType.Q4_0
+                    return raw, getattr(gguf.GGMLQuantizationType, kinds[fqn])
                 path = tmp / f"{len(results['files'])}.gguf"
                 export_gguf(dense, path, source_gguf=source, encode=encode)
                 measure(label, dense, path, tmp, seconds)
 
         only = {s.strip() for s in a.only.split(",") if s.strip()}
-        for label, cfg in VARIANTS.items():
+        for label, cfg in variants.items():
             if only and label not in only:
                 continue
             model = copy.deepcopy(dense)
             t = time.perf_counter()
-            compress(model, Plan.uniform(cfg).resolve(adapter_for(model).linear_names(model)), tokens, progress=False)
+            plan = plan_on(cfg, type_of, model)
+            compress(model, plan, tokens, progress=False)
             seconds = time.perf_counter() - t
             path = tmp / f"{len(results['files'])}.gguf"
             types = export_gguf(model, path, source_gguf=source)
-            assert all(v == "Q4_0" for k, v in types.items() if k.startswith("blk.") and "norm" not in k), types
+            kinds = {type_of(model.get_submodule(n).in_features) for n in plan}
+            assert all(v in kinds for k, v in types.items() if k.startswith("blk.") and "norm" not in k), types
             measure(label, model, path, tmp, seconds)
             del model
 
     files = results["files"]
     base = files["F16 (block linears)"]
-    ref = files.get("llama.cpp Q4_0 imatrix")
+    ref = files.get(f"llama.cpp {a.grid.upper()} imatrix")
     for name, row in files.items():
         for key in ("perplexity", "llama_perplexity_512"):
             if key in row and key in base:

@@ -184,7 +184,7 @@ def test_llama3_rope_scaling_is_written_as_rope_freqs(tmp_path, bpe_tokenizer):
 
 def test_every_gguf_grid_runs_in_llamacpp(tmp_path, bpe_tokenizer):
     """A qwen2 model (256 wide, so the 256-weight super-blocks fit) GPTQ-solved with a different
-    llama.cpp grid on each layer (Q2_K .. Q6_K, Q4_1, Q5_1, IQ4_NL, IQ4_XS): llama.cpp loads the
+    llama.cpp grid on each layer (Q2_K .. Q6_K, Q4_1, Q5_1, IQ4_NL, IQ4_XS, IQ3_S .. IQ2_XXS): llama.cpp loads the
     file and predicts as transformers does on the same weights (its Q8 activations: within 5e-2)."""
     import transformers as T
     from llmpress import GPTQ
@@ -196,7 +196,8 @@ def test_every_gguf_grid_runs_in_llamacpp(tmp_path, bpe_tokenizer):
                                              tie_word_embeddings=True)).eval()
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0, 0.15)
-    grids = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_1", "q5_1", "iq4_nl", "iq4_xs"]
+    grids = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_1", "q5_1", "iq4_nl", "iq4_xs",
+             "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"]
     names = [f"model.layers.{i}.{n}" for i in range(2) for n in ("self_attn.q_proj", "self_attn.k_proj",
              "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
     configs = {n: GPTQ(gguf=grids[i % len(grids)]) for i, n in enumerate(names)}

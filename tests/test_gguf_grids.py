@@ -62,12 +62,19 @@ def test_gguf_option_fixes_the_grid_and_refuses_conflicts():
     with pytest.raises(LLMPressError, match="fixes bits=4"):
         GPTQ(gguf="q4_k", bits=3)
     with pytest.raises(LLMPressError, match="unknown GGUF grid"):
-        RTN(gguf="iq3_xxs")
+        RTN(gguf="iq1_s")
+    c = GPTQ(gguf="IQ2_XS")
+    assert (c.bits, c.group_size, c.gguf) == (2, 16, "iq2_xs") and c.storage(8, 512) == (8 * 2 * 74, 8 * 512)
+    with pytest.raises(LLMPressError, match="does not apply to the codebook"):
+        GPTQ(gguf="iq3_s", refine=2)
+    with pytest.raises(LLMPressError, match="clip=mse does not apply"):
+        GPTQ(gguf="iq2_s", clip="mse")
     assert "256-weight blocks" in GPTQ(gguf="q4_k").shape_problem(64, 576)
     assert GPTQ(gguf="q4_1").shape_problem(64, 576) is None
 
 
-@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "q4_1", "q3_k", "q2_k", "iq4_nl", "iq4_xs"])
+@pytest.mark.parametrize("kind", ["q4_k", "q6_k", "q4_1", "q3_k", "q2_k", "iq4_nl", "iq4_xs",
+                                  "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"])
 def test_gptq_on_the_gguf_grid_beats_rtn_on_it(kind):
     """GPTQ solving on the fixed grid: output error ||(W - W') X|| below RTN's on the same grid, and
     the result is still on it (bytes that gguf-py decodes to the layer's weight)."""
@@ -89,8 +96,10 @@ def test_gptq_on_the_gguf_grid_beats_rtn_on_it(kind):
     def out_err(m):
         return ((m.dense_weight() - w) @ x.T).norm().item()
 
-    assert out_err(gptq) < 0.85 * out_err(rtn)        # the same gain as GPTQ on its own grid (0.75)
-    t = ggml_grid.TYPES[kind]
+    # the same gain as GPTQ on its own grid (0.75); the codebook types measure 0.84-0.90 on this
+    # layer (its shifted row and outlier) and 0.6-0.75 of weighted rounding on real layers
+    assert out_err(gptq) < (0.92 if kind[:3] in ("iq2", "iq3") else 0.85) * out_err(rtn)
+    t = ggml_grid.ggml_type(kind)
     ref = gguf.quants.dequantize(gptq.raw.numpy(), getattr(gguf.GGMLQuantizationType, t.name))
     assert np.array_equal(ref, gptq.dense_weight().numpy())
 
@@ -158,7 +167,8 @@ def _llama_256(layers=1):
 
 
 def test_gguf_grid_model_saves_reloads_and_exports_exactly(tmp_path, tiny_tokenizer):
-    """A model GPTQ-solved on Q4_K / Q5_K / Q6_K / Q4_1 / Q5_1 / Q3_K / Q2_K / IQ4_NL / IQ4_XS (one type per layer): save -> load gives
+    """A model GPTQ-solved on Q4_K / Q5_K / Q6_K / Q4_1 / Q5_1 / Q3_K / Q2_K / IQ4_NL / IQ4_XS and the
+    codebook types IQ3_S .. IQ2_XXS (one type per layer): save -> load gives
     identical logits; the GGUF export writes each layer's bytes as that type, and transformers' GGUF
     reader gives back llmpress's logits exactly; compressed-tensors refuses it with the reason."""
     import gguf
@@ -171,7 +181,8 @@ def test_gguf_grid_model_saves_reloads_and_exports_exactly(tmp_path, tiny_tokeni
     kinds = {"self_attn.q_proj": "q4_k", "self_attn.k_proj": "q5_k", "self_attn.v_proj": "q6_k",
              "self_attn.o_proj": "q4_1", "mlp.gate_proj": "q5_1", "mlp.up_proj": "q3_k", "mlp.down_proj": "q2_k"}
     configs = {f"model.layers.0.{k}": GPTQ(gguf=v) for k, v in kinds.items()}
-    configs.update({f"model.layers.1.{k}": GPTQ(gguf="iq4_nl" if "attn" in k else "iq4_xs") for k in kinds})
+    more = ["iq4_nl", "iq4_xs", "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"]
+    configs.update({f"model.layers.1.{k}": GPTQ(gguf=more[i]) for i, k in enumerate(kinds)})
     tokens = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
     compress(model, configs, tokens, progress=False)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -187,7 +198,8 @@ def test_gguf_grid_model_saves_reloads_and_exports_exactly(tmp_path, tiny_tokeni
     on_disk = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
     assert on_disk["blk.0.attn_k.weight"] == "Q5_K" and on_disk["blk.0.ffn_down.weight"] == "Q2_K"
     assert on_disk["blk.0.ffn_up.weight"] == "Q3_K"
-    assert on_disk["blk.1.attn_k.weight"] == "IQ4_NL" and on_disk["blk.1.ffn_down.weight"] == "IQ4_XS"
+    assert [on_disk[f"blk.1.{n}.weight"] for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                                   "ffn_down")] == [m.upper() for m in more]
     model.config.save_pretrained(tmp_path)
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
     with torch.no_grad():

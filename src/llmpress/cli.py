@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--clip", choices=["mse", "search"],
                    help="RTN / GPTQ / AWQ: mse: search each group's clipping range; search: llama.cpp's "
                         "importance-weighted signed scale search (symmetric grids: all 2^b levels used)")
-    c.add_argument("--gguf-type", choices=["q4_1", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"],
+    c.add_argument("--gguf-type", choices=["q4_1", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs",
+                                                  "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"],
                    help="RTN / AWQ / GPTQ: quantize onto this llama.cpp block grid (fixes bits and group size; "
                         "--format gguf then writes these bytes as they are)")
     c.add_argument("--rotate", choices=["hadamard", "random"],

@@ -71,15 +71,22 @@ TYPES = {t.name.lower(): t for t in (
 )}
 
 
-def ggml_type(name: str) -> GGMLType:
-    t = TYPES.get(str(name).lower())
+def ggml_type(name: str):
+    """The GGMLType of a block grid, or the ggml_codebook.CodebookType of a codebook (IQ2 / IQ3) type."""
+    from llmpress.methods import ggml_codebook
+    t = TYPES.get(str(name).lower()) or ggml_codebook.TYPES.get(str(name).lower())
     if t is None:
-        raise LLMPressError(f"unknown GGUF grid {name!r}; llmpress quantizes onto {', '.join(TYPES)} "
+        raise LLMPressError(f"unknown GGUF grid {name!r}; llmpress quantizes onto {', '.join([*TYPES, *ggml_codebook.TYPES])} "
                             "(Q4_0 / Q5_0 / Q8_0 are the symmetric group-32 grids: bits=4|5|8, group_size=32)")
     return t
 
 
-def shape_problem(t: GGMLType, in_features: int) -> str | None:
+def is_codebook(t) -> bool:
+    from llmpress.methods.ggml_codebook import CodebookType
+    return isinstance(t, CodebookType)
+
+
+def shape_problem(t, in_features: int) -> str | None:          # GGMLType or CodebookType
     if in_features % t.block:
         return (f"GGUF {t.name} needs rows of whole {t.block}-weight blocks, this layer has {in_features} "
                 "inputs (llama.cpp falls back to another type for such tensors too)")
@@ -92,7 +99,7 @@ def check_shape(t: GGMLType, in_features: int) -> None:
         raise LLMPressError(problem)
 
 
-def row_bytes(t: GGMLType, in_features: int) -> int:
+def row_bytes(t, in_features: int) -> int:          # GGMLType or CodebookType
     return in_features // t.block * t.nbytes
 
 
@@ -229,8 +236,15 @@ def _sub_ranges(ws: torch.Tensor, t: GGMLType, clip: str | None, wt: torch.Tenso
 
 def round_to_grid(w: torch.Tensor, t: GGMLType, clip: str | None = None, weights: torch.Tensor | None = None):
     """Round to nearest: w (rows, cols) -> (codes (rows, cols), dequantized (rows, cols), parts);
-    the dequantized weights are q * scale + offset, the very float32 operations `decode` makes."""
+    the dequantized weights are q * scale + offset, the very float32 operations `decode` makes.
+    Codebook types (ggml_codebook.round_to_grid): codes None, the parts hold the codewords."""
     rows, cols = w.shape
+    if is_codebook(t):
+        from llmpress.methods import ggml_codebook
+        if clip:
+            raise LLMPressError(f"GGUF {t.name} fits its scales by its own search; clip does not apply")
+        deq, parts = ggml_codebook.round_to_grid(w, t, weights)
+        return None, deq, parts
     scale, offset, parts = fit(w, t, clip, weights)
     q = quantize(w.view(rows, -1, t.sub), scale[..., None], offset[..., None], t.bits, t.levels)
     return q.view(rows, cols), values(q, scale[..., None], offset[..., None], t.levels).view(rows, cols), parts
@@ -315,7 +329,11 @@ def _unpack_scales_k(b: torch.Tensor):
 
 
 def encode(t: GGMLType, codes: torch.Tensor, parts: dict) -> torch.Tensor:
-    """codes (rows, cols) in 0..2**bits - 1 and fit's parts -> GGML bytes (rows, cols / block * nbytes)."""
+    """codes (rows, cols) in 0..2**bits - 1 and fit's parts -> GGML bytes (rows, cols / block * nbytes).
+    Codebook types: codes None, parts = ggml_codebook.encode's arguments."""
+    if is_codebook(t):
+        from llmpress.methods import ggml_codebook
+        return ggml_codebook.encode(t, **parts)
     rows, cols = codes.shape
     nb = cols // t.block
     q = codes.to(torch.int32).reshape(rows, nb, t.block)
@@ -429,6 +447,9 @@ def decode_parts(t: GGMLType, raw: torch.Tensor, cols: int):
 def decode(t: GGMLType, raw: torch.Tensor, cols: int) -> torch.Tensor:
     """GGML bytes (rows, row_bytes) uint8 -> weights (rows, cols) float32, bit-identical to
     gguf.quants.dequantize: q * s is exact in float32 for every type, and the one rounding (+ o)
-    is the one ggml makes."""
+    is the one ggml makes. Codebook types: ggml_codebook.decode."""
+    if is_codebook(t):
+        from llmpress.methods import ggml_codebook
+        return ggml_codebook.decode(t, raw, cols)
     q, scale, offset = decode_parts(t, raw, cols)
     return values(q, scale[..., None], offset[..., None], t.levels).reshape(raw.shape[0], cols)

@@ -108,6 +108,54 @@ def gptq_solve(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     return codes, scale_t.T.contiguous(), zero_t.T.contiguous(), info
 
 
+def gptq_codebook_solve(w: torch.Tensor, h: torch.Tensor, t, act_order: bool = True, damp: float = 0.01):
+    """GPTQ's sweep onto one of llama.cpp's codebook types (IQ2_XXS .. IQ3_S, llmpress.methods.ggml_codebook):
+    w (out, in), h (in, in) -> (parts for ggml_codebook.encode, info).
+
+    The two-level scales (fp16 d per 256 weights, 4-bit ls per sub-block) are fitted up front on the
+    original weights by the Hessian-diagonal-weighted search (ggml_codebook.round_to_grid) and held
+    fixed; the sweep then visits 8 columns at a time (one sign group: one 8-codeword or two
+    4-codewords), in order of decreasing sum of h_jj when act_order (GPTVQ's vector act-order), and
+    gives them the valid codeword(s) and signs nearest, in the diagonal of the exact loss metric
+    [(H^-1)_SS]^-1 of those 8 columns, to their error-updated values divided by their sub-block scale
+    (the sign parity of IQ2_XXS / IQ2_XS / IQ3_XXS is met exactly, ggml_codebook.nearest); the
+    rounding error is spread over the later columns as GPTQ does. llama.cpp's quantizer makes the
+    same weighted choice with no error feedback."""
+    from llmpress.methods import ggml_codebook
+    from llmpress.methods.vq import vector_order
+    out_f, in_f = w.shape
+    w, h, dead = hessian.prepare(w, h)
+    _, parts = ggml_codebook.round_to_grid(w, t, torch.diagonal(h).float())
+    dl = ggml_codebook.sub_scale(t, parts["d"], parts["ls"])                   # (out, in / sub) as stored
+    step = 8
+    perm = vector_order(h, step) if act_order else torch.arange(in_f, device=w.device)
+    upper, used = hessian.inverse_cholesky(h[perm][:, perm], damp)
+    if upper is None:
+        return parts, {"fallback": "rtn", "reason": "Cholesky failed at every damping"}
+    g = ggml_codebook.codebook(t).to(w.device)
+    per = step // t.dim                                                         # codewords per step
+    idx = parts["idx"].clone()                                                  # (out, in / dim)
+    signs = parts["signs"].clone()                                              # (out, in)
+
+    def pick(w1, i, col, u):
+        j0 = perm[col].item()                                                   # first original column
+        scale = dl[:, j0 // t.sub][:, None]                                     # (out, 1), > 0 where d > 0
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        metric = torch.diagonal(torch.cholesky_inverse(u.T.double())).float()   # diag [(H^-1)_SS]^-1, (8,)
+        x = (w1[:, i:i + step] / safe).reshape(-1, t.dim)
+        k, sg = ggml_codebook.nearest(t, x, metric.view(per, t.dim).repeat(out_f, 1))
+        k, sg = k.view(out_f, per), sg.view(out_f, step)
+        idx[:, j0 // t.dim:j0 // t.dim + per] = k
+        signs[:, j0:j0 + step] = sg
+        return torch.where(scale > 0, scale * (g[k].reshape(out_f, step) * sg), torch.zeros_like(sg))
+
+    hessian.gptq_sweep(w[:, perm], upper, pick, step=step, block=128)
+    info = {"damp": used}
+    if dead.any():
+        info["dead_columns"] = int(dead.sum())
+    return {**parts, "idx": idx, "signs": signs}, info
+
+
 def damped(h: torch.Tensor, rel: float) -> torch.Tensor:
     """h + rel * mean(diag h) I in float32: the objective GPTQ minimizes at the damping it used."""
     return h.float() + rel * torch.diagonal(h).float().mean() * torch.eye(h.shape[0], device=h.device)
@@ -201,7 +249,7 @@ class GPTQ(MethodConfig):
     act_order: bool = True
     damp: float = 0.01
     clip: str | None = None     # "mse": search each group's clipping range (Hessian-weighted error)
-    # q4_1|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k|iq4_nl|iq4_xs: solve ON that llama.cpp grid (fixes bits, group_size = its sub-block),
+    # q4_1|q5_1|q2_k..q6_k|iq4_nl|iq4_xs|iq3_s|iq3_xxs|iq2_s|iq2_xs|iq2_xxs: solve ON that llama.cpp grid (fixes bits, group_size = its sub-block),
     # so the GGUF export holds exactly these weights; grids fitted up front (static)
     gguf: str | None = None
     # coordinate-descent sweeps after the GPTQ pass (QuantEase); None / 0: off
@@ -221,6 +269,9 @@ class GPTQ(MethodConfig):
             raise LLMPressError(f"refine (coordinate-descent sweeps) must be an integer >= 0, got {self.refine!r}")
         if self.refit is not None and (not isinstance(self.refit, int) or self.refit < 0):
             raise LLMPressError(f"refit (scale re-fit rounds) must be an integer >= 0, got {self.refit!r}")
+        if self.refine and self.gguf and self.gguf.startswith("iq") and not self.gguf.startswith("iq4"):
+            raise LLMPressError(f"refine (coordinate descent over scalar grid points) does not apply to the codebook "
+                                f"type gguf={self.gguf}")
         if self.refit and self.gguf:
             raise LLMPressError(f"refit is built for the uniform grids (bits / group_size); gguf={self.gguf} has "
                                 "two-level scales")
@@ -264,8 +315,16 @@ def solve_group(linears, config: GPTQ, stats):
     w = torch.cat([m.weight.detach() for m in linears])              # (sum out_k, in)
     h = stats.hessian()
     grid = parts = levels = None
+    t = ggml_grid.ggml_type(config.gguf) if config.gguf else None
+    if t is not None and ggml_grid.is_codebook(t):
+        parts, info = gptq_codebook_solve(w, h, t, config.act_order, config.damp)
+        out, start = [], 0
+        for m in linears:
+            rows = slice(start, start + m.out_features)
+            start += m.out_features
+            out.append((ggml_linear_from_codes(m, config.gguf, None, {k: v[rows] for k, v in parts.items()}), dict(info)))
+        return out
     if config.gguf:       # the GGUF grid, fitted from the original weights (Hessian-weighted clip search)
-        t = ggml_grid.ggml_type(config.gguf)
         scale, offset, parts = ggml_grid.fit(w.float(), t, config.clip, torch.diagonal(h).float())
         grid, levels = (scale, offset), t.levels
     codes, scale, zero, info = gptq_solve(w, h, config.bits, config.group_size, config.symmetric,

@@ -184,9 +184,9 @@ def fix_gguf_grid(config) -> None:
 
 
 def check_gguf_clip(config) -> None:
-    if config.gguf and config.clip and config.gguf.startswith("iq4"):
-        raise LLMPressError(f"gguf={config.gguf} always fits its scales by llama.cpp's importance-weighted search "
-                            f"(ggml_grid.fit_table_scales); clip={config.clip} does not apply, leave it unset")
+    if config.gguf and config.clip and config.gguf.startswith("iq"):
+        raise LLMPressError(f"gguf={config.gguf} always fits its scales by its own importance-weighted search "
+                            f"(as llama.cpp does); clip={config.clip} does not apply, leave it unset")
     if config.gguf and config.clip == "search":
         raise LLMPressError(f"clip=search is built for the symmetric uniform grids (Q4_0 / Q5_0 / Q8_0 as bits=4|5|8, "
                             f"group_size=32); gguf={config.gguf} takes clip=mse")
@@ -210,6 +210,7 @@ def ggml_linear_from_codes(linear, gguf: str, codes: torch.Tensor, parts: dict):
     from llmpress.modules import GGMLLinear
     t = ggml_type(gguf)
     return GGMLLinear(linear.in_features, linear.out_features, t.name, encode(t, codes, parts), linear.bias)
+    # (codebook types: codes None, parts = ggml_codebook.encode's idx / signs / d / ls)
 
 
 def rtn_gguf(w: torch.Tensor, gguf: str, clip: str | None = None, weights: torch.Tensor | None = None):
@@ -241,7 +242,9 @@ class RTN(MethodConfig):
     group_size: int = 128       # 0: per channel (one scale per output row)
     symmetric: bool = True
     clip: str | None = None     # "mse": search each group's clipping range (data-free: unweighted)
-    gguf: str | None = None     # q4_1|q5_1|q2_k|q3_k|q4_k|q5_k|q6_k|iq4_nl|iq4_xs: quantize onto that llama.cpp grid (fixes bits, group_size)
+    # q4_1|q5_1|q2_k..q6_k|iq4_nl|iq4_xs|iq3_s|iq3_xxs|iq2_s|iq2_xs|iq2_xxs: quantize onto that llama.cpp grid
+    # (fixes bits, group_size)
+    gguf: str | None = None
 
     def __post_init__(self) -> None:
         fix_gguf_grid(self)
