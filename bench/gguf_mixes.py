@@ -9,7 +9,7 @@ For each mix (Q2_K, Q3_K_S, Q3_K_M, IQ4_XS, ...):
   (the mix's rules, fallbacks for rows that are not whole 256-weight blocks);
 - llmpress: the dense model with llama.cpp's token embedding / output tensors of that file (their
   bytes copied, so only the block linears differ), GPTQ on each block linear's llama.cpp type
-  (`gptq:gguf=TYPE`; Q4_0 / Q5_0 / Q8_0 as bits=4|5|8 group_size=32 clip=search), the same
+  (`gptq:gguf=TYPE,clip=search`; Q4_0 / Q5_0 / Q8_0 as bits=4|5|8 group_size=32 clip=search), the same
   calibration windows, exported to GGUF.
 Both measured by llama.cpp's `llama-perplexity` (WikiText-2 test, ctx 512, first --chunks chunks) and
 `llama-bench` (decode tokens / s, 2 threads), with the file sizes; the F16 file is the baseline.
@@ -44,7 +44,7 @@ from llmpress import GPTQ  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
 from llmpress.data import calibration_tokens  # noqa: E402
 from llmpress.gguf_export import export_gguf  # noqa: E402
-from llmpress.methods import ggml_grid  # noqa: E402
+from llmpress.methods import ggml_codebook, ggml_grid  # noqa: E402
 from llmpress.models import load_model, resolve_source  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
 
@@ -93,7 +93,9 @@ def decode_speed(tools: Path, path: Path) -> float:
 def llmpress_config(kind: str):
     if kind in UNIFORM:
         return GPTQ(bits=UNIFORM[kind], group_size=32, clip="search")
-    if kind.lower() in ggml_grid.TYPES:
+    if kind.lower() in ggml_grid.TYPES:       # llama.cpp's weighted scale searches, except the IQ4 tables (always on)
+        return GPTQ(gguf=kind.lower(), clip=None if kind.startswith("IQ") else "search")
+    if kind.lower() in ggml_codebook.TYPES:
         return GPTQ(gguf=kind.lower())
     return None
 

@@ -12,7 +12,8 @@ files, so only the block linears differ):
 - llama.cpp Q4_0 without imatrix;
 - llmpress GPTQ W4 g32 symmetric (= Q4_0 blocks, no re-quantization) with clip none / mse /
   search (llama.cpp's importance-weighted signed scale search, Hessian diagonal as importance) and
-  search + refit (scales re-fitted jointly to the chosen codes in the Hessian metric, 3 rounds).
+  search + refit (scales re-fitted jointly to the chosen codes in the Hessian metric, 3 rounds),
+  then with the pipeline's true-sequential statistics, GPTAQ reference stream and block tuning.
 Measured: file size; WikiText-2 perplexity through transformers' GGUF reader (llmpress's protocol,
 seq_len 2048, first `--windows` windows) and, with `--tools DIR` (../shared/tools/llama-cpp-tools.sh
 DIR), llama.cpp's own `llama-perplexity` (context 512, first `--chunks` chunks); the increase over
@@ -57,6 +58,11 @@ GRIDS = {
         "llmpress GPTQ W4 g32 clip=mse": GPTQ(bits=4, group_size=32, clip="mse"),
         "llmpress GPTQ W4 g32 clip=search": GPTQ(bits=4, group_size=32, clip="search"),
         "llmpress GPTQ W4 g32 clip=search refit=3": GPTQ(bits=4, group_size=32, clip="search", refit=3),
+        # with the pipeline's options: true-sequential statistics, GPTAQ's reference stream, block tuning
+        "llmpress GPTQ W4 g32 clip=search refit=3 sequential reference=0.25":
+            (GPTQ(bits=4, group_size=32, clip="search", refit=3), {"sequential": True, "reference": 0.25}),
+        "llmpress GPTQ W4 g32 clip=search refit=3 sequential reference=0.25 tune=2":
+            (GPTQ(bits=4, group_size=32, clip="search", refit=3), {"sequential": True, "reference": 0.25, "tune": 2}),
     }),
     "iq4_nl": (lambda cols: "IQ4_NL", {
         "llmpress GPTQ gguf=iq4_nl": GPTQ(gguf="iq4_nl"),
@@ -129,6 +135,8 @@ def main() -> None:
                "windows": a.windows, "chunks": a.chunks, "files": {}}
     results["grid"] = a.grid
     out = Path(a.out or ROOT / "bench" / "results" / f"gguf_vs_llamacpp{'' if a.grid == 'q4_0' else '_' + a.grid}.json")
+    if a.only and out.exists():            # a partial run adds its rows to the file's earlier ones
+        results["files"] = json.loads(out.read_text()).get("files", {})
 
     def measure(name: str, model, path: Path, tmp: Path, seconds: float | None = None) -> None:
         row = {"bytes": path.stat().st_size, "compress_seconds": seconds}
@@ -181,10 +189,11 @@ def main() -> None:
         for label, cfg in variants.items():
             if only and label not in only:
                 continue
+            cfg, options = cfg if isinstance(cfg, tuple) else (cfg, {})
             model = copy.deepcopy(dense)
             t = time.perf_counter()
             plan = plan_on(cfg, type_of, model)
-            compress(model, plan, tokens, progress=False)
+            compress(model, plan, tokens, progress=False, **options)
             seconds = time.perf_counter() - t
             path = tmp / f"{len(results['files'])}.gguf"
             types = export_gguf(model, path, source_gguf=source)

@@ -25,14 +25,14 @@ def _linear(out_f=24, in_f=512, seed=0):
 
 
 @pytest.mark.parametrize("kind", TYPES)
-@pytest.mark.parametrize("clip", [None, "mse"])
+@pytest.mark.parametrize("clip", [None, "mse", "search"])
 def test_ggml_bytes_decode_like_gguf_py(kind, clip):
     """A layer RTN-quantized onto the grid stores GGML bytes that gguf-py's reference dequantizer
     turns into exactly the layer's weight; every code value and the top bit are exercised; the cost
     model counts exactly those bytes (= the type's size in GGUF)."""
     import gguf
     if clip and kind.startswith("iq4"):
-        with pytest.raises(LLMPressError, match="clip=mse does not apply"):
+        with pytest.raises(LLMPressError, match=f"clip={clip} does not apply"):
             RTN(gguf=kind, clip=clip)
         return
     lin = _linear()

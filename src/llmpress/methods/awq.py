@@ -118,7 +118,7 @@ class AWQ(MethodConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        check_quant_options(self.bits, self.group_size, self.clip, self.symmetric)
+        check_quant_options(self.bits, self.group_size, self.clip, None if self.gguf else self.symmetric)
         check_gguf_clip(self)
 
     def shape_problem(self, out_features, in_features):

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.errors import LLMPressError
-from llmpress.methods.rtn import search_clip
+from llmpress.methods.rtn import search_clip, search_scale, search_scale_min
 
 F16 = torch.float16
 
@@ -111,7 +111,9 @@ def fit(w: torch.Tensor, t: GGMLType, clip: str | None = None, weights: torch.Te
     each sub-block's grid is w = q * scale + offset, exactly as the GGML type stores it (parts:
     the fields `encode` writes). clip="mse": each sub-block's float range is shrunk by the factor of
     rtn.CLIP_SHRINKS (rtn.search_clip) with the smallest (weights-weighted, (cols,)) squared rounding error, before
-    the second-level rounding of the K-quant scales."""
+    the second-level rounding of the K-quant scales. clip="search": llama.cpp's importance-weighted
+    searches per sub-block instead (rtn.search_scale, signed scales, for Q3_K / Q6_K, the peak one
+    stored as sc = -32 / -128 as llama.cpp does; rtn.search_scale_min, scale and min, for the others)."""
     rows, cols = w.shape
     check_shape(t, cols)
     if t.levels is not None:
@@ -127,6 +129,14 @@ def fit(w: torch.Tensor, t: GGMLType, clip: str | None = None, weights: torch.Te
     per = t.block // t.sub                                                 # sub-blocks per super-block
     s = s.reshape(rows, -1, per)
     levels = t.scale_levels
+    if t.symmetric and clip == "search":     # signed sub-block scales: the peak one stored as -(levels + 1)
+        peak = s.gather(-1, s.abs().argmax(-1, keepdim=True))[..., 0]      # (rows, B)
+        d = (-peak / (levels + 1)).to(F16)
+        df = d.float()[..., None]
+        sc = torch.round(s / torch.where(df != 0, df, torch.ones_like(df))).clamp(-(levels + 1), levels)
+        sc = torch.where(df != 0, sc, torch.zeros_like(sc)).to(torch.int8)
+        scale = (df * sc.float()).reshape(rows, -1)
+        return scale, -(2 ** (t.bits - 1)) * scale, {"d": d, "sc": sc}
     d = (s.amax(-1) / levels).to(F16)                                      # (rows, B)
     sc = _small_multiple(s, d, levels, at_least=1)
     scale = (d.float()[..., None] * sc.float()).reshape(rows, -1)          # exact in fp32, as ggml computes it
@@ -226,6 +236,16 @@ def _sub_ranges(ws: torch.Tensor, t: GGMLType, clip: str | None, wt: torch.Tenso
 
     if clip is None:
         return ranges(1.0)
+    if clip == "search":                     # llama.cpp's importance-weighted searches, per sub-block
+        rows, n_sub, sub = ws.shape
+        flat = ws.reshape(-1, sub)
+        wflat = None if wt is None else wt[None].expand(rows, n_sub, sub).reshape(-1, sub)
+        if t.symmetric:                      # make_qx_quants: signed scale, all 2**b levels
+            s, _ = search_scale(flat, t.bits, wflat, round_scale=False)
+            s = s.reshape(rows, n_sub)
+            return s, -(2 ** (t.bits - 1)) * s
+        s, lo = search_scale_min(flat, t.bits, wflat, nonpositive=t.block > t.sub)       # make_qkx2_quants
+        return s.reshape(rows, n_sub).clamp(min=0), lo.reshape(rows, n_sub)
 
     def error(s, lo):                                                        # (rows, S)
         d = ws - (quantize(ws, s[..., None], lo[..., None], t.bits) * s[..., None] + lo[..., None])
@@ -259,9 +279,9 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: i
         safe = torch.where(scale != 0, scale, torch.ones_like(scale))
         q = nearest_level(w / safe, table).float()
         return torch.where(scale != 0, q, torch.zeros_like(q))
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    safe = torch.where(scale != 0, scale, torch.ones_like(scale))        # signed scales: the grid reversed
     q = torch.clamp(torch.round((w - offset) / safe), 0, 2 ** bits - 1)
-    return torch.where(scale > 0, q, torch.zeros_like(q))
+    return torch.where(scale != 0, q, torch.zeros_like(q))
 
 
 def values(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, levels: tuple[int, ...] | None = None):

@@ -262,7 +262,7 @@ class GPTQ(MethodConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        check_quant_options(self.bits, self.group_size, self.clip, self.symmetric)
+        check_quant_options(self.bits, self.group_size, self.clip, None if self.gguf else self.symmetric)
         check_gguf_clip(self)
         check_damp(self.damp)
         if self.refine is not None and (not isinstance(self.refine, int) or self.refine < 0):

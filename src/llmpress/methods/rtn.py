@@ -47,21 +47,25 @@ def quant_grid(w: torch.Tensor, bits: int, symmetric: bool, clip: str | None = N
 SCALE_STEPS = tuple(0.1 * k for k in range(-9, 10))     # llama.cpp's make_qx_quants: nmax + 0.1 k
 
 
-def search_scale(w: torch.Tensor, bits: int, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def search_scale(w: torch.Tensor, bits: int, weights: torch.Tensor | None = None,
+                 round_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The importance-weighted scale search of llama.cpp's imatrix quantizer (make_qx_quants in
     ggml-quants.c, I. Kawrakow 2024), for a symmetric b-bit grid w = (q - 2**(b-1)) * scale.
 
     w (rows, cols), weights (cols,) the importance of each column (the Hessian diagonal, i.e.
-    llama.cpp's imatrix x n; None: equal). Each weight counts importance * sqrt(sigma2 + w^2)
+    llama.cpp's imatrix x n; or (rows, cols); None: equal). Each weight counts importance * sqrt(sigma2 + w^2)
     (sigma2 = the mean w^2 of the row's group), as llama.cpp weighs it. The grid keeps all
     2**b levels: the weight of largest magnitude (either sign) maps to the extreme level -nmax,
     so the scale is negative when that weight is positive. For each of the 19 inverse scales
     -(nmax + 0.1 k) / max, k = -9..9, codes are rounded to nearest and the scale set to the weighted
     least-squares fit sum(w x l) / sum(w l^2); the best fit (largest sum(w x l)^2 / sum(w l^2)) is
-    kept. Returns scale (rows,) as stored (fp16) and zero (rows,) = 2**(b-1)."""
+    kept. Returns scale (rows,) as stored (fp16; round_scale=False: float32, for a second-level
+    rounding by the caller) and zero (rows,) = 2**(b-1)."""
     nmax = 2 ** (bits - 1)
     sigma2 = (w * w).mean(1, keepdim=True)
-    imp = torch.sqrt(sigma2 + w * w) * (weights[None] if weights is not None else 1.0)    # (rows, cols)
+    if weights is not None and weights.dim() == 1:
+        weights = weights[None]                                  # else already (rows, cols)
+    imp = torch.sqrt(sigma2 + w * w) * (weights if weights is not None else 1.0)          # (rows, cols)
     peak = w.gather(1, w.abs().argmax(1, keepdim=True))                                  # (rows, 1) signed
     safe = torch.where(peak != 0, peak, torch.ones_like(peak))
     best_score = torch.full_like(peak[:, 0], -1.0)
@@ -73,9 +77,54 @@ def search_scale(w: torch.Tensor, bits: int, weights: torch.Tensor | None = None
         better = score > best_score
         best_scale = torch.where(better, sumlx / suml2.clamp(min=1e-30), best_scale)
         best_score = torch.where(better, score, best_score)
+    if not round_scale:
+        return best_scale, torch.full_like(best_scale, float(nmax))
     scale = best_scale.to(STORAGE_DTYPE).float()
     scale = torch.where(scale != 0, scale, torch.ones_like(scale))              # an all-zero group
     return scale, torch.full_like(scale, float(nmax))
+
+
+MIN_STEPS = tuple(-1.0 + 0.1 * k for k in range(21))     # llama.cpp's make_qkx2_quants: rmin -1, rdelta 0.1, 20 steps
+
+
+def search_scale_min(w: torch.Tensor, bits: int, weights: torch.Tensor | None = None,
+                     nonpositive: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The importance-weighted (scale, min) search of llama.cpp's imatrix quantizer for asymmetric
+    grids (make_qkx2_quants / make_qkx3_quants in ggml-quants.c, I. Kawrakow 2023-24):
+    w (rows, cols) -> (scale (rows,), low (rows,)) float32 (not rounded), the grid w = q * scale + low,
+    q in 0..2**b - 1, low <= 0 (the K-quants' stored min; nonpositive=False: any low, Q4_1 / Q5_1). Weights as search_scale (importance * sqrt(sigma2 + w^2)). For
+    each inverse scale (nmax + k) / (max - min), k in MIN_STEPS, codes are rounded to nearest and
+    (scale, low) set to their weighted least-squares fit (low clamped to <= 0, the scale refitted
+    then); the fit with the smallest weighted error is kept."""
+    nmax = 2 ** bits - 1
+    sigma2 = (w * w).mean(1, keepdim=True)
+    if weights is not None and weights.dim() == 1:
+        weights = weights[None]
+    imp = torch.sqrt(sigma2 + w * w) * (weights if weights is not None else 1.0)          # (rows, cols)
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    if nonpositive:
+        lo = lo.clamp(max=0)
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    sw, swx = imp.sum(1), (imp * w).sum(1)
+    best_err = torch.full_like(sw, float("inf"))
+    best = (span[:, 0] / nmax, lo[:, 0])
+    for k in MIN_STEPS:
+        l = torch.clamp(torch.round((nmax + k) / span * (w - lo)), 0, nmax)
+        swl, swl2, swlx = (imp * l).sum(1), (imp * l * l).sum(1), (imp * l * w).sum(1)
+        det = sw * swl2 - swl * swl
+        ok = det > 0
+        safe = torch.where(ok, det, torch.ones_like(det))
+        scale = torch.where(ok, (sw * swlx - swl * swx) / safe, best[0])
+        low = torch.where(ok, (swl2 * swx - swl * swlx) / safe, best[1])
+        pos = (low > 0) & nonpositive                          # the stored min is <= 0: refit the scale alone
+        scale = torch.where(pos, swlx / swl2.clamp(min=1e-30), scale)
+        low = torch.where(pos, torch.zeros_like(low), low)
+        d = l * scale[:, None] + low[:, None] - w
+        err = (imp * d * d).sum(1)
+        better = ok & (err < best_err)
+        best = (torch.where(better, scale, best[0]), torch.where(better, low, best[1]))
+        best_err = torch.where(better, err, best_err)
+    return best
 
 
 def search_clip(clip: str, grid_at, error) -> tuple[torch.Tensor, ...]:
@@ -187,9 +236,7 @@ def check_gguf_clip(config) -> None:
     if config.gguf and config.clip and config.gguf.startswith("iq"):
         raise LLMPressError(f"gguf={config.gguf} always fits its scales by its own importance-weighted search "
                             f"(as llama.cpp does); clip={config.clip} does not apply, leave it unset")
-    if config.gguf and config.clip == "search":
-        raise LLMPressError(f"clip=search is built for the symmetric uniform grids (Q4_0 / Q5_0 / Q8_0 as bits=4|5|8, "
-                            f"group_size=32); gguf={config.gguf} takes clip=mse")
+
 
 
 def gguf_shape_problem(config, in_features: int) -> str | None:
@@ -251,7 +298,7 @@ class RTN(MethodConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        check_quant_options(self.bits, self.group_size, self.clip, self.symmetric)
+        check_quant_options(self.bits, self.group_size, self.clip, None if self.gguf else self.symmetric)
         check_gguf_clip(self)
 
     def shape_problem(self, out_features, in_features):
