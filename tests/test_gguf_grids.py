@@ -328,3 +328,44 @@ def test_gguf_export_can_requantize_the_embeddings(tmp_path):
     with pytest.raises(LLMPressError, match="embedding_type must be one of"):
         export_gguf(model, tmp_path / "n.gguf", embedding_type="Q4_K")
     assert not (tmp_path / "n.gguf").exists()
+
+
+def test_declared_gguf_fallback_for_rows_that_are_not_whole_blocks(tmp_path, tiny_tokenizer, capsys):
+    """gguf=q3_k / iq4_xs on a model whose down_proj has 384 inputs: without a fallback the plan is
+    refused before work (naming --gguf-fallback); with --gguf-fallback llama.cpp that layer takes
+    llama-quantize's own substitute (Q3_K -> Q4_0, IQ4_XS -> IQ4_NL), reported in the output and the
+    manifest, and the GGUF holds exactly those types; a fallback that is not a 32-block grid is refused."""
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from llmpress.cli import main
+    from llmpress.export import read_manifest
+    from llmpress.gguf_export import export_gguf
+    from llmpress.export import load_compressed
+    from llmpress.plan import with_gguf_fallback
+    torch.manual_seed(0)
+    src = tmp_path / "hf"
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    shapes = {"a": (8, 256), "b": (8, 384)}
+    configs, changed = with_gguf_fallback({"a": GPTQ(gguf="q3_k", clip="search"), "b": GPTQ(gguf="q3_k", clip="search")}, shapes)
+    assert configs["a"].gguf == "q3_k" and configs["b"] == GPTQ(bits=4, group_size=32, clip="search")
+    assert list(changed) == ["b"] and changed["b"]["to"] == "q4_0" and "256-weight" in changed["b"]["reason"]
+    configs, _ = with_gguf_fallback({"b": GPTQ(gguf="iq2_xs")}, shapes, "iq4_nl")
+    assert configs["b"].gguf == "iq4_nl"
+    base = ["compress", "--model", str(src), "--method", "gptq", "--gguf-type", "iq4_xs", "--num-samples", "4",
+            "--seq-len", "16", "--calib", str(text)]
+    assert main([*base, "--out", str(tmp_path / "refused")]) != 0
+    assert "--gguf-fallback" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert main([*base, "--gguf-fallback", "q3_k", "--out", str(tmp_path / "bad")]) != 0
+    assert "32-weight blocks" in capsys.readouterr().err
+    assert main([*base, "--gguf-fallback", "llama.cpp", "--out", str(tmp_path / "q")]) == 0
+    assert "1 layer(s) take iq4_nl instead of iq4_xs" in capsys.readouterr().err
+    assert read_manifest(tmp_path / "q")["gguf_fallbacks"]["model.layers.0.mlp.down_proj"]["to"] == "iq4_nl"
+    model, _ = load_compressed(tmp_path / "q")
+    export_gguf(model, tmp_path / "m.gguf", tokenizer_fields=None)
+    on_disk = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
+    assert on_disk["blk.0.ffn_down.weight"] == "IQ4_NL" and on_disk["blk.0.ffn_up.weight"] == "IQ4_XS"

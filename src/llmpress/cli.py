@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
                                                   "iq3_s", "iq3_xxs", "iq2_s", "iq2_xs", "iq2_xxs"],
                    help="RTN / AWQ / GPTQ: quantize onto this llama.cpp block grid (fixes bits and group size; "
                         "--format gguf then writes these bytes as they are)")
+    c.add_argument("--gguf-fallback", metavar="llama.cpp|TYPE",
+                   help="layers whose rows a GGUF grid of the plan cannot take (not whole 256-weight blocks) get "
+                        "the same method on this 32-block grid instead (llama.cpp: llama-quantize's own choice, "
+                        "e.g. Q3_K -> Q4_0, IQ4_XS -> IQ4_NL); reported. Without it such a plan is refused")
     c.add_argument("--rotate", choices=["hadamard", "random"],
                    help="fold an orthogonal rotation of the residual stream (and per-head v/o) into the weights "
                         "before compressing (QuaRot-style incoherence; the model's function is unchanged)")
@@ -222,6 +226,9 @@ def cmd_compress(a) -> dict:
         plan = None
     else:
         plan = Plan.load(a.plan) if a.plan else Plan.uniform(_config_from_args(a))
+    if a.gguf_fallback:
+        from llmpress.plan import check_gguf_fallback
+        check_gguf_fallback(a.gguf_fallback)
     check_out_dir(a.out, a.overwrite)
     from llmpress.walk import resolve_device, resolve_dtype
     from llmpress.distributed import init_from_env, local_device
@@ -285,6 +292,14 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         allocated = _allocate(a, model, tokenizer, tokens, budget, menu, device, source)
         plan, allocation = allocated.plan, allocated.info
     layer_configs = plan.resolve(adapter_for(model).linear_names(model))
+    substituted = {}
+    if a.gguf_fallback:
+        from llmpress.plan import with_gguf_fallback
+        shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in layer_configs}
+        layer_configs, substituted = with_gguf_fallback(layer_configs, shapes, a.gguf_fallback)
+        for pair in sorted({(v["from"], v["to"]) for v in substituted.values()}):
+            n = sum((v["from"], v["to"]) == pair for v in substituted.values())
+            print(f"{n} layer(s) take {pair[1]} instead of {pair[0]} (rows not whole 256-weight blocks)", file=sys.stderr)
     if any(c.stat for c in layer_configs.values()):
         if tokens is None:
             tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
@@ -319,12 +334,13 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
     manifest = {"source_model": a.model, "device": str(device), "rotation": rotation,
                 "plan": plan.to_dict(), "allocation": allocation,
                 "layers": {k: v.to_dict() for k, v in layer_configs.items()},
-                "calibration": calib, "seed": a.seed, "report": report.layers, "size": size}
+                "calibration": calib, "seed": a.seed, "report": report.layers, "size": size,
+                "gguf_fallbacks": substituted}
     out = save_compressed(model, tokenizer, a.out, manifest, overwrite=a.overwrite)
     if checkpoint is not None:
         checkpoint.remove()                           # saved: the per-block checkpoint is no longer needed
     result = {"out": str(out), "compress_seconds": report.seconds, **size, "calibration": calib,
-              "fallbacks": fallbacks, "allocation": allocation, "processes": n_ranks,
+              "fallbacks": fallbacks, "gguf_fallbacks": substituted, "allocation": allocation, "processes": n_ranks,
               "reduced_bytes": report.reduced_bytes}
     if allocation is not None:
         from llmpress.report import plot_allocation

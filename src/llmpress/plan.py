@@ -82,3 +82,49 @@ class Plan:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise LLMPressError(f"cannot read plan {path}: {e}")
+
+
+# llama-quantize's own substitutes for tensors whose rows are not whole 256-weight blocks
+# (llama_tensor_get_type's fallback, as the llama.cpp build of ../shared/tools does it)
+LLAMACPP_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
+                     "iq4_xs": "iq4_nl", "iq3_s": "iq4_nl", "iq3_xxs": "iq4_nl", "iq2_s": "iq4_nl",
+                     "iq2_xs": "iq4_nl", "iq2_xxs": "iq4_nl"}
+UNIFORM_GGUF = {"q4_0": 4, "q5_0": 5, "q8_0": 8}       # the symmetric group-32 grids: bits=b, group_size=32
+
+
+def check_gguf_fallback(fallback: str) -> None:
+    """Refuse, before any work, a fallback that is not a grid every row of 32-multiple length takes."""
+    from llmpress.methods.ggml_grid import TYPES
+    ok = ["llama.cpp", *UNIFORM_GGUF, *(k for k, t in TYPES.items() if t.block == 32)]
+    if str(fallback).lower() not in [o.lower() for o in ok]:
+        raise LLMPressError(f"--gguf-fallback must be one of {', '.join(ok)} (a grid of 32-weight blocks), got {fallback!r}")
+
+
+def with_gguf_fallback(layer_configs: dict[str, MethodConfig], shapes: dict[str, tuple[int, int]],
+                       fallback: str = "llama.cpp") -> tuple[dict[str, MethodConfig], dict[str, dict]]:
+    """Give the layers whose rows a config's GGUF grid cannot take (gguf=q3_k on 576 inputs) the same
+    method on a declared fallback grid: fallback="llama.cpp" uses llama-quantize's own substitute
+    (LLAMACPP_FALLBACK: Q3_K -> Q4_0, IQ4_XS -> IQ4_NL ...), or a type name (q4_0, q5_0, q8_0,
+    iq4_nl, q4_1, q5_1: the 32-weight-block grids) for all of them. shapes: {fqn: (out, in)}.
+    Returns (configs, {fqn: {"from", "to", "reason"}}) so the substitution is reported, never silent;
+    a fallback that does not fit either is left for the pipeline to refuse."""
+    import dataclasses
+    out, changed = dict(layer_configs), {}
+    for fqn, config in layer_configs.items():
+        gguf = getattr(config, "gguf", None)
+        why = config.shape_problem(*shapes[fqn]) if gguf else None
+        if why is None:
+            continue
+        target = LLAMACPP_FALLBACK.get(gguf) if fallback == "llama.cpp" else str(fallback).lower()
+        if target is None:
+            raise LLMPressError(f"{fqn}: {why}, and llama.cpp declares no fallback for {gguf}")
+        clip = {"clip": None} if target.startswith("iq") and getattr(config, "clip", None) else {}
+        if target in UNIFORM_GGUF:
+            new = dataclasses.replace(config, gguf=None, bits=UNIFORM_GGUF[target], group_size=32, symmetric=True)
+        else:
+            fields = type(config).__dataclass_fields__             # bits / group size / symmetric: the grid's
+            implied = {k: fields[k].default for k in ("bits", "group_size", "symmetric") if k in fields}
+            new = dataclasses.replace(config, gguf=target, **implied, **clip)
+        out[fqn] = new
+        changed[fqn] = {"from": gguf, "to": target, "reason": why}
+    return out, changed

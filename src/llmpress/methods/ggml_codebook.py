@@ -79,7 +79,7 @@ def codebook_type(name: str) -> CodebookType:
 def shape_problem(t: CodebookType, in_features: int) -> str | None:
     if in_features % t.block:
         return (f"GGUF {t.name} needs rows of whole {t.block}-weight blocks, this layer has {in_features} "
-                "inputs (llama.cpp falls back to another type for such tensors too)")
+                "inputs (llama.cpp falls back to another type for such tensors too: --gguf-fallback llama.cpp does the same)")
     return None
 
 

@@ -89,7 +89,7 @@ def is_codebook(t) -> bool:
 def shape_problem(t, in_features: int) -> str | None:          # GGMLType or CodebookType
     if in_features % t.block:
         return (f"GGUF {t.name} needs rows of whole {t.block}-weight blocks, this layer has {in_features} "
-                "inputs (llama.cpp falls back to another type for such tensors too)")
+                "inputs (llama.cpp falls back to another type for such tensors too: --gguf-fallback llama.cpp does the same)")
     return None
 
 
