@@ -150,3 +150,24 @@ def test_bad_inputs_are_refused_clearly():
                 gc.encode(t, idx, signs, d, ls)
         with pytest.raises(LLMPressError, match="outside"):
             gc.encode(t, idx, signs.abs(), d, ls + 16)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_rtn_and_awq_layers_on_a_codebook_type(kind):
+    """RTN(gguf=...) and AWQ(gguf=...) store the type's GGML bytes (a GGMLLinear counted as the GGUF
+    size), which gguf-py decodes to exactly the layer's weight; clip does not apply to these types."""
+    import gguf
+    from llmpress.methods.awq import AWQ
+    from llmpress.methods.rtn import RTN, apply_rtn
+    from llmpress.modules import GGMLLinear
+    t = gc.TYPES[kind]
+    lin = torch.nn.Linear(512, 16, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(_weights())
+    q, _ = apply_rtn(lin, RTN(gguf=kind), None)
+    assert isinstance(q, GGMLLinear) and q.raw.numel() == RTN(gguf=kind).storage(16, 512)[0] == 16 * gc.row_bytes(t, 512)
+    assert np.array_equal(gguf.quants.dequantize(q.raw.numpy(), _gguf_type(t)), q.dense_weight().numpy())
+    assert torch.equal(q.dense_weight(), gc.round_to_grid(lin.weight.detach(), t)[0]) and torch.equal(q.bias, lin.bias.detach().half())
+    assert AWQ(gguf=kind).bits == t.bits and not q.runs_packed(torch.randn(2, 512).to(torch.bfloat16))
+    with pytest.raises(LLMPressError, match="does not apply"):
+        AWQ(gguf=kind, clip="mse")
