@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64, help="calibration windows of 512 tokens (both tools)")
     ap.add_argument("--chunks", type=int, default=40)
     ap.add_argument("--out", help="default bench/results/gguf_mixes_<model>.json")
+    ap.add_argument("--keep", type=Path, help="keep the GGUF files in this folder (default: a temporary one)")
     a = ap.parse_args()
     tag = Path(a.model).stem if a.model.endswith(".gguf") else a.model
     out = Path(a.out or ROOT / "bench" / "results" / f"gguf_mixes_{tag}.json")
@@ -128,11 +129,15 @@ def main() -> None:
     names = gguf_names(dense)
     with tempfile.TemporaryDirectory(dir="/work/models" if Path("/work/models").is_dir() else None) as tmp:
         tmp = Path(tmp)
+        if a.keep:
+            a.keep.mkdir(parents=True, exist_ok=True)
+            tmp = a.keep
+        written = {}                           # name -> file, for the decode speeds measured together at the end
         f16 = tmp / "f16.gguf"
         export_gguf(dense, f16, source_gguf=source, float_type="F16", copy_embeddings=False)
         if "F16" not in files:
-            save("F16", {"bytes": f16.stat().st_size, "llama_perplexity_512": perplexity(a.tools, f16, a.chunks),
-                         "decode_tokens_per_s": decode_speed(a.tools, f16)})
+            save("F16", {"bytes": f16.stat().st_size, "llama_perplexity_512": perplexity(a.tools, f16, a.chunks)})
+        written["F16"] = f16
         t = time.perf_counter()
         imp = imatrix(dense, tokens)
         write_imatrix(tmp / "imatrix.dat", {names[k]: v for k, v in imp.items()}, a.windows)
@@ -146,8 +151,8 @@ def main() -> None:
             kinds = {t.name: t.tensor_type.name for t in reader.tensors}
             save(f"llama.cpp {mix} imatrix", {"bytes": ref.stat().st_size, "quantize_seconds": seconds,
                                               "types": dict(sorted(__import__("collections").Counter(kinds[n] for n in names.values()).items())),
-                                              "llama_perplexity_512": perplexity(a.tools, ref, a.chunks),
-                                              "decode_tokens_per_s": decode_speed(a.tools, ref)})
+                                              "llama_perplexity_512": perplexity(a.tools, ref, a.chunks)})
+            written[f"llama.cpp {mix} imatrix"] = ref
             configs = {fqn: llmpress_config(kinds[n]) for fqn, n in names.items()}
             missing = sorted({kinds[names[f]] for f, c in configs.items() if c is None})
             if missing:
@@ -169,8 +174,17 @@ def main() -> None:
             assert all(types[n] == kinds[n] for n in ("token_embd.weight", "output.weight") if n in kinds), types
             save(f"llmpress GPTQ on llama.cpp's {mix} types", {
                 "bytes": path.stat().st_size, "compress_seconds": seconds,
-                "llama_perplexity_512": perplexity(a.tools, path, a.chunks), "decode_tokens_per_s": decode_speed(a.tools, path)})
+                "llama_perplexity_512": perplexity(a.tools, path, a.chunks)})
+            written[f"llmpress GPTQ on llama.cpp's {mix} types"] = path
             del model
+        # decode speeds back to back (a file measured while another job ran would not compare), best of 2 rounds
+        for name in written:
+            files[name].pop("decode_tokens_per_s", None)
+        for _ in range(2):
+            for name, path in written.items():
+                files[name]["decode_tokens_per_s"] = max(files[name].get("decode_tokens_per_s", 0.0),
+                                                         decode_speed(a.tools, path))
+        out.write_text(json.dumps(results, indent=1) + "\n")
 
     base = files["F16"]["llama_perplexity_512"]
     print(f"| file | MB | llama-perplexity ctx 512 ({a.chunks} chunks) | increase over F16 | vs llama.cpp | decode tok/s |")
@@ -181,7 +195,7 @@ def main() -> None:
         inc = row["llama_perplexity_512"] - base
         vs = f"{inc / (ref['llama_perplexity_512'] - base):.2f}x" if ref and ref["llama_perplexity_512"] > base else ""
         print(f"| {name} | {row['bytes'] / 1e6:.1f} | {row['llama_perplexity_512']:.3f} | {inc:+.3f} | {vs} | "
-              f"{row['decode_tokens_per_s']:.1f} |")
+              f"{row.get('decode_tokens_per_s', float('nan')):.1f} |")
 
 
 if __name__ == "__main__":
