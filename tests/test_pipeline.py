@@ -199,3 +199,21 @@ def test_save_hf_folder_round_trips_for_offload(tiny_model, tmp_path, tiny_token
     assert torch.equal(again(ids).logits, tiny_model(ids).logits)
     with pytest.raises(LLMPressError, match="already exists"):
         save_hf_folder(tiny_model, tiny_tokenizer, path)
+
+
+def test_weights_already_on_the_grid_are_a_lossless_result_not_a_bug(tiny_model, calib_tokens):
+    """A model whose weights lie on a Q4_1 grid (as the embedded model's do) quantized onto the finer
+    Q5_1 grid with llama.cpp's scale search (which finds that grid): every layer's weights come
+    back exactly; that is recorded as lossless, not refused."""
+    from llmpress.methods import ggml_grid
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    names = adapter_for(model).linear_names(model)
+    with torch.no_grad():
+        for n in names:
+            lin = model.get_submodule(n)
+            lin.weight.copy_(ggml_grid.round_to_grid(lin.weight.detach().float(), ggml_grid.TYPES["q4_1"])[1])
+    report = compress(model, _resolve(model, Plan.uniform(RTN(gguf="q5_1", clip="search"))), progress=False)
+    assert all(report.layers[n].get("lossless") for n in names)

@@ -200,7 +200,8 @@ def _compress_groups(block, adapter, prefix, todo, stats, walk, report, measure_
             old = block.get_submodule(local)
             new = new.to(old.weight.device)
             before = originals.get(local, {}).get("weight", old.weight)
-            _check_changed(prefix + local, before, new)
+            if _check_changed(prefix + local, before, new, config):
+                info = {**info, "lossless": "the weights already lie on this grid"}
             if measure_error and local not in group_info and local in stats:
                 info = {**info, "output_error": relative_output_error(before, new.dense_weight(), stats[local])}
             parent, _, attr = local.rpartition(".")
@@ -299,12 +300,18 @@ def _group_transforms(block, adapter, prefix, todo, stats) -> dict[str, dict]:
     return infos
 
 
-def _check_changed(fqn, weight, new) -> None:
-    """A method that leaves the weights exactly as they were is a bug, not a result."""
+def _check_changed(fqn, weight, new, config) -> bool:
+    """A method that leaves the weights exactly as they were is a bug, not a result, except a
+    quantizer whose (compressed, smaller) layer holds weights that already lay on its grid (a
+    checkpoint that went through Q4_1, stored as Q5_1 or Q8_0: lossless). Returns True then."""
     w_old = weight.detach().float()
     w_new = new.dense_weight()
     if not torch.isfinite(w_new).all():
         raise LLMPressError(f"{fqn}: compression produced non-finite weights")
-    if torch.equal(w_old, w_new):
-        raise LLMPressError(f"{fqn}: the method left the weights unchanged")
+    if not torch.equal(w_old, w_new):
+        return False
+    smaller = hasattr(new, "stored_bytes") and new.stored_bytes() < weight.numel() * 2      # below fp16
+    if config.family == "quantization" and smaller:
+        return True
+    raise LLMPressError(f"{fqn}: the method left the weights unchanged")
 
