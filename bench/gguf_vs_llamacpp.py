@@ -150,6 +150,7 @@ def main() -> None:
         print(name, json.dumps(row), flush=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
 
+    serial = iter(range(10 ** 6))           # file names (results may hold rows of an earlier run)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         config.save_pretrained(tmp)
@@ -181,7 +182,7 @@ def main() -> None:
                     if perm is not None:
                         raw = raw[perm.numpy()]
                     return raw, getattr(gguf.GGMLQuantizationType, kinds[fqn])
-                path = tmp / f"{len(results['files'])}.gguf"
+                path = tmp / f"{next(serial)}.gguf"
                 export_gguf(dense, path, source_gguf=source, encode=encode)
                 measure(label, dense, path, tmp, seconds)
 
@@ -195,7 +196,7 @@ def main() -> None:
             plan = plan_on(cfg, type_of, model)
             compress(model, plan, tokens, progress=False, **options)
             seconds = time.perf_counter() - t
-            path = tmp / f"{len(results['files'])}.gguf"
+            path = tmp / f"{next(serial)}.gguf"
             types = export_gguf(model, path, source_gguf=source)
             kinds = {type_of(model.get_submodule(n).in_features) for n in plan}
             assert all(v in kinds for k, v in types.items() if k.startswith("blk.") and "norm" not in k), types
