@@ -28,6 +28,7 @@ import json
 import re
 import struct
 import subprocess
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -47,9 +48,9 @@ from llmpress.gguf_export import export_gguf  # noqa: E402
 from llmpress.methods import ggml_codebook, ggml_grid  # noqa: E402
 from llmpress.models import load_model, resolve_source  # noqa: E402
 from llmpress.pipeline import compress  # noqa: E402
+from llmpress.plan import UNIFORM_GGUF  # noqa: E402
 
 WIKI = ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw"
-UNIFORM = {"Q4_0": 4, "Q5_0": 5, "Q8_0": 8}          # symmetric group-32 grids: llmpress's bits=b, group_size=32
 
 
 def run(tools: Path, *args: str, stdout_only: bool = False) -> str:
@@ -91,8 +92,8 @@ def decode_speed(tools: Path, path: Path) -> float:
 
 
 def llmpress_config(kind: str):
-    if kind in UNIFORM:
-        return GPTQ(bits=UNIFORM[kind], group_size=32, clip="search")
+    if kind.lower() in UNIFORM_GGUF:         # symmetric group-32 grids: llmpress's bits=b, group_size=32
+        return GPTQ(bits=UNIFORM_GGUF[kind.lower()], group_size=32, clip="search")
     if kind.lower() in ggml_grid.TYPES:       # llama.cpp's weighted scale searches, except the IQ4 tables (always on)
         return GPTQ(gguf=kind.lower(), clip=None if kind.startswith("IQ") else "search")
     if kind.lower() in ggml_codebook.TYPES:
@@ -150,7 +151,7 @@ def main() -> None:
             reader = gguf.GGUFReader(str(ref))
             kinds = {t.name: t.tensor_type.name for t in reader.tensors}
             save(f"llama.cpp {mix} imatrix", {"bytes": ref.stat().st_size, "quantize_seconds": seconds,
-                                              "types": dict(sorted(__import__("collections").Counter(kinds[n] for n in names.values()).items())),
+                                              "types": dict(sorted(Counter(kinds[n] for n in names.values()).items())),
                                               "llama_perplexity_512": perplexity(a.tools, ref, a.chunks)})
             written[f"llama.cpp {mix} imatrix"] = ref
             configs = {fqn: llmpress_config(kinds[n]) for fqn, n in names.items()}

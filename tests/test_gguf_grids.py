@@ -156,11 +156,11 @@ def test_q4_grids_run_packed_in_bfloat16():
     assert not q40.runs_packed(xb)                 # the int4 packing takes rows in multiples of 16
 
 
-def _llama_256(layers=1):
+def _llama_256(layers=1, intermediate=512):
     """A llama whose hidden (256) and intermediate (512) sizes take 256-weight K-quant blocks."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          tie_word_embeddings=True)
     return LlamaForCausalLM(config).eval()
@@ -336,17 +336,13 @@ def test_declared_gguf_fallback_for_rows_that_are_not_whole_blocks(tmp_path, tin
     llama-quantize's own substitute (Q3_K -> Q4_0, IQ4_XS -> IQ4_NL), reported in the output and the
     manifest, and the GGUF holds exactly those types; a fallback that is not a 32-block grid is refused."""
     import gguf
-    from transformers import LlamaConfig, LlamaForCausalLM
     from llmpress.cli import main
     from llmpress.export import read_manifest
     from llmpress.gguf_export import export_gguf
     from llmpress.export import load_compressed
     from llmpress.plan import with_gguf_fallback
-    torch.manual_seed(0)
     src = tmp_path / "hf"
-    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=1,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-                     ).save_pretrained(src)
+    _llama_256(intermediate=384).save_pretrained(src)          # down_proj: 384 inputs, not whole 256-blocks
     tiny_tokenizer.save_pretrained(src)
     text = tmp_path / "calib.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from llmpress.errors import LLMPressError
+from llmpress.methods.ggml_grid import check_shape, row_bytes, shape_problem  # noqa: F401  (shared by both families)
 
 F16 = torch.float16
 
@@ -74,23 +75,6 @@ def codebook_type(name: str) -> CodebookType:
     if t is None:
         raise LLMPressError(f"unknown GGUF codebook type {name!r}; llmpress quantizes onto {', '.join(TYPES)}")
     return t
-
-
-def shape_problem(t: CodebookType, in_features: int) -> str | None:
-    if in_features % t.block:
-        return (f"GGUF {t.name} needs rows of whole {t.block}-weight blocks, this layer has {in_features} "
-                "inputs (llama.cpp falls back to another type for such tensors too: --gguf-fallback llama.cpp does the same)")
-    return None
-
-
-def check_shape(t: CodebookType, in_features: int) -> None:
-    problem = shape_problem(t, in_features)
-    if problem:
-        raise LLMPressError(problem)
-
-
-def row_bytes(t: CodebookType, in_features: int) -> int:
-    return in_features // t.block * t.nbytes
 
 
 def codebook(t: CodebookType) -> torch.Tensor:

@@ -67,7 +67,7 @@ TYPES = {t.name.lower(): t for t in (
     GGMLType("Q3_K", 3, 256, 16, 110, True, 31),
     GGMLType("Q2_K", 2, 256, 16, 84, False, 15),
     GGMLType("IQ4_NL", 4, 32, 32, 18, True, 0, KVALUES),
-    GGMLType("IQ4_XS", 4, 256, 32, 136, True, 32, KVALUES),
+    GGMLType("IQ4_XS", 4, 256, 32, 136, True, 31, KVALUES),      # l - 32 in -32..31
 )}
 
 
@@ -93,7 +93,7 @@ def shape_problem(t, in_features: int) -> str | None:          # GGMLType or Cod
     return None
 
 
-def check_shape(t: GGMLType, in_features: int) -> None:
+def check_shape(t, in_features: int) -> None:          # GGMLType or CodebookType
     problem = shape_problem(t, in_features)
     if problem:
         raise LLMPressError(problem)
@@ -130,12 +130,7 @@ def fit(w: torch.Tensor, t: GGMLType, clip: str | None = None, weights: torch.Te
     s = s.reshape(rows, -1, per)
     levels = t.scale_levels
     if t.symmetric and clip == "search":     # signed sub-block scales: the peak one stored as -(levels + 1)
-        peak = s.gather(-1, s.abs().argmax(-1, keepdim=True))[..., 0]      # (rows, B)
-        d = (-peak / (levels + 1)).to(F16)
-        df = d.float()[..., None]
-        sc = torch.round(s / torch.where(df != 0, df, torch.ones_like(df))).clamp(-(levels + 1), levels)
-        sc = torch.where(df != 0, sc, torch.zeros_like(sc)).to(torch.int8)
-        scale = (df * sc.float()).reshape(rows, -1)
+        d, sc, scale = _signed_multiples(s, levels)
         return scale, -(2 ** (t.bits - 1)) * scale, {"d": d, "sc": sc}
     d = (s.amax(-1) / levels).to(F16)                                      # (rows, B)
     sc = _small_multiple(s, d, levels, at_least=1)
@@ -159,14 +154,21 @@ def _fit_table(w: torch.Tensor, t: GGMLType, weights: torch.Tensor | None):
     if t.block == t.sub:
         d = s.to(F16)
         return d.float(), torch.zeros_like(s), {"d": d}
-    s = s.reshape(rows, -1, t.block // t.sub)                              # (rows, B, 8)
+    d, sc, scale = _signed_multiples(s.reshape(rows, -1, t.block // t.sub), t.scale_levels)   # (rows, B, 8)
+    return scale, torch.zeros_like(scale), {"d": d, "sc": sc}
+
+
+def _signed_multiples(s: torch.Tensor, levels: int):
+    """Signed sub-block scales s (rows, B, per) -> (d (rows, B) fp16, sc (rows, B, per) int8 in
+    -(levels + 1)..levels, scale = d * sc (rows, B * per), exact in fp32 as ggml computes it):
+    d = -s_peak / (levels + 1), so the sub-block scale of largest magnitude is stored at the
+    bottom of the range exactly, as llama.cpp does (Q3_K, Q6_K with search; IQ4_XS); 0 where d = 0."""
     peak = s.gather(-1, s.abs().argmax(-1, keepdim=True))[..., 0]          # (rows, B) signed
-    d = (-peak / 32).to(F16)
+    d = (-peak / (levels + 1)).to(F16)
     df = d.float()[..., None]
-    l = torch.round(s / torch.where(df != 0, df, torch.ones_like(df))).clamp(-32, 31)
-    l = torch.where(df != 0, l, torch.zeros_like(l))
-    scale = (df * l).reshape(rows, -1)                                     # exact in fp32, as ggml computes it
-    return scale, torch.zeros_like(scale), {"d": d, "sc": l.to(torch.int8)}
+    sc = torch.round(s / torch.where(df != 0, df, torch.ones_like(df))).clamp(-(levels + 1), levels)
+    sc = torch.where(df != 0, sc, torch.zeros_like(sc))
+    return d, sc.to(torch.int8), (df * sc).reshape(s.shape[0], -1)
 
 
 def fit_table_scales(w: torch.Tensor, t: GGMLType, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -269,7 +269,7 @@ class GPTQ(MethodConfig):
             raise LLMPressError(f"refine (coordinate-descent sweeps) must be an integer >= 0, got {self.refine!r}")
         if self.refit is not None and (not isinstance(self.refit, int) or self.refit < 0):
             raise LLMPressError(f"refit (scale re-fit rounds) must be an integer >= 0, got {self.refit!r}")
-        if self.refine and self.gguf and self.gguf.startswith("iq") and not self.gguf.startswith("iq4"):
+        if self.refine and self.gguf and ggml_grid.is_codebook(ggml_grid.ggml_type(self.gguf)):
             raise LLMPressError(f"refine (coordinate descent over scalar grid points) does not apply to the codebook "
                                 f"type gguf={self.gguf}")
         if self.refit and self.gguf:
@@ -314,30 +314,26 @@ def solve_group(linears, config: GPTQ, stats):
     """Members of an input group share H, and GPTQ treats rows independently given H: stack them."""
     w = torch.cat([m.weight.detach() for m in linears])              # (sum out_k, in)
     h = stats.hessian()
-    grid = parts = levels = None
+    grid = parts = levels = codes = None
     t = ggml_grid.ggml_type(config.gguf) if config.gguf else None
-    if t is not None and ggml_grid.is_codebook(t):
+    if t is not None and ggml_grid.is_codebook(t):       # the codewords live in parts
         parts, info = gptq_codebook_solve(w, h, t, config.act_order, config.damp)
-        out, start = [], 0
-        for m in linears:
-            rows = slice(start, start + m.out_features)
-            start += m.out_features
-            out.append((ggml_linear_from_codes(m, config.gguf, None, {k: v[rows] for k, v in parts.items()}), dict(info)))
-        return out
-    if config.gguf:       # the GGUF grid, fitted from the original weights (Hessian-weighted clip search)
-        scale, offset, parts = ggml_grid.fit(w.float(), t, config.clip, torch.diagonal(h).float())
-        grid, levels = (scale, offset), t.levels
-    codes, scale, zero, info = gptq_solve(w, h, config.bits, config.group_size, config.symmetric,
-                                          config.act_order, config.damp, config.clip, grid, config.refine or 0,
-                                          levels=levels)
-    if config.refit and not config.gguf and "fallback" not in info:
-        codes, scale, info["refit"] = refit_loop(w, h, codes, scale, zero, config, info["damp"])
+    else:
+        if config.gguf:   # the GGUF grid, fitted from the original weights (Hessian-weighted clip search)
+            scale, offset, parts = ggml_grid.fit(w.float(), t, config.clip, torch.diagonal(h).float())
+            grid, levels = (scale, offset), t.levels
+        codes, scale, zero, info = gptq_solve(w, h, config.bits, config.group_size, config.symmetric,
+                                              config.act_order, config.damp, config.clip, grid, config.refine or 0,
+                                              levels=levels)
+        if config.refit and not config.gguf and "fallback" not in info:
+            codes, scale, info["refit"] = refit_loop(w, h, codes, scale, zero, config, info["damp"])
     out, start = [], 0
     for m in linears:
         rows = slice(start, start + m.out_features)
         start += m.out_features
         if config.gguf:
-            module = ggml_linear_from_codes(m, config.gguf, codes[rows], {k: v[rows] for k, v in parts.items()})
+            module = ggml_linear_from_codes(m, config.gguf, None if codes is None else codes[rows],
+                                            {k: v[rows] for k, v in parts.items()})
         else:
             module = quant_linear_from_codes(m, codes[rows], scale[rows], zero[rows], config.bits,
                                              config.group_size, config.symmetric)

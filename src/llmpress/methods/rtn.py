@@ -44,6 +44,15 @@ def quant_grid(w: torch.Tensor, bits: int, symmetric: bool, clip: str | None = N
     return search_clip(clip, lambda shrink: _grid(w, bits, symmetric, shrink), error)
 
 
+def _importance(w: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """llama.cpp's per-weight importance: weights (cols,) or (rows, cols) (None: 1) times
+    sqrt(sigma2 + w^2), sigma2 the mean w^2 of the row. w (rows, cols) -> (rows, cols)."""
+    sigma2 = (w * w).mean(1, keepdim=True)
+    if weights is not None and weights.dim() == 1:
+        weights = weights[None]
+    return torch.sqrt(sigma2 + w * w) * (weights if weights is not None else 1.0)
+
+
 SCALE_STEPS = tuple(0.1 * k for k in range(-9, 10))     # llama.cpp's make_qx_quants: nmax + 0.1 k
 
 
@@ -62,10 +71,7 @@ def search_scale(w: torch.Tensor, bits: int, weights: torch.Tensor | None = None
     kept. Returns scale (rows,) as stored (fp16; round_scale=False: float32, for a second-level
     rounding by the caller) and zero (rows,) = 2**(b-1)."""
     nmax = 2 ** (bits - 1)
-    sigma2 = (w * w).mean(1, keepdim=True)
-    if weights is not None and weights.dim() == 1:
-        weights = weights[None]                                  # else already (rows, cols)
-    imp = torch.sqrt(sigma2 + w * w) * (weights if weights is not None else 1.0)          # (rows, cols)
+    imp = _importance(w, weights)                                                        # (rows, cols)
     peak = w.gather(1, w.abs().argmax(1, keepdim=True))                                  # (rows, 1) signed
     safe = torch.where(peak != 0, peak, torch.ones_like(peak))
     best_score = torch.full_like(peak[:, 0], -1.0)
@@ -97,10 +103,7 @@ def search_scale_min(w: torch.Tensor, bits: int, weights: torch.Tensor | None = 
     (scale, low) set to their weighted least-squares fit (low clamped to <= 0, the scale refitted
     then); the fit with the smallest weighted error is kept."""
     nmax = 2 ** bits - 1
-    sigma2 = (w * w).mean(1, keepdim=True)
-    if weights is not None and weights.dim() == 1:
-        weights = weights[None]
-    imp = torch.sqrt(sigma2 + w * w) * (weights if weights is not None else 1.0)          # (rows, cols)
+    imp = _importance(w, weights)                                                        # (rows, cols)
     lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
     if nonpositive:
         lo = lo.clamp(max=0)
@@ -238,7 +241,6 @@ def check_gguf_clip(config) -> None:
                             f"(as llama.cpp does); clip={config.clip} does not apply, leave it unset")
 
 
-
 def gguf_shape_problem(config, in_features: int) -> str | None:
     if config.gguf is None:
         return None
@@ -251,13 +253,13 @@ def gguf_storage(config, out_features: int, in_features: int) -> tuple[int, int]
     return out_features * row_bytes(ggml_type(config.gguf), in_features), out_features * in_features
 
 
-def ggml_linear_from_codes(linear, gguf: str, codes: torch.Tensor, parts: dict):
-    """Codes (out, in) on a GGUF grid fitted by ggml_grid.fit -> a GGMLLinear holding its bytes."""
+def ggml_linear_from_codes(linear, gguf: str, codes: torch.Tensor | None, parts: dict):
+    """Codes (out, in) on a GGUF grid fitted by ggml_grid.fit -> a GGMLLinear holding its bytes
+    (codebook types: codes None, parts = ggml_codebook.encode's idx / signs / d / ls)."""
     from llmpress.methods.ggml_grid import encode, ggml_type
     from llmpress.modules import GGMLLinear
     t = ggml_type(gguf)
     return GGMLLinear(linear.in_features, linear.out_features, t.name, encode(t, codes, parts), linear.bias)
-    # (codebook types: codes None, parts = ggml_codebook.encode's idx / signs / d / ls)
 
 
 def rtn_gguf(w: torch.Tensor, gguf: str, clip: str | None = None, weights: torch.Tensor | None = None):
