@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from llmpress.arch import adapter_for
 from llmpress.errors import LLMPressError
 from llmpress.modules import CompressedLinear, from_spec, module_spec
 
@@ -140,6 +141,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None):
     m = verify(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, m["dtype"]))
+    adapter_for(model)            # a mixture of experts: its experts as the linears the manifest names
     for fqn, spec in m["modules"].items():
         parent, _, attr = fqn.rpartition(".")
         setattr(model.get_submodule(parent), attr, from_spec(spec))

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from llmpress.arch import adapter_for
+from llmpress.arch.moe import hub_names
 from llmpress.errors import LLMPressError
 from llmpress.modules import CompressedLinear, GGMLLinear, QuantLinear, QuantLowRankLinear
 
@@ -205,6 +206,7 @@ def write_hf_folder(model: nn.Module, tokenizer, out, extra: dict | None = None,
     try:
         tensors, _ = _dedup_state_dict(model)
         tensors = {k: v.contiguous() for k, v in {**tensors, **(extra or {})}.items()}
+        tensors = hub_names(model.config, tensors)     # MoE experts as the architecture's checkpoints name them
         if max_shard_bytes is None:
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:

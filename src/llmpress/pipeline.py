@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmpress.arch.moe import all_experts_calibration
 from llmpress.config import MethodConfig, group_solver_for, group_transform_for, handler_for
 from llmpress.distributed import broadcast_results
 from llmpress.errors import LLMPressError
 from llmpress.methods.hessian import toward_reference
 from llmpress.rotate import fold_online
-from llmpress.stats import StatsCache, block_key, tokens_digest
+from llmpress.stats import StatsCache, block_key, tokens_digest, with_prior
 from llmpress.tune import tune_block
 from llmpress.walk import BlockWalk
 
@@ -44,7 +45,8 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
              batch_size: int = 8, progress: bool = True, propagate: bool = True,
              stats_cache: str | Path | None = None, measure_error: bool = False,
              device: str | torch.device | None = "cpu", source=None, checkpoint=None,
-             sequential: bool = False, reference: float = 0.0, tune: int = 0) -> CompressReport:
+             sequential: bool = False, reference: float = 0.0, tune: int = 0,
+             min_expert_tokens: int = 128, calibrate_all_experts: bool = False) -> CompressReport:
     """Compress `model` in place. layer_configs: {fqn: config} (a resolved Plan); tokens: (N, T)
     calibration token ids, needed when any config declares a statistic.
 
@@ -69,6 +71,12 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     target is the reference stream's when there is one).
     Layers with an online rotation (llmpress.rotate.rotate_online) are compressed in the rotated
     basis and keep it; those left dense get it folded back at the end.
+    Mixtures of experts: each expert's statistics come from the tokens the router sends to it; an
+    expert that got fewer than `min_expert_tokens` has its statistics damped toward isotropic ones
+    (with none: the data-free solution), recorded per layer as `tokens` and `fallback`.
+    calibrate_all_experts=True runs every expert on every token for the statistics while the
+    block's outputs still add only the routed experts (llm-compressor's default; E / k times the
+    expert compute).
     """
     walk = BlockWalk(model, device, batch_size, progress, source)
     adapter, blocks = walk.adapter, walk.blocks
@@ -91,6 +99,13 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     if reference and not any(c.stat == "hessian" for c in layer_configs.values()):
         raise LLMPressError("reference (asymmetric calibration) needs a method that takes the Gram matrix "
                             "(gptq, sparsegpt, awq, gptq-lr, svd-llm ...); this plan has none")
+    if min_expert_tokens < 1:
+        raise LLMPressError(f"min_expert_tokens must be >= 1, got {min_expert_tokens!r}")
+    if calibrate_all_experts and adapter.moe is None:
+        raise LLMPressError("calibrate_all_experts applies to mixtures of experts; this model has none")
+    if reference and adapter.moe is not None and not calibrate_all_experts:
+        raise LLMPressError("reference (asymmetric calibration) on a mixture of experts needs calibrate_all_experts: "
+                            "the two streams route different tokens to each expert")
     if walk.world > 1 and (checkpoint is not None or stats_cache is not None):
         raise LLMPressError("checkpoints and statistics caches are single-process; under torchrun run without them")
     problems = [f"{fqn}: {why}" for fqn, c in layer_configs.items()
@@ -153,15 +168,21 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
             elif needs_data and (any(c.stat for c in part.values()) or not propagate or measure_error):
                 # one forward with hooks; without propagation its outputs feed the next block
                 all_groups = cache is not None or measure_error   # a cache entry serves any later method
-                hidden_out, stats, out = walk.gather(block, hidden, _heads(adapter, prefix, part, all_groups, groups),
-                                                     (dense_block, hidden_ref) if reference else None, stop=sequential)
+                with all_experts_calibration(block, calibrate_all_experts), \
+                        all_experts_calibration(dense_block, calibrate_all_experts and reference):
+                    hidden_out, stats, out = walk.gather(block, hidden, _heads(adapter, prefix, part, all_groups, groups),
+                                                         (dense_block, hidden_ref) if reference else None, stop=sequential)
                 ref_out = out if out is not None else ref_out
                 if cache is not None:
                     cache.save(keys[i], {g[0]: stats[g[0]] for g in adapter.input_groups if g[0] in stats})
                 if not propagate:
                     hidden = hidden_out
+            stats, notes = _expert_priors(adapter, stats, min_expert_tokens)
             originals = _toward_reference(block, prefix, part, stats, reference) if reference else {}
             _compress_groups(block, adapter, prefix, part, stats, walk, report, measure_error, originals)
+            for local, note in notes.items():
+                if prefix + local in report.layers:
+                    report.layers[prefix + local].update(note)
         if reference and needs_data and ref_out is None:
             with torch.no_grad():
                 ref_out = walk.run(dense_block, hidden_ref)
@@ -209,6 +230,23 @@ def _compress_groups(block, adapter, prefix, todo, stats, walk, report, measure_
             shift = {k: v for k, v in originals.get(local, {}).items() if k != "weight"}
             report.layers[prefix + local] = {"method": config.label(), "seconds": t / len(members),
                                              **group_info.get(local, {}), **shift, **info}
+
+
+def _expert_priors(adapter, stats: dict, min_tokens: int) -> tuple[dict, dict[str, dict]]:
+    """Routed experts' statistics with llmpress.stats.with_prior applied (members of a group share
+    the new object). Returns (statistics, {local: {"tokens": n, ["fallback": what was done]}})."""
+    if adapter.moe is None:
+        return stats, {}
+    out, notes, done = dict(stats), {}, {}
+    for local, st in stats.items():
+        if not adapter.is_expert(local):
+            continue
+        if id(st) not in done:
+            done[id(st)] = with_prior(st, min_tokens)
+        new, note = done[id(st)]
+        out[local] = new
+        notes[local] = note or {"tokens": st.count}
+    return out, notes
 
 
 def _toward_reference(block, prefix, todo, stats, alpha) -> dict[str, dict]:

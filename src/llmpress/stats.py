@@ -3,6 +3,7 @@ batches, shards and devices combine by addition."""
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -183,3 +184,36 @@ class StatsCache:
             s.count = int(tensors[f"{head}/count"].item())
             out[head] = s
         return out
+
+
+def with_prior(stats: InputStats, min_tokens: int) -> tuple[InputStats, dict | None]:
+    """Statistics of a layer that saw n < min_tokens inputs (a rarely routed expert) with
+    min_tokens - n isotropic pseudo-inputs added, of the same mean square d as the real ones
+    (d = 1 when n = 0). Returns (statistics, what was done, for the report) or (stats, None) when
+    n >= min_tokens.
+
+    For the Gram matrix that is G + (m - n) d I: a relative damping (m - n) / n on top of the
+    method's own, which keeps a few tokens from dictating an (in, in) solve. With no token at all it
+    is the identity, under which the second-order methods reduce to their data-free form (GPTQ's
+    error feedback vanishes: RTN on the same grid; SparseGPT: magnitude; whitened SVD: plain SVD):
+    never a NaN from an empty statistic, never a layer zeroed by a Hessian with no live column."""
+    n, m = stats.count, int(min_tokens)
+    if n >= m:
+        return stats, None
+    size = stats.abs_sum.numel()
+    d = (stats.square_sums().sum().item() / (n * size)) if n else 1.0
+    d = d if d > 0 else 1.0
+    extra = m - n
+    out = InputStats(size, stats.gram is not None, stats.device)
+    if stats.gram is not None:
+        out.gram = stats.gram.clone()
+        out.gram.diagonal().add_(extra * d)
+    else:
+        out.sq_sum = stats.sq_sum + extra * d
+    out.abs_sum = stats.abs_sum + extra * (2 * d / math.pi) ** 0.5     # E|x| of N(0, d)
+    out.cross = None if stats.cross is None else stats.cross.clone()
+    out.count = m
+    if n == 0:
+        return out, {"tokens": 0, "fallback": "no routed token: identity statistics (the data-free solution)"}
+    return out, {"tokens": n, "fallback": f"{n} routed tokens < {m}: damping raised by {extra / n:.3g} "
+                                          "(isotropic pseudo-tokens)"}

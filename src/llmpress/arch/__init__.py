@@ -1,11 +1,14 @@
 """Architecture adapters: where the decoder blocks are, which linears they hold, which of those
-read the same input (and so share one calibration statistic) and which serving engines fuse."""
+read the same input (and so share one calibration statistic) and which serving engines fuse.
+Mixture-of-experts layouts are in llmpress.arch.moe: their adapters are built per model (the
+expert count is in the config) and list every expert's projections as linears of their own."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
 
+from llmpress.arch.moe import LEFT_OUT, MOE_LAYOUTS, MoELayout, check_uniform_layers, unfuse_experts
 from llmpress.errors import LLMPressError
 
 
@@ -20,6 +23,11 @@ class Adapter:
     input_source: tuple[tuple[str, str], ...] = ()
     norm_offset: float = 0.0          # RMSNorm multiplies by (offset + weight): 1 for Gemma
     final_norm_path: str = "model.norm"   # the norm between the last block and the LM head
+    moe: MoELayout | None = None      # the sparse block's layout, for mixture-of-experts models
+
+    def is_expert(self, local: str) -> bool:
+        """Whether a block-local linear name is one of the routed experts' projections."""
+        return self.moe is not None and local.startswith(self.moe.expert_prefix() + ".")
 
     def source_of(self, head: str) -> str | None:
         return dict(self.input_source).get(head)
@@ -70,16 +78,35 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
-def check_supported(model_type: str | None) -> Adapter:
-    if model_type not in ADAPTERS:
+def check_supported(model_type: str | None) -> None:
+    if model_type not in ADAPTERS and model_type not in MOE_LAYOUTS:
+        left = "".join(f"; {t} is left out for now ({why})" for t, why in LEFT_OUT.items() if t == model_type)
         raise LLMPressError(
-            f"unsupported architecture {model_type!r}; llmpress supports: {', '.join(sorted(ADAPTERS))}"
+            f"unsupported architecture {model_type!r}; llmpress supports: "
+            f"{', '.join(sorted(ADAPTERS))}, and the mixtures of experts {', '.join(sorted(MOE_LAYOUTS))}{left}"
         )
-    return ADAPTERS[model_type]
+
+
+def moe_adapter(config) -> Adapter:
+    """Attention as in Llama, then the sparse block: shared-expert and per-expert input groups. No
+    AWQ source for the MoE groups: the norm before them also feeds the router, so a scale folded
+    into it would change the routing."""
+    layout = MOE_LAYOUTS[config.model_type]
+    check_uniform_layers(config)
+    return Adapter("model.layers", _LLAMA_GROUPS[:2] + layout.groups(config), _LLAMA_SOURCES[:2], moe=layout)
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    adapter = check_supported(getattr(model.config, "model_type", None))
+    """The model's adapter. A mixture of experts has its fused experts modules replaced (in place,
+    once, sharing the weights' memory) by llmpress.arch.moe.RoutedExperts, so that each expert's
+    projections are linears of their own."""
+    model_type = getattr(model.config, "model_type", None)
+    check_supported(model_type)
+    if model_type in MOE_LAYOUTS:
+        adapter = moe_adapter(model.config)
+        unfuse_experts(model, adapter.blocks(model))
+    else:
+        adapter = ADAPTERS[model_type]
     blocks = adapter.blocks(model)
     for name in adapter.linear_names(model)[: sum(len(g) for g in adapter.input_groups)]:
         module = model.get_submodule(name)

@@ -1,0 +1,190 @@
+"""Mixtures of experts: every supported layout built tiny from a config (hidden 256, 2 layers, 8
+experts, top-2), compressed expert by expert, saved, reloaded and exported."""
+import copy
+
+import pytest
+import torch
+
+from llmpress import Plan
+from llmpress.arch import adapter_for, check_supported
+from llmpress.arch.moe import RoutedExperts, all_experts_calibration
+from llmpress.config import parse_method_spec
+from llmpress.errors import LLMPressError
+from llmpress.pipeline import compress
+
+ARCHS = ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "granitemoe"]
+
+
+def tiny_moe(arch: str, seed: int = 0, **over):
+    import transformers as tf
+    common = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
+                  max_position_embeddings=256)
+    if arch == "qwen2_moe":
+        config = tf.Qwen2MoeConfig(**common, num_experts=8, moe_intermediate_size=256,
+                                   shared_expert_intermediate_size=512)
+    elif arch == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(**common, num_experts=8, moe_intermediate_size=256, head_dim=64)
+    elif arch == "mixtral":
+        config = tf.MixtralConfig(**{**common, "intermediate_size": 256}, num_local_experts=8)
+    elif arch == "olmoe":
+        config = tf.OlmoeConfig(**{**common, "intermediate_size": 256, "num_key_value_heads": 4}, num_experts=8)
+    else:
+        config = tf.GraniteMoeConfig(**{**common, "intermediate_size": 256}, num_local_experts=8)
+    for k, v in over.items():
+        setattr(config, k, v)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():       # routers initialised at zero would route every token alike
+        for name, p in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight")) and p.ndim == 2 and p.shape[0] == 8:
+                p.normal_(0, 0.5)
+    return model
+
+
+def tokens(n: int = 4, t: int = 64, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 512, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_experts_as_linears_keep_the_model(arch):
+    model = tiny_moe(arch)
+    x = tokens()
+    before = logits(model, x)
+    adapter = adapter_for(model)
+    names = adapter.linear_names(model)
+    moe = adapter.blocks(model)[0].get_submodule(adapter.moe.moe_path)
+    assert isinstance(moe.experts, RoutedExperts) and len(moe.experts) == 8
+    assert sum(adapter.is_expert(n.split(".", 3)[3]) for n in names) == 2 * 8 * 3
+    assert (arch == "qwen2_moe") == any("shared_expert." in n for n in names)
+    assert not any(n.endswith(("gate", "router", "shared_expert_gate")) for n in names)   # routers stay dense
+    torch.testing.assert_close(logits(model, x), before, rtol=0, atol=1e-5)
+    adapter_for(model)                                                  # idempotent
+    assert isinstance(moe.experts, RoutedExperts)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gptq_per_expert_saves_reloads_and_exports(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llmpress.export import load_compressed, save_compressed
+    from llmpress.formats import export_dense
+    model = tiny_moe(arch)
+    x = tokens()
+    dense = logits(model, x)
+    fused_before = copy.deepcopy(model)
+    adapter = adapter_for(model)
+    report = compress(model, Plan.uniform(parse_method_spec("gptq:bits=4,group_size=128")).resolve(
+        adapter.linear_names(model)), x, progress=False)
+    out = logits(model, x)
+    assert not torch.equal(out, dense) and torch.isfinite(out).all()
+    expert_rows = {k: v for k, v in report.layers.items() if ".experts." in k}
+    assert len(expert_rows) == 2 * 8 * 3
+    # the routed tokens per expert sum to tokens x top-k in each layer
+    per_layer = {}
+    for k, v in expert_rows.items():
+        if k.endswith("gate_proj"):
+            per_layer[k.split(".")[2]] = per_layer.get(k.split(".")[2], 0) + v["tokens"]
+    assert per_layer == {"0": x.numel() * 2, "1": x.numel() * 2}
+    # every expert's weights changed and stay on the 4-bit grid (16 levels per group row)
+    for e in range(8):
+        new = model.get_submodule(f"model.layers.0.{adapter.moe.moe_path}.experts.{e}.down_proj").dense_weight()
+        old = fused_before.get_submodule(f"model.layers.0.{adapter.moe.moe_path}.experts").down_proj[e]
+        assert not torch.equal(new, old)
+        assert new[:, :128].unique(dim=None).numel() <= 16 * new.shape[0]
+    save_compressed(model, None, tmp_path / "native", {})
+    again, _ = load_compressed(tmp_path / "native")
+    assert torch.equal(logits(again, x), out)
+    export_dense(model, None, tmp_path / "dense")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    torch.testing.assert_close(logits(plain, x), out, rtol=0, atol=1e-4)
+
+
+def _routed_inputs(model, adapter, x, layer: int):
+    """The inputs of layer `layer`'s sparse block (S, H) and its router's top-k choice (S, k)."""
+    seen = {}
+    moe = adapter.blocks(model)[layer].get_submodule(adapter.moe.moe_path)
+    h = moe.register_forward_pre_hook(lambda m, a: seen.update(x=a[0].reshape(-1, a[0].shape[-1])))
+    try:
+        logits(model, x)
+    finally:
+        h.remove()
+    router = getattr(moe, adapter.moe.router)
+    _, _, index = router(seen["x"])
+    return seen["x"], index
+
+
+def test_expert_statistics_are_their_routed_tokens():
+    from llmpress.walk import BlockWalk
+    model = tiny_moe("qwen3_moe")
+    adapter = adapter_for(model)
+    x = tokens(2, 32)
+    inputs, index = _routed_inputs(model, adapter, x, 0)
+    walk = BlockWalk(model, batch_size=8, progress=False)
+    hidden = walk.capture(x)
+    with walk.placed(0, keep=False) as block:
+        _, stats = walk.collect(block, hidden, walk.all_heads())
+        with all_experts_calibration(block):
+            _, every = walk.collect(block, hidden, walk.all_heads())
+    for e in range(8):
+        routed = inputs[(index == e).any(-1)].double()
+        st = stats[f"mlp.experts.{e}.gate_proj"]
+        assert st.count == routed.shape[0]
+        torch.testing.assert_close(st.gram_matrix().double(), routed.T @ routed, rtol=1e-4, atol=1e-3)
+        assert every[f"mlp.experts.{e}.up_proj"].count == inputs.shape[0]    # all tokens, all experts
+
+
+def test_calibrating_all_experts_leaves_the_outputs():
+    model = tiny_moe("mixtral")
+    adapter = adapter_for(model)
+    x = tokens(2, 32)
+    before = logits(model, x)
+    with all_experts_calibration(model):
+        during = logits(model, x)
+    torch.testing.assert_close(during, before, rtol=0, atol=1e-5)    # same sums; matmuls of other sizes
+    names = adapter.linear_names(model)
+    spec = parse_method_spec("gptq:bits=4,group_size=128")
+    report = compress(model, Plan.uniform(spec).resolve(names), x, progress=False, calibrate_all_experts=True)
+    assert {v["tokens"] for k, v in report.layers.items() if ".experts." in k} == {x.numel()}
+
+
+def test_experts_without_tokens_take_the_data_free_solution():
+    """2 tokens, top-2 of 8: at least 4 experts per layer get no token. They must come out as RTN on
+    the same grid (GPTQ under identity statistics), recorded, never NaN or zeroed; experts with a
+    token or two get raised damping, also recorded."""
+    from llmpress.methods.rtn import rtn_quantize
+    model = tiny_moe("qwen3_moe")
+    adapter = adapter_for(model)
+    x = tokens(1, 2)
+    originals = {n: model.get_submodule(n).weight.detach().clone() for n in adapter.linear_names(model)}
+    spec = parse_method_spec("gptq:bits=4,group_size=128,act_order=false")
+    report = compress(model, Plan([("*.experts.*", spec)]).resolve(adapter.linear_names(model)), x, progress=False)
+    empty = [k for k, v in report.layers.items() if v["tokens"] == 0]
+    few = [k for k, v in report.layers.items() if 0 < v["tokens"] < 128]
+    assert len(empty) >= 2 * 4 * 3 and len(few) >= 2 and len(empty) + len(few) == len(report.layers)
+    assert all("data-free" in report.layers[k]["fallback"] for k in empty)
+    assert all("damping raised" in report.layers[k]["fallback"] for k in few)
+    for k in empty:
+        q, scale, zero = rtn_quantize(originals[k].float(), 4, 128, True)
+        g = torch.arange(q.shape[1]) // 128
+        torch.testing.assert_close(model.get_submodule(k).dense_weight(), (q - zero[:, g]) * scale[:, g])
+    assert torch.isfinite(logits(model, x)).all()
+
+
+def test_moe_bad_input():
+    with pytest.raises(LLMPressError, match="mixtures of experts .*qwen3_moe.*deepseek_v3 is left out"):
+        check_supported("deepseek_v3")
+    with pytest.raises(LLMPressError, match="mlp_only_layers"):
+        adapter_for(tiny_moe("qwen3_moe", mlp_only_layers=[1]))
+    model = tiny_moe("olmoe")
+    names = adapter_for(model).linear_names(model)
+    with pytest.raises(LLMPressError, match="match no compressible layer"):
+        Plan([("*.experts.8.*", parse_method_spec("rtn:bits=4"))]).resolve(names)
+    with pytest.raises(LLMPressError, match="calibrate_all_experts"):
+        compress(model, Plan.uniform(parse_method_spec("gptq:bits=4")).resolve(names), tokens(1, 8),
+                 progress=False, reference=0.25)
