@@ -103,6 +103,22 @@ def test_gptq_per_expert_saves_reloads_and_exports(arch, tmp_path):
     export_dense(model, None, tmp_path / "dense")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
     torch.testing.assert_close(logits(plain, x), out, rtol=0, atol=1e-4)
+    # compressed-tensors: per-expert packed tensors and targets under the Hub's names, routers ignored
+    from llmpress.formats import export_compressed_tensors
+    if arch == "granitemoe":
+        with pytest.raises(LLMPressError, match="store experts fused"):
+            export_compressed_tensors(again, None, tmp_path / "ct")
+        assert not (tmp_path / "ct").exists()
+        return
+    export_compressed_tensors(again, None, tmp_path / "ct")       # (exports turn their model dense)
+    packed = AutoModelForCausalLM.from_pretrained(tmp_path / "ct").eval()
+    torch.testing.assert_close(logits(packed, x), out, rtol=0, atol=1e-4)
+    import json
+    qc = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    targets = [t for g in qc["config_groups"].values() for t in g["targets"]]
+    assert len(targets) == len(report.layers) and any("router" in p or "gate$" in p for p in qc["ignore"])
+    if arch == "mixtral":
+        assert any(r"block_sparse_moe\.experts\.3\.w3" in t for t in targets)
 
 
 def _routed_inputs(model, adapter, x, layer: int):
@@ -167,8 +183,8 @@ def test_experts_without_tokens_take_the_data_free_solution():
     empty = [k for k, v in report.layers.items() if v["tokens"] == 0]
     few = [k for k, v in report.layers.items() if 0 < v["tokens"] < 128]
     assert len(empty) >= 2 * 4 * 3 and len(few) >= 2 and len(empty) + len(few) == len(report.layers)
-    assert all("data-free" in report.layers[k]["fallback"] for k in empty)
-    assert all("damping raised" in report.layers[k]["fallback"] for k in few)
+    assert all("data-free" in report.layers[k]["expert_fallback"] for k in empty)
+    assert all("damping raised" in report.layers[k]["expert_fallback"] for k in few)
     for k in empty:
         q, scale, zero = rtn_quantize(originals[k].float(), 4, 128, True)
         g = torch.arange(q.shape[1]) // 128
@@ -188,3 +204,35 @@ def test_moe_bad_input():
     with pytest.raises(LLMPressError, match="calibrate_all_experts"):
         compress(model, Plan.uniform(parse_method_spec("gptq:bits=4")).resolve(names), tokens(1, 8),
                  progress=False, reference=0.25)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_cli_compress_and_export_a_moe_folder(arch, tmp_path, tiny_tokenizer, capsys):
+    """`compress` on a Hugging Face MoE folder (with resume checkpoints on), then the dense export
+    reloads in plain transformers with llmpress's logits."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from llmpress.cli import main
+    from llmpress.models import load_model
+    src = tmp_path / "moe-hf"
+    tiny_moe(arch).save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    out = tmp_path / "gptq4"
+    code = main(["compress", "--model", str(src), "--method", "gptq", "--bits", "4", "--group-size", "128",
+                 "--calib", str(text), "--num-samples", "4", "--seq-len", "32", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "16 experts:" in err
+    report = json.loads((out / "llmpress.json").read_text())["report"]
+    assert sum(v["tokens"] for k, v in report.items() if ".experts." in k and k.endswith("gate_proj")) == 2 * 4 * 32 * 2
+    ours, _ = load_model(str(out))
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = logits(ours, ids)
+    code = main(["export", str(out), "--format", "dense", "--out", str(tmp_path / "dense")])
+    assert code == 0, capsys.readouterr().err
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), ids), ref,
+                               rtol=0, atol=1e-4)

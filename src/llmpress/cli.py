@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="after each block is quantized, fit its quantized layers' scales and its norm weights to the "
                         "uncompressed block's outputs by gradient descent for EPOCHS passes over the calibration "
                         "windows (OmniQuant / Norm Tweaking; codes and format unchanged; 0 = off)")
+    c.add_argument("--calibrate-all-experts", action="store_true",
+                   help="mixtures of experts: run every expert on every calibration token for its statistics, while "
+                        "each block's outputs still add only the routed experts (E / k times the expert compute)")
+    c.add_argument("--min-expert-tokens", type=int, default=128, metavar="N",
+                   help="mixtures of experts: an expert routed fewer than N calibration tokens has its statistics "
+                        "damped toward isotropic ones (none: the data-free solution); recorded per expert")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--json", help="write the run's results here")
@@ -314,7 +320,8 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         folder = scratch or out.parent / f".{out.name}.partial"      # the offload folder doubles as it
         settings = {"layers": {k: v.to_dict() for k, v in layer_configs.items()}, "calibration": calib,
                     "propagate": not one_pass, "dtype": str(model.dtype), "batch_size": 8,
-                    "sequential": a.sequential, "reference": a.reference, "tune": a.tune}
+                    "sequential": a.sequential, "reference": a.reference, "tune": a.tune,
+                    "calibrate_all_experts": a.calibrate_all_experts, "min_expert_tokens": a.min_expert_tokens}
         checkpoint = Checkpoint(folder, settings, run_key(model, tokens, source), resume=a.resume)
         if checkpoint.done:
             print(f"resuming from {folder}: {checkpoint.done} blocks already compressed", file=sys.stderr)
@@ -322,11 +329,20 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         raise LLMPressError("--resume does not apply to a --stats-cache run")
     report = compress(model, layer_configs, tokens, propagate=not one_pass, stats_cache=a.stats_cache,
                       device=device, source=source, checkpoint=checkpoint, progress=rank == 0,
-                      sequential=a.sequential, reference=a.reference, tune=a.tune)
+                      sequential=a.sequential, reference=a.reference, tune=a.tune,
+                      calibrate_all_experts=a.calibrate_all_experts, min_expert_tokens=a.min_expert_tokens)
     if rank != 0:                                   # rank 0 writes the output
         return {"rank": rank, "compress_seconds": report.seconds, "reduced_bytes": report.reduced_bytes}
     if calib:
         calib.update(propagate=not one_pass, sequential=a.sequential, reference=a.reference, tune=a.tune)
+        if a.calibrate_all_experts:
+            calib["calibrate_all_experts"] = True
+    experts = {k: v for k, v in report.layers.items() if "tokens" in v and k.endswith("gate_proj")}
+    if experts:
+        empty = sum(v["tokens"] == 0 for v in experts.values())
+        few = sum("expert_fallback" in v for v in experts.values()) - empty
+        print(f"{len(experts)} experts: {empty} got no calibration token (data-free solution), {few} fewer than "
+              f"{a.min_expert_tokens} (damping raised); tokens per expert in the manifest's report", file=sys.stderr)
     fallbacks = {k: v for k, v in report.layers.items() if "fallback" in v}
     for fqn, info in fallbacks.items():
         print(f"warning: {fqn}: fell back to {info['fallback']} ({info['reason']})", file=sys.stderr)

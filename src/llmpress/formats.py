@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from llmpress.arch import adapter_for
-from llmpress.arch.moe import hub_names
+from llmpress.arch.moe import hub_module, hub_names, router_names
 from llmpress.errors import LLMPressError
 from llmpress.modules import CompressedLinear, GGMLLinear, QuantLinear, QuantLowRankLinear
 
@@ -148,6 +148,9 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out: str | Path, adap
     groups = check_compressed_tensors(model)
     if not groups:
         raise LLMPressError("the model has no quantized layers; export it as `dense`")
+    for names in groups.values():             # before any work: a fused-expert layout has no per-expert target
+        for n in names:
+            hub_module(model.config, n)
     tensors: dict[str, torch.Tensor] = {}
     quantized = {n for names in groups.values() for n in names}
     for name in quantized:
@@ -161,12 +164,13 @@ def export_compressed_tensors(model: nn.Module, tokenizer, out: str | Path, adap
     rest = densify(_without(model, quantized))
     config_groups = {
         f"group_{k}": QuantizationScheme(
-            targets=["re:^" + re.escape(n) + "$" for n in names],
+            targets=["re:^" + re.escape(hub_module(model.config, n)) + "$" for n in names],
             weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True,
                                      strategy="group" if group_size else "channel", group_size=group_size or None))
         for k, ((bits, group_size), names) in enumerate(sorted(groups.items()))}
     qconfig = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
-                                 quantization_status="compressed", ignore=["lm_head"])
+                                 quantization_status="compressed",
+                                 ignore=["lm_head", *router_names(model.config)])
     folder = write_hf_folder(rest, tokenizer, out, tensors, qconfig.to_dict())
     if adapter is not None:
         write_lora_adapter(*adapter, adapter_out, str(Path(out).resolve()))

@@ -73,7 +73,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     basis and keep it; those left dense get it folded back at the end.
     Mixtures of experts: each expert's statistics come from the tokens the router sends to it; an
     expert that got fewer than `min_expert_tokens` has its statistics damped toward isotropic ones
-    (with none: the data-free solution), recorded per layer as `tokens` and `fallback`.
+    (with none: the data-free solution), recorded per layer as `tokens` and `expert_fallback`.
     calibrate_all_experts=True runs every expert on every token for the statistics while the
     block's outputs still add only the routed experts (llm-compressor's default; E / k times the
     expert compute).
@@ -234,7 +234,7 @@ def _compress_groups(block, adapter, prefix, todo, stats, walk, report, measure_
 
 def _expert_priors(adapter, stats: dict, min_tokens: int) -> tuple[dict, dict[str, dict]]:
     """Routed experts' statistics with llmpress.stats.with_prior applied (members of a group share
-    the new object). Returns (statistics, {local: {"tokens": n, ["fallback": what was done]}})."""
+    the new object). Returns (statistics, {local: {"tokens": n, ["expert_fallback": what was done]}})."""
     if adapter.moe is None:
         return stats, {}
     out, notes, done = dict(stats), {}, {}

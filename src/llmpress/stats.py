@@ -214,6 +214,6 @@ def with_prior(stats: InputStats, min_tokens: int) -> tuple[InputStats, dict | N
     out.cross = None if stats.cross is None else stats.cross.clone()
     out.count = m
     if n == 0:
-        return out, {"tokens": 0, "fallback": "no routed token: identity statistics (the data-free solution)"}
-    return out, {"tokens": n, "fallback": f"{n} routed tokens < {m}: damping raised by {extra / n:.3g} "
+        return out, {"tokens": 0, "expert_fallback": "no routed token: identity statistics (the data-free solution)"}
+    return out, {"tokens": n, "expert_fallback": f"{n} routed tokens < {m}: damping raised by {extra / n:.3g} "
                                           "(isotropic pseudo-tokens)"}

@@ -195,36 +195,65 @@ class all_experts_calibration:
             m.calibrate_all = False
 
 
-_EXPERT_KEY = re.compile(r"^(.*?)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(.+)$")
+_EXPERT = re.compile(r"^(.*?)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
 _MIXTRAL = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def hub_module(config, fqn: str) -> str:
+    """llmpress's name of an expert projection -> the architecture's Hub checkpoint name (mixtral:
+    `model.layers.0.mlp.experts.3.up_proj` -> `model.layers.0.block_sparse_moe.experts.3.w3`); other
+    names unchanged. Fused Hub layouts (granitemoe) have no per-expert module: refused."""
+    layout = layout_of(config)
+    m = _EXPERT.match(fqn)
+    if layout is None or m is None or layout.hub == "per_expert":
+        return fqn
+    if layout.hub == "fused":
+        raise LLMPressError(f"{config.model_type} checkpoints store experts fused: {fqn} has no module of its own "
+                            "there; export dense or native")
+    block = m.group(1).removesuffix("." + layout.moe_path)
+    return f"{block}.block_sparse_moe.experts.{m.group(2)}.{_MIXTRAL[m.group(3)]}"
+
+
+def router_names(config) -> list[str]:
+    """compressed-tensors `ignore` patterns of the layers that stay dense in a MoE block (router,
+    shared-expert gate)."""
+    layout = layout_of(config)
+    if layout is None:
+        return []
+    path = "block_sparse_moe" if layout.hub == "mixtral" else layout.moe_path
+    out = [f"re:.*\\.{path}\\.{layout.router}$"]
+    if layout.shared_expert:
+        out.append(f"re:.*\\.{layout.moe_path}\\.{layout.shared_expert}_gate$")
+    return out
 
 
 def hub_names(config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict with llmpress's per-expert names -> the names (and, for fused Hub layouts, the
     stacking) of the architecture's Hub checkpoints, which transformers and vLLM read:
-    mixtral `block_sparse_moe.experts.{e}.w1|w3|w2.*`; granitemoe `input_linear.weight` (E, 2I, H)
-    and `output_linear.weight` (E, H, I) (dense weights only: its checkpoints have no per-expert
-    tensors to hold a compressed form); others unchanged."""
+    mixtral `block_sparse_moe.experts.{e}.w1|w3|w2.*` (its router `block_sparse_moe.gate`);
+    granitemoe `input_linear.weight` (E, 2I, H), `output_linear.weight` (E, H, I) and
+    `router.layer.weight` (dense weights only: its checkpoints have no per-expert tensors to hold
+    a compressed form); others unchanged."""
     layout = layout_of(config)
     if layout is None or layout.hub == "per_expert":
         return tensors
     out: dict[str, torch.Tensor] = {}
     stacks: dict[str, dict[tuple[str, int], torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = _EXPERT_KEY.match(key)
+        module, _, leaf = key.rpartition(".")
+        m = _EXPERT.match(module)
         if m is None:
-            if layout.hub == "fused" and key.endswith(f".{layout.moe_path}.{layout.router}.weight"):
-                key = key[:-len("weight")] + "layer.weight"          # granite: router.layer.weight
+            if layout.hub == "mixtral" and f".{layout.moe_path}.{layout.router}." in key + ".":
+                key = key.replace(f".{layout.moe_path}.{layout.router}.", f".block_sparse_moe.{layout.router}.")
+            elif layout.hub == "fused" and key.endswith(f".{layout.moe_path}.{layout.router}.weight"):
+                key = key[:-len("weight")] + "layer.weight"
             out[key] = t
-            continue
-        moe, e, proj, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
-        if layout.hub == "mixtral":
-            out[f"{moe.removesuffix('.mlp')}.block_sparse_moe.experts.{e}.{_MIXTRAL[proj]}.{rest}"] = t
+        elif layout.hub == "mixtral":
+            out[f"{hub_module(config, module)}.{leaf}"] = t
+        elif leaf != "weight":
+            hub_module(config, module)                                   # raises: no place for it
         else:
-            if rest != "weight":
-                raise LLMPressError(f"{config.model_type} checkpoints store experts fused: {key} (a compressed "
-                                    "expert tensor) has no place in them; export dense or native")
-            stacks.setdefault(moe, {})[(proj, e)] = t
+            stacks.setdefault(m.group(1), {})[(m.group(3), int(m.group(2)))] = t
     for moe, parts in stacks.items():
         n = 1 + max(e for _, e in parts)
         out[f"{moe}.input_linear.weight"] = torch.stack(
