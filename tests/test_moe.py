@@ -236,3 +236,67 @@ def test_cli_compress_and_export_a_moe_folder(arch, tmp_path, tiny_tokenizer, ca
     assert code == 0, capsys.readouterr().err
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), ids), ref,
                                rtol=0, atol=1e-4)
+
+
+GGUF_MOE = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "mixtral": "llama"}
+
+
+@pytest.mark.parametrize("arch", sorted(GGUF_MOE))
+def test_gguf_export_of_moe_runs_in_llamacpp(arch, tmp_path):
+    """llama.cpp's expert layout (blk.N.ffn_{gate,up,down}_exps, E stacked, the router as
+    ffn_gate_inp, qwen2moe's shared expert as *_shexp): float weights agree with transformers
+    within 5e-3 in next-token log-probability, GPTQ on Q4_K experts within 5e-2 of llmpress's."""
+    import gguf
+    pytest.importorskip("xllamacpp")
+    from conftest import bpe_tokenizer
+    from test_gguf_arch import assert_llamacpp_agrees
+
+    from llmpress.gguf_export import export_gguf, tokenizer_metadata
+    tok = bpe_tokenizer(290)
+    fields, _ = tokenizer_metadata(tok, 512)
+    for quant in (None, "gptq:gguf=q4_k"):
+        model = tiny_moe(arch, **({"norm_topk_prob": True} if arch == "qwen3_moe" else {}))
+        adapter = adapter_for(model)
+        if quant:
+            compress(model, Plan.uniform(parse_method_spec(quant)).resolve(adapter.linear_names(model)),
+                     tokens(), progress=False)
+        path = tmp_path / f"{quant is not None}.gguf"
+        types = export_gguf(model, path, tokenizer_fields=fields)
+        reader = gguf.GGUFReader(str(path))
+        assert reader.fields["general.architecture"].contents() == GGUF_MOE[arch]
+        assert reader.fields[f"{GGUF_MOE[arch]}.expert_count"].contents() == 8
+        assert reader.fields[f"{GGUF_MOE[arch]}.expert_used_count"].contents() == 2
+        exps = next(t for t in reader.tensors if t.name == "blk.1.ffn_down_exps.weight")
+        assert list(exps.shape) == [256, 256, 8]                          # GGML ne: (I, H, E)
+        assert types["blk.0.ffn_gate_inp.weight"] == "F32"
+        assert types["blk.0.ffn_up_exps.weight"] == ("Q4_K" if quant else "F32")
+        if quant:    # the stacked bytes are the experts' own, expert by expert
+            got = gguf.quants.dequantize(exps.data, exps.tensor_type).reshape(8, 256, 256)
+            want = model.get_submodule(f"model.layers.1.{adapter.moe.moe_path}.experts.5.down_proj").dense_weight()
+            assert torch.equal(torch.from_numpy(got[5].copy()), want)
+        assert_llamacpp_agrees(path, model, tok, tol=5e-2 if quant else 5e-3)
+
+
+def test_gguf_export_of_moe_refusals(tmp_path):
+    from llmpress.gguf_export import export_gguf
+    model = tiny_moe("qwen3_moe", norm_topk_prob=True)
+    adapter = adapter_for(model)
+    names = adapter.linear_names(model)
+    compress(model, Plan([("*.experts.0.*", parse_method_spec("rtn:gguf=q6_k")),
+                          ("*.experts.*", parse_method_spec("rtn:gguf=q4_k"))]).resolve(names), None, progress=False)
+    with pytest.raises(LLMPressError, match="one tensor of one type"):
+        export_gguf(model, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists() and not list(tmp_path.iterdir())
+    with pytest.raises(LLMPressError, match="always renormalizes"):
+        export_gguf(tiny_moe("qwen3_moe"), tmp_path / "n.gguf")
+    for arch in ("olmoe", "granitemoe"):
+        with pytest.raises(LLMPressError, match=f"got '{arch}' \\(llama.cpp's"):
+            export_gguf(tiny_moe(arch), tmp_path / "o.gguf")
+
+
+def test_a_moe_gguf_is_not_loaded_through_transformers_reader(tmp_path):
+    from llmpress.gguf_export import export_gguf
+    from llmpress.models import load_model
+    export_gguf(tiny_moe("mixtral"), tmp_path / "m.gguf")
+    with pytest.raises(LLMPressError, match="mixture of experts .*llama, 8 experts.*dense Llama"):
+        load_model(str(tmp_path / "m.gguf"))

@@ -225,6 +225,7 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
         raise LLMPressError(f"embedding_type must be one of {', '.join(EMBEDDING_TYPES)}, got {embedding_type!r}")
     adapter = adapter_for(model)
     n_blocks = len(adapter.blocks(model))
+    experts = expert_stacks(model, adapter, float_type)         # refuses mixed types before anything is written
     reader = gguf.GGUFReader(str(source_gguf)) if source_gguf else None
     source_tensors = {t.name: t for t in reader.tensors} if reader else {}
     lora: dict[str, np.ndarray] = {}
@@ -255,6 +256,14 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
     with torch.no_grad():
         for fqn, module in model.named_modules():
             params = dict(module.named_parameters(recurse=False))
+            if fqn in experts:
+                for target, (data, kind) in experts[fqn].items():
+                    writer.add_tensor(target, data, raw_dtype=None if kind in ("F32", "F16") else
+                                      getattr(gguf.GGMLQuantizationType, kind))
+                    types[target] = kind
+                continue
+            if adapter.moe is not None and ".experts." in fqn:
+                continue                                       # written stacked, with their layer above
             if fqn in linears:
                 target = names.get_name(fqn + ".weight", try_suffixes=(".weight",))
                 perm = qk_permutation(config, fqn, module.out_features)
@@ -329,6 +338,40 @@ def export_gguf(model: nn.Module, out: str | Path, source_gguf: str | Path | Non
         tmp.unlink(missing_ok=True)
         raise
     return types
+
+
+_EXPS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+
+
+def expert_stacks(model: nn.Module, adapter, float_type: str = "F32") -> dict[str, dict[str, tuple[np.ndarray, str]]]:
+    """{experts module fqn: {GGUF name: (array (E, rows, row bytes or row weights), type)}}: llama.cpp
+    holds each projection of a layer's experts as one 3-D tensor (`blk.N.ffn_{gate,up,down}_exps`)
+    of one type, so every expert of a projection must be stored alike (refused otherwise)."""
+    if adapter.moe is None:
+        return {}
+    out = {}
+    for i, block in enumerate(adapter.blocks(model)):
+        fqn = f"{adapter.blocks_path}.{i}.{adapter.moe.expert_prefix()}"
+        layer = {}
+        for proj, name in _EXPS.items():
+            mods = [getattr(e, proj) for e in model.get_submodule(fqn)]
+            kinds = {gguf_type_of(m) for m in mods}
+            if len(kinds) > 1:
+                raise LLMPressError(f"GGUF export: the experts' {proj} of block {i} are stored as {sorted(kinds)}; "
+                                    "llama.cpp holds them in one tensor of one type: give them one method")
+            kind = kinds.pop()
+            if kind == "F32":                                 # dense, pruned, low-rank: their dense weights
+                data = np.stack([(m.dense_weight() if isinstance(m, CompressedLinear) else m.weight.float())
+                                 .contiguous().numpy() for m in mods])
+                kind = float_type
+                data = data.astype(np.float16 if float_type == "F16" else np.float32)
+            elif isinstance(mods[0], GGMLLinear):
+                data = np.stack([m.raw.contiguous().numpy() for m in mods])
+            else:
+                data = np.stack([ENCODERS[kind](m.int_weight(), m.scale) for m in mods])
+            layer[f"blk.{i}.{name}.weight"] = (data, kind)
+        out[fqn] = layer
+    return out
 
 
 def _finish(writer, tmp: Path, out: Path | None) -> None:

@@ -60,6 +60,7 @@ def load_model(spec: str, dtype: torch.dtype | None = torch.float32, trust_remot
     if dtype is None:
         dtype = torch.float32 if kind == "gguf" else "auto"
     if kind == "gguf":
+        check_gguf_dense(where)
         kw = {"gguf_file": where.name}
         where = where.parent
     else:
@@ -78,6 +79,22 @@ def load_model(spec: str, dtype: torch.dtype | None = torch.float32, trust_remot
         raise LLMPressError(f"could not load the weights of {spec!r}: {str(e).splitlines()[0][:200]}")
     model.eval()
     return model, tokenizer
+
+
+def check_gguf_dense(path: Path) -> None:
+    """Refuse a mixture-of-experts GGUF before transformers reads it: its GGUF reader (5.24) ignores
+    `expert_feed_forward_length` for qwen2moe / qwen3moe and loads a Mixtral file (llama with
+    experts) as a dense Llama with random MLPs, silently."""
+    import gguf
+    try:
+        fields = gguf.GGUFReader(str(path)).fields
+    except (OSError, ValueError) as e:
+        raise LLMPressError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:200]})")
+    arch = fields["general.architecture"].contents() if "general.architecture" in fields else None
+    if f"{arch}.expert_count" in fields and fields[f"{arch}.expert_count"].contents():
+        raise LLMPressError(f"{path} is a mixture of experts ({arch}, {fields[f'{arch}.expert_count'].contents()} "
+                            "experts): transformers' GGUF reader would load it wrongly (expert sizes ignored, or "
+                            "Mixtral as a dense Llama); give llmpress the Hugging Face folder instead")
 
 
 def load_for_compress(spec: str, dtype: torch.dtype | None, offload: str | Path | None, out: Path,
