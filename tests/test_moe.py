@@ -300,3 +300,50 @@ def test_a_moe_gguf_is_not_loaded_through_transformers_reader(tmp_path):
     export_gguf(tiny_moe("mixtral"), tmp_path / "m.gguf")
     with pytest.raises(LLMPressError, match="mixture of experts .*llama, 8 experts.*dense Llama"):
         load_model(str(tmp_path / "m.gguf"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_expert_pruning_exports_a_standard_smaller_model(arch, tmp_path):
+    """REAP / frequency scores over the routed tokens; 25 % of the experts pruned in every layer,
+    router rows cut to the kept ones; the config says 6 experts and plain transformers reloads it
+    with llmpress's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from llmpress.experts import choose_experts, expert_scores, experts_to_keep, prune_experts, score
+    from llmpress.formats import export_dense
+    model = tiny_moe(arch)
+    x = tokens()
+    scores = expert_scores(model, x, progress=False)
+    assert [int(r["tokens"].sum()) for r in scores] == [x.numel() * 2] * 2
+    keep = choose_experts(scores, experts_to_keep(model, 0.25), "reap")
+    freq = choose_experts(scores, 6, "frequency")
+    for record, kept in zip(scores, keep):
+        s = score(record, "reap")
+        assert len(kept) == 6 and min(s[kept]) >= max(s[[e for e in range(8) if e not in kept]])
+    assert all(len(k) == 6 for k in freq)
+    router = getattr(adapter_for(model).blocks(model)[0].get_submodule(adapter_for(model).moe.moe_path),
+                     adapter_for(model).moe.router)
+    rows = router.weight[keep[0]].clone()
+    prune_experts(model, keep)
+    assert torch.equal(router.weight if router.weight.shape[0] == 6 else getattr(
+        adapter_for(model).blocks(model)[0].get_submodule(adapter_for(model).moe.moe_path), adapter_for(model).moe.router).weight, rows)
+    assert adapter_for(model).moe.num_experts(model.config) == 6
+    out = logits(model, x)
+    assert torch.isfinite(out).all()
+    export_dense(model, None, tmp_path / "dense")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), x), out,
+                               rtol=0, atol=1e-5)
+
+
+def test_expert_pruning_refusals():
+    from llmpress.experts import experts_to_keep, prune_experts
+    model = tiny_moe("qwen3_moe")
+    with pytest.raises(LLMPressError, match="at least the 2"):
+        experts_to_keep(model, 0.9)
+    with pytest.raises(LLMPressError, match="same number"):
+        prune_experts(model, [[0, 1, 2], [0, 1]])
+    with pytest.raises(LLMPressError, match="distinct indices below 8"):
+        prune_experts(model, [[0, 1, 9], [0, 1, 2]])
+    from conftest import tiny_llama
+    with pytest.raises(LLMPressError, match="mixtures of experts"):
+        experts_to_keep(tiny_llama(), 0.25)

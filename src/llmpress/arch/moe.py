@@ -112,6 +112,7 @@ class RoutedExperts(nn.ModuleList):
         super().__init__(experts)
         self.num_experts = len(experts)
         self.calibrate_all = False
+        self.record: dict | None = None     # set by llmpress.experts.recording: per-expert routing sums
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -121,10 +122,15 @@ class RoutedExperts(nn.ModuleList):
             if self.calibrate_all:
                 y = expert(hidden_states)[token_idx]
             elif token_idx.numel() == 0:
-                continue
+                continue          # (a record keeps its zeros for this expert)
             else:
                 y = expert(hidden_states[token_idx])
-            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, pos, None]).to(out.dtype))
+            g = top_k_weights[token_idx, pos, None]                   # (n, 1) router weights
+            if self.record is not None:
+                self.record["tokens"][e] += token_idx.numel()
+                self.record["gate"][e] += g.double().sum().item()
+                self.record["reap"][e] += (g[:, 0].double() * y.double().norm(dim=-1)).sum().item()
+            out.index_add_(0, token_idx, (y * g).to(out.dtype))
         return out
 
 
