@@ -222,11 +222,15 @@ def test_cli_compress_and_export_a_moe_folder(arch, tmp_path, tiny_tokenizer, ca
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
     out = tmp_path / "gptq4"
+    prune = ["--prune-experts", "0.25"] if arch == "mixtral" else []
     code = main(["compress", "--model", str(src), "--method", "gptq", "--bits", "4", "--group-size", "128",
-                 "--calib", str(text), "--num-samples", "4", "--seq-len", "32", "--out", str(out)])
+                 "--calib", str(text), "--num-samples", "4", "--seq-len", "32", "--out", str(out), *prune])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "16 experts:" in err
+    assert ("12 experts:" if prune else "16 experts:") in err
+    if prune:
+        assert "experts: 8 -> 6 per layer (reap)" in err
+        assert json.loads((out / "config.json").read_text())["num_local_experts"] == 6
     report = json.loads((out / "llmpress.json").read_text())["report"]
     assert sum(v["tokens"] for k, v in report.items() if ".experts." in k and k.endswith("gate_proj")) == 2 * 4 * 32 * 2
     ours, _ = load_model(str(out))

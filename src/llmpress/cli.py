@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="after each block is quantized, fit its quantized layers' scales and its norm weights to the "
                         "uncompressed block's outputs by gradient descent for EPOCHS passes over the calibration "
                         "windows (OmniQuant / Norm Tweaking; codes and format unchanged; 0 = off)")
+    c.add_argument("--prune-experts", type=float, metavar="SHARE",
+                   help="mixtures of experts: before compressing, remove this share of every layer's routed experts, "
+                        "the lowest by --expert-criterion on the calibration tokens (a standard config with fewer experts)")
+    c.add_argument("--expert-criterion", default="reap", choices=["reap", "frequency"],
+                   help="expert pruning score: reap (mean router weight x expert output norm over routed tokens, "
+                        "REAP) or frequency (routed token count)")
     c.add_argument("--calibrate-all-experts", action="store_true",
                    help="mixtures of experts: run every expert on every calibration token for its statistics, while "
                         "each block's outputs still add only the routed experts (E / k times the expert compute)")
@@ -271,7 +277,18 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
     from llmpress.data import calibration_tokens
     from llmpress.eval import model_size
 
-    allocation = tokens = calib = rotation = None
+    allocation = tokens = calib = rotation = experts = None
+    if a.prune_experts is not None:
+        if source is not None:
+            raise LLMPressError("--prune-experts needs the whole model in memory (not with --offload)")
+        from llmpress.experts import choose_experts, expert_scores, experts_to_keep, prune_experts
+        keep = experts_to_keep(model, a.prune_experts)            # checked before reading calibration text
+        tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
+        scores = expert_scores(model, tokens, device=device)
+        experts = {"criterion": a.expert_criterion, "share": a.prune_experts,
+                   **prune_experts(model, choose_experts(scores, keep, a.expert_criterion))}
+        print(f"experts: {experts['experts_before']} -> {experts['experts_after']} per layer "
+              f"({a.expert_criterion})", file=sys.stderr)
     if a.rotate:
         if source is not None:
             raise LLMPressError("--rotate needs the whole model in memory (not with --offload)")
@@ -351,7 +368,7 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
                 "plan": plan.to_dict(), "allocation": allocation,
                 "layers": {k: v.to_dict() for k, v in layer_configs.items()},
                 "calibration": calib, "seed": a.seed, "report": report.layers, "size": size,
-                "gguf_fallbacks": substituted}
+                "gguf_fallbacks": substituted, "expert_pruning": experts}
     out = save_compressed(model, tokenizer, a.out, manifest, overwrite=a.overwrite)
     if checkpoint is not None:
         checkpoint.remove()                           # saved: the per-block checkpoint is no longer needed
