@@ -157,7 +157,7 @@ def test_gguf_export_refuses_what_llamacpp_would_compute_differently(tmp_path):
         check_exportable(T.Gemma2Config(**COMMON, head_dim=16, query_pre_attn_scalar=16, tie_word_embeddings=False))
     assert "sliding window" in check_exportable(T.MistralConfig(**COMMON, sliding_window=64))[0]
     model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(LLMPressError, match="gemma2, gemma3, gemma3_text, llama, mistral, qwen2, qwen3"):
+    with pytest.raises(LLMPressError, match="gemma2, gemma3, gemma3_text, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe; got .gpt2."):
         export_gguf(model, tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
 
