@@ -231,6 +231,8 @@ def test_cli_compress_and_export_a_moe_folder(arch, tmp_path, tiny_tokenizer, ca
     if prune:
         assert "experts: 8 -> 6 per layer (reap)" in err
         assert json.loads((out / "config.json").read_text())["num_local_experts"] == 6
+        pruning = json.loads((out / "llmpress.json").read_text())["expert_pruning"]
+        assert pruning["criterion"] == "reap" and pruning["experts_after"] == 6 and len(pruning["kept"]) == 2
     report = json.loads((out / "llmpress.json").read_text())["report"]
     assert sum(v["tokens"] for k, v in report.items() if ".experts." in k and k.endswith("gate_proj")) == 2 * 4 * 32 * 2
     ours, _ = load_model(str(out))

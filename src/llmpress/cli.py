@@ -354,11 +354,11 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         calib.update(propagate=not one_pass, sequential=a.sequential, reference=a.reference, tune=a.tune)
         if a.calibrate_all_experts:
             calib["calibrate_all_experts"] = True
-    experts = {k: v for k, v in report.layers.items() if "tokens" in v and k.endswith("gate_proj")}
-    if experts:
-        empty = sum(v["tokens"] == 0 for v in experts.values())
-        few = sum("expert_fallback" in v for v in experts.values()) - empty
-        print(f"{len(experts)} experts: {empty} got no calibration token (data-free solution), {few} fewer than "
+    routed = {k: v for k, v in report.layers.items() if "tokens" in v and k.endswith("gate_proj")}
+    if routed:
+        empty = sum(v["tokens"] == 0 for v in routed.values())
+        few = sum("expert_fallback" in v for v in routed.values()) - empty
+        print(f"{len(routed)} experts: {empty} got no calibration token (data-free solution), {few} fewer than "
               f"{a.min_expert_tokens} (damping raised); tokens per expert in the manifest's report", file=sys.stderr)
     fallbacks = {k: v for k, v in report.layers.items() if "fallback" in v}
     for fqn, info in fallbacks.items():
