@@ -24,6 +24,15 @@ from llmpress.errors import LLMPressError
 CRITERIA = ("reap", "frequency")
 
 
+def _moe_adapter(model: nn.Module):
+    """The model's adapter, refused unless it is a mixture of experts."""
+    from llmpress.arch import adapter_for
+    adapter = adapter_for(model)
+    if adapter.moe is None:
+        raise LLMPressError("expert pruning applies to mixtures of experts; this model has none")
+    return adapter
+
+
 @contextmanager
 def recording(block: nn.Module):
     """Within the `with`: every RoutedExperts of `block` accumulates, per expert, the routed token
@@ -46,12 +55,11 @@ def expert_scores(model: nn.Module, tokens: torch.Tensor, device="cpu", batch_si
     """Per decoder block, {"tokens", "gate", "reap"} (E,) float64 sums over the calibration tokens
     (N, T), measured in one forward of the unmodified model, block by block."""
     from llmpress.walk import BlockWalk
+    _moe_adapter(model)
     walk = BlockWalk(model, device, batch_size, progress)
-    if walk.adapter.moe is None:
-        raise LLMPressError("expert pruning applies to mixtures of experts; this model has none")
     hidden = walk.capture(tokens)
     out = []
-    for i, block in walk.steps("expert scores", keep=False):
+    for _, block in walk.steps("expert scores", keep=False):
         with recording(block) as records:
             hidden = walk.run(block, hidden)
         out.append({k: v.clone() for k, v in records[0].items()})
@@ -82,10 +90,7 @@ def choose_experts(scores: list[dict[str, torch.Tensor]], keep: int, criterion: 
 def experts_to_keep(model: nn.Module, ratio: float) -> int:
     """Experts per layer left after pruning a share `ratio` of them; refused when that leaves fewer
     than the router picks per token."""
-    from llmpress.arch import adapter_for
-    adapter = adapter_for(model)
-    if adapter.moe is None:
-        raise LLMPressError("expert pruning applies to mixtures of experts; this model has none")
+    adapter = _moe_adapter(model)
     if not 0 < ratio < 1:
         raise LLMPressError(f"the share of experts to prune must be in (0, 1), got {ratio!r}")
     n = adapter.moe.num_experts(model.config)
@@ -102,12 +107,8 @@ def prune_experts(model: nn.Module, keep: list[list[int]]) -> dict:
     """Keep, in block i, only the experts keep[i] (same count in every block): their modules stay,
     the router's rows are cut to them, the config's expert count is updated. In place; returns
     what was done (for the manifest)."""
-    from llmpress.arch import adapter_for
-    adapter = adapter_for(model)
-    layout = adapter.moe
-    blocks = adapter.blocks(model)
-    if layout is None:
-        raise LLMPressError("expert pruning applies to mixtures of experts; this model has none")
+    adapter = _moe_adapter(model)
+    layout, blocks = adapter.moe, adapter.blocks(model)
     if len(keep) != len(blocks) or len({len(k) for k in keep}) != 1:
         raise LLMPressError("give every block the same number of experts to keep")
     n = layout.num_experts(model.config)

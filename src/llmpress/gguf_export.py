@@ -351,10 +351,10 @@ def expert_stacks(model: nn.Module, adapter, float_type: str = "F32") -> dict[st
         return {}
     out = {}
     for i, block in enumerate(adapter.blocks(model)):
-        fqn = f"{adapter.blocks_path}.{i}.{adapter.moe.expert_prefix()}"
+        experts = block.get_submodule(adapter.moe.expert_prefix())
         layer = {}
         for proj, name in _EXPS.items():
-            mods = [getattr(e, proj) for e in model.get_submodule(fqn)]
+            mods = [getattr(e, proj) for e in experts]
             kinds = {gguf_type_of(m) for m in mods}
             if len(kinds) > 1:
                 raise LLMPressError(f"GGUF export: the experts' {proj} of block {i} are stored as {sorted(kinds)}; "
@@ -370,7 +370,7 @@ def expert_stacks(model: nn.Module, adapter, float_type: str = "F32") -> dict[st
             else:
                 data = np.stack([ENCODERS[kind](m.int_weight(), m.scale) for m in mods])
             layer[f"blk.{i}.{name}.weight"] = (data, kind)
-        out[fqn] = layer
+        out[f"{adapter.blocks_path}.{i}.{adapter.moe.expert_prefix()}"] = layer
     return out
 
 

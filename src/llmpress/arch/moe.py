@@ -110,7 +110,6 @@ class RoutedExperts(nn.ModuleList):
 
     def __init__(self, experts: list[ExpertMLP]):
         super().__init__(experts)
-        self.num_experts = len(experts)
         self.calibrate_all = False
         self.record: dict | None = None     # set by llmpress.experts.recording: per-expert routing sums
 
@@ -139,13 +138,12 @@ def layout_of(model_or_config) -> MoELayout | None:
     return MOE_LAYOUTS.get(getattr(config, "model_type", None))
 
 
-def unfuse_experts(model: nn.Module, blocks: nn.ModuleList) -> int:
+def unfuse_experts(model: nn.Module, blocks: nn.ModuleList) -> None:
     """Replace every fused experts module of `model`'s blocks by a RoutedExperts whose linears are
-    views of the fused weights (in place; idempotent). Returns how many layers were converted."""
+    views of the fused weights (in place; idempotent)."""
     layout = layout_of(model)
     if layout is None:
-        return 0
-    done = 0
+        return
     for block in blocks:
         moe = block.get_submodule(layout.moe_path)
         fused = moe.experts
@@ -157,8 +155,6 @@ def unfuse_experts(model: nn.Module, blocks: nn.ModuleList) -> int:
         moe.experts = RoutedExperts(split_fused(fused.gate_up_proj, fused.down_proj, fused.act_fn,
                                                 getattr(fused, "gate_up_proj_bias", None),
                                                 getattr(fused, "down_proj_bias", None)))
-        done += 1
-    return done
 
 
 def split_fused(gate_up: torch.Tensor, down: torch.Tensor, act_fn, gate_up_bias=None, down_bias=None) -> list[ExpertMLP]:
