@@ -109,6 +109,22 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--expert-criterion", default="reap", choices=["reap", "frequency"],
                    help="expert pruning score: reap (mean router weight x expert output norm over routed tokens, "
                         "REAP) or frequency (routed token count)")
+    c.add_argument("--drop-blocks", type=int, metavar="N",
+                   help="before compressing, remove N whole decoder blocks chosen by --block-criterion on the "
+                        "calibration tokens (a standard config with fewer layers; alone, without a method, too)")
+    c.add_argument("--block-criterion", default="bi", choices=["bi", "angular", "ppl"],
+                   help="which blocks to drop: bi (ShortGPT's 1 - cos(input, output), the N lowest), angular (the "
+                        "contiguous N blocks of least angular distance, Gromov et al.), ppl (greedy, least calibration "
+                        "perplexity after each removal, BlockPruner's search; about N x L^2 / 2 block forwards)")
+    c.add_argument("--prune-width", type=float, metavar="SHARE",
+                   help="before compressing, remove this share of every MLP's intermediate neurons (same count in "
+                        "every block: a standard config with a smaller intermediate_size), down_proj refit by least squares")
+    c.add_argument("--width-criterion", default="obs", choices=["obs", "wanda"],
+                   help="which neurons go: obs (structured Optimal Brain Surgeon on down_proj's columns) or wanda "
+                        "(||W_:,j||^2 x E[h_j^2]); both refit down_proj on the kept neurons")
+    c.add_argument("--width-multiple", type=int, default=64, metavar="M",
+                   help="the kept intermediate size is rounded to a multiple of M (256 for llama.cpp's K-quant "
+                        "rows of down_proj)")
     c.add_argument("--calibrate-all-experts", action="store_true",
                    help="mixtures of experts: run every expert on every calibration token for its statistics, while "
                         "each block's outputs still add only the routed experts (E / k times the expert compute)")
@@ -226,8 +242,11 @@ def cmd_compress(a) -> dict:
     from llmpress.export import check_out_dir
     from llmpress.plan import Plan
 
-    if sum(x is not None for x in (a.method, a.plan, a.budget)) != 1:
-        raise LLMPressError("give exactly one of --method, --plan or --budget")
+    structural = a.drop_blocks is not None or a.prune_width is not None or a.prune_experts is not None
+    given = sum(x is not None for x in (a.method, a.plan, a.budget))
+    if given > 1 or (given == 0 and not structural):
+        raise LLMPressError("give exactly one of --method, --plan or --budget (or none, with --drop-blocks, "
+                            "--prune-width or --prune-experts alone)")
     if a.fuse and (not a.budget or a.allocator in ("search", "refine")):
         raise LLMPressError("--fuse applies to --budget with the knapsack or lagrange allocator")
     budget = None
@@ -237,7 +256,8 @@ def cmd_compress(a) -> dict:
         menu_configs(a.menu or DEFAULT_MENU[budget.metric])       # a bad menu fails before loading
         plan = None
     else:
-        plan = Plan.load(a.plan) if a.plan else Plan.uniform(_config_from_args(a))
+        plan = (Plan.load(a.plan) if a.plan else Plan.uniform(_config_from_args(a)) if a.method
+                else Plan([("*", None)]))       # structural pruning only
     if a.gguf_fallback:
         from llmpress.plan import check_gguf_fallback
         check_gguf_fallback(a.gguf_fallback)
@@ -278,12 +298,34 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
     from llmpress.eval import model_size
 
     allocation = tokens = calib = rotation = experts = None
+    structure = {}
+    for flag, value in (("--drop-blocks", a.drop_blocks), ("--prune-width", a.prune_width),
+                        ("--prune-experts", a.prune_experts)):
+        if value is not None and source is not None:
+            raise LLMPressError(f"{flag} needs the whole model in memory (not with --offload)")
+    if a.drop_blocks is not None:
+        from llmpress.depth import choose_blocks, drop_blocks
+        n_blocks = len(adapter_for(model).blocks(model))
+        if not 1 <= a.drop_blocks < n_blocks:
+            raise LLMPressError(f"--drop-blocks {a.drop_blocks}: the model has {n_blocks} blocks; drop at least one and keep one")
+        tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
+        chosen, why = choose_blocks(model, tokens, a.drop_blocks, a.block_criterion, device=device)
+        structure["depth"] = {"criterion": a.block_criterion, **drop_blocks(model, chosen), **why}
+        print(f"blocks: dropped {chosen} ({a.block_criterion}), {n_blocks - len(chosen)} left", file=sys.stderr)
+    if a.prune_width is not None:
+        from llmpress.width import kept_width, prune_width
+        k = kept_width(model, a.prune_width, a.width_multiple)     # checked before reading calibration text
+        if tokens is None:
+            tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
+        structure["width"] = {"share": a.prune_width,
+                              **prune_width(model, tokens, k, a.width_criterion, device=device)}
+        print(f"MLP width: {structure['width']['intermediate_before']} -> {k} neurons ({a.width_criterion})",
+              file=sys.stderr)
     if a.prune_experts is not None:
-        if source is not None:
-            raise LLMPressError("--prune-experts needs the whole model in memory (not with --offload)")
         from llmpress.experts import choose_experts, expert_scores, experts_to_keep, prune_experts
         keep = experts_to_keep(model, a.prune_experts)            # checked before reading calibration text
-        tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
+        if tokens is None:
+            tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
         scores = expert_scores(model, tokens, device=device)
         experts = {"criterion": a.expert_criterion, "share": a.prune_experts,
                    **prune_experts(model, choose_experts(scores, keep, a.expert_criterion))}
@@ -323,7 +365,7 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         for pair in sorted({(v["from"], v["to"]) for v in substituted.values()}):
             n = sum((v["from"], v["to"]) == pair for v in substituted.values())
             print(f"{n} layer(s) take {pair[1]} instead of {pair[0]} (rows not whole 256-weight blocks)", file=sys.stderr)
-    if any(c.stat for c in layer_configs.values()):
+    if any(c.stat for c in layer_configs.values()) or tokens is not None:    # calibrated, or pruned on it
         if tokens is None:
             tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
         calib = {"source": a.calib, "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed}
@@ -368,7 +410,7 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
                 "plan": plan.to_dict(), "allocation": allocation,
                 "layers": {k: v.to_dict() for k, v in layer_configs.items()},
                 "calibration": calib, "seed": a.seed, "report": report.layers, "size": size,
-                "gguf_fallbacks": substituted, "expert_pruning": experts}
+                "gguf_fallbacks": substituted, "expert_pruning": experts, "structural_pruning": structure or None}
     out = save_compressed(model, tokenizer, a.out, manifest, overwrite=a.overwrite)
     if checkpoint is not None:
         checkpoint.remove()                           # saved: the per-block checkpoint is no longer needed
