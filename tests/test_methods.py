@@ -133,3 +133,24 @@ def test_int8_per_channel_layers_run_packed_in_bfloat16():
     assert q._packed[0].dtype == torch.int8 and (y.float() - ref).abs().max() < 0.02 * ref.abs().max()
     grouped, _ = apply_rtn(linear, RTN(bits=8, group_size=32), None)
     assert not grouped.runs_packed(xb)                                  # the kernel has one scale per row
+
+
+def test_series_expansion_converges_term_by_term_and_costs_what_it_stores():
+    from llmpress import RTN, Series
+    from llmpress.config import handler_for
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 24)
+    w = linear.weight.detach()
+    errors = []
+    for terms in (1, 2, 3):
+        config = Series(bits=2, terms=terms, group_size=32)
+        module, _ = handler_for(config)(linear, config, None)
+        assert len(module.terms) == terms
+        assert module.stored_bytes() - 2 * 24 == config.storage(24, 96)[0]     # + the fp16 bias
+        errors.append((module.dense_weight() - w).square().sum().item())
+        x = torch.randn(5, 96)
+        assert torch.allclose(module(x), x @ module.dense_weight().T + module.bias.float(), atol=1e-5)
+        if terms == 1:          # one term is round to nearest
+            rtn, _ = handler_for(RTN(bits=2, group_size=32))(linear, RTN(bits=2, group_size=32), None)
+            assert torch.equal(module.dense_weight(), rtn.dense_weight())
+    assert errors[1] < errors[0] / 4 and errors[2] < errors[1] / 4

@@ -3,14 +3,15 @@ import copy
 import pytest
 import torch
 
-from llmpress import LLMPressError, Magnitude, Plan, RTN, SVD
+from llmpress import LLMPressError, Magnitude, Plan, RTN, SVD, Series
 from llmpress.arch import adapter_for
 from llmpress.eval import model_size
 from llmpress.export import load_compressed, save_compressed, verify
 from llmpress.pipeline import compress
 
 CONFIGS = [RTN(bits=4, group_size=48), RTN(bits=3, group_size=128, symmetric=False),
-           Magnitude(sparsity=0.5), Magnitude(sparsity=None, nm="2:4"), SVD(param_ratio=0.5)]
+           Magnitude(sparsity=0.5), Magnitude(sparsity=None, nm="2:4"), SVD(param_ratio=0.5),
+           Series(bits=2, terms=2, group_size=32)]
 
 
 def _resolve(model, plan):

@@ -19,7 +19,8 @@ from llmpress.methods.qlr import GPTQLowRank
 from llmpress.methods.lut import GPTQLUT
 from llmpress.methods.vq import GPTQVQ
 from llmpress.methods.oats import OATS
+from llmpress.methods.series import Series
 
 __version__ = "0.1.0"
 __all__ = ["LLMPressError", "MethodConfig", "config_from_dict", "Plan", "RTN", "GPTQ", "AWQ", "Magnitude", "Wanda",
-           "SparseGPT", "SVD", "ASVD", "SVDLLM", "GPTQLowRank", "GPTQLUT", "GPTQVQ", "OATS"]
+           "SparseGPT", "SVD", "ASVD", "SVDLLM", "GPTQLowRank", "GPTQLUT", "GPTQVQ", "OATS", "Series"]

@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--plan", help="Plan JSON file (instead of --method)")
     c.add_argument("--bits", type=_number, help="bits per weight (gptq-vq: a multiple of 1/dim, e.g. 2.5)")
     c.add_argument("--group-size", type=int)
+    c.add_argument("--terms", type=int, help="series: low-bit terms in the expansion (each quantizes the residual)")
     c.add_argument("--asymmetric", action="store_true", help="asymmetric quantization grid (zero points)")
     c.add_argument("--sparsity", type=float)
     c.add_argument("--nm", help="N:M structured sparsity, e.g. 2:4")
@@ -218,7 +219,7 @@ def _config_from_args(a):
     from llmpress.config import config_from_dict
     opts = {"bits": a.bits, "group_size": a.group_size, "sparsity": a.sparsity, "nm": a.nm,
             "param_ratio": a.param_ratio, "damp": a.damp, "alpha": a.alpha, "rank": a.rank, "clip": a.clip,
-            "gguf": a.gguf_type, "refine": a.refine, "dim": a.dim, "rows": a.rows}
+            "gguf": a.gguf_type, "refine": a.refine, "dim": a.dim, "rows": a.rows, "terms": a.terms}
     kwargs = {k: v for k, v in opts.items() if v is not None}
     if a.refit is not None:
         if a.method != "gptq":

@@ -10,6 +10,7 @@
 - LowRankLinear: two factors (fp16) that run as two matmuls, x -> x @ down.T @ up.T.
 - QuantLowRankLinear: a QuantLinear plus a LowRank correction of its error (fp16 factors).
 - SparseLowRankLinear: a SparseLinear plus a low-rank part (fp16 factors).
+- SeriesLinear: a sum of QuantLinear terms, each quantizing the residual of the ones before.
 
 Every module's `state_dict()` is exactly what is written to disk, and `spec()` + `empty(spec)`
 rebuild an empty shell of the right shapes for loading. Float parts are held in their storage
@@ -415,6 +416,35 @@ class SparseLowRankLinear(_PlusLowRank):
     part, part_type = "sparse", SparseLinear
 
 
+class SeriesLinear(CompressedLinear):
+    """y = sum_k Q_k x: a series of low-bit QuantLinear terms (bias-free), each quantizing what the
+    terms before it left of the weight (llmpress.methods.series); every term runs as its own
+    (packed, where QuantLinear runs packed) matmul."""
+
+    def __init__(self, terms: list[QuantLinear], bias=None):
+        super().__init__()
+        self.in_features, self.out_features = terms[0].in_features, terms[0].out_features
+        self.terms = nn.ModuleList(terms)
+        self._init_bias(bias)
+
+    def dense_weight(self) -> torch.Tensor:
+        return sum(t.dense_weight() for t in self.terms)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._weight_cache is not None:
+            return super().forward(x)
+        y = sum(t(x) for t in self.terms)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def spec(self) -> dict:
+        return {"type": "SeriesLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "terms": [t.spec() for t in self.terms], "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, s: dict) -> "SeriesLinear":
+        return cls([QuantLinear.empty(t) for t in s["terms"]], torch.zeros(s["out_features"]) if s["bias"] else None)
+
+
 def with_dense_cache(module: nn.Module) -> nn.Module:
     """Make a compressed layer keep its rebuilt dense weight (until moved or reloaded): for the
     temporary working copies of a search that runs the same layers many times, never for a model
@@ -426,7 +456,7 @@ def with_dense_cache(module: nn.Module) -> nn.Module:
 
 
 MODULE_TYPES = {c.__name__: c for c in (QuantLinear, GGMLLinear, LUTLinear, VQLinear, SparseLinear, LowRankLinear,
-                                         QuantLowRankLinear, SparseLowRankLinear)}
+                                         QuantLowRankLinear, SparseLowRankLinear, SeriesLinear)}
 
 
 def module_spec(module: CompressedLinear) -> dict:
