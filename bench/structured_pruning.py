@@ -63,6 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shares", default="0.125,0.25")
     ap.add_argument("--ppl-windows", type=int, default=8)
+    ap.add_argument("--ppl-shares", default="0.125", help="shares at which the (slow) greedy perplexity search runs")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench/results/structured_pruning.json"))
     a = ap.parse_args()
@@ -82,7 +83,8 @@ def main() -> None:
         k = round((1 - share / mlp_share) * inter / 64) * 64
         variants = {f"depth bi {n_blocks} blocks": ("depth", "bi"),
                     f"depth angular {n_blocks} blocks": ("depth", "angular"),
-                    f"depth ppl {n_blocks} blocks": ("depth", "ppl"),
+                    **({f"depth ppl {n_blocks} blocks": ("depth", "ppl")}
+                       if share in [float(x) for x in a.ppl_shares.split(",") if x] else {}),
                     f"width obs {k}": ("width", "obs"), f"width wanda {k}": ("width", "wanda"),
                     f"sparsegpt {share:.1%}": ("sparsegpt", None)}
         for name, (kind, criterion) in variants.items():
