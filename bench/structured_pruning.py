@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from llmpress import Plan, SparseGPT  # noqa: E402
 from llmpress.arch import adapter_for  # noqa: E402
 from llmpress.data import calibration_tokens, eval_tokens  # noqa: E402
-from llmpress.depth import choose_blocks, drop_blocks  # noqa: E402
+from llmpress.depth import blocks_to_drop, choose_blocks, drop_blocks  # noqa: E402
 from llmpress.eval import llamacpp_speed, perplexity, speed  # noqa: E402
 from llmpress.gguf_export import export_gguf  # noqa: E402
 from llmpress.models import load_model, resolve_source  # noqa: E402
@@ -73,13 +73,13 @@ def main() -> None:
     calib = calibration_tokens(tok, "wikipedia", 32, 512, seed=0)
     ids = eval_tokens(tok, "wikitext2")
     total = linear_params(dense)
-    L, inter = dense.config.num_hidden_layers, dense.config.intermediate_size
+    inter = dense.config.intermediate_size
     mlp_share = sum(dense.get_submodule(n).weight.numel() for n in adapter_for(dense).linear_names(dense)
                     if ".mlp." in n) / total
     rows = {"dense": {**measure(dense, ids, source, a.skip_speed), "removed_share": 0.0}}
     print("dense", rows["dense"], flush=True)
     for share in (float(s) for s in a.shares.split(",")):
-        n_blocks = round(share * L)
+        n_blocks = blocks_to_drop(dense, share)
         k = round((1 - share / mlp_share) * inter / 64) * 64
         variants = {f"depth bi {n_blocks} blocks": ("depth", "bi"),
                     f"depth angular {n_blocks} blocks": ("depth", "angular"),

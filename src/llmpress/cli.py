@@ -300,53 +300,51 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
 
     allocation = tokens = calib = rotation = experts = None
     structure = {}
+
+    def calibration():
+        """The calibration windows, read once, on first need."""
+        nonlocal tokens
+        if tokens is None:
+            tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
+        return tokens
+
     for flag, value in (("--drop-blocks", a.drop_blocks), ("--prune-width", a.prune_width),
-                        ("--prune-experts", a.prune_experts)):
-        if value is not None and source is not None:
+                        ("--prune-experts", a.prune_experts), ("--rotate", a.rotate),
+                        ("--online-hadamard", a.online_hadamard)):
+        if value is not None and value != "" and source is not None:
             raise LLMPressError(f"{flag} needs the whole model in memory (not with --offload)")
     if a.drop_blocks is not None:
-        from llmpress.depth import choose_blocks, drop_blocks
-        n_blocks = len(adapter_for(model).blocks(model))
-        if not 1 <= a.drop_blocks < n_blocks:
-            raise LLMPressError(f"--drop-blocks {a.drop_blocks}: the model has {n_blocks} blocks; drop at least one and keep one")
-        tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
-        chosen, why = choose_blocks(model, tokens, a.drop_blocks, a.block_criterion, device=device)
+        from llmpress.depth import check_drop_count, choose_blocks, drop_blocks
+        check_drop_count(model, a.drop_blocks)                    # before reading calibration text
+        chosen, why = choose_blocks(model, calibration(), a.drop_blocks, a.block_criterion, device=device)
         structure["depth"] = {"criterion": a.block_criterion, **drop_blocks(model, chosen), **why}
-        print(f"blocks: dropped {chosen} ({a.block_criterion}), {n_blocks - len(chosen)} left", file=sys.stderr)
+        print(f"blocks: dropped {chosen} ({a.block_criterion}), {structure['depth']['blocks_after']} left",
+              file=sys.stderr)
     if a.prune_width is not None:
         from llmpress.width import kept_width, prune_width
         k = kept_width(model, a.prune_width, a.width_multiple)     # checked before reading calibration text
-        if tokens is None:
-            tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
         structure["width"] = {"share": a.prune_width,
-                              **prune_width(model, tokens, k, a.width_criterion, device=device)}
+                              **prune_width(model, calibration(), k, a.width_criterion, device=device)}
         print(f"MLP width: {structure['width']['intermediate_before']} -> {k} neurons ({a.width_criterion})",
               file=sys.stderr)
     if a.prune_experts is not None:
         from llmpress.experts import choose_experts, expert_scores, experts_to_keep, prune_experts
         keep = experts_to_keep(model, a.prune_experts)            # checked before reading calibration text
-        if tokens is None:
-            tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
-        scores = expert_scores(model, tokens, device=device)
+        scores = expert_scores(model, calibration(), device=device)
         experts = {"criterion": a.expert_criterion, "share": a.prune_experts,
                    **prune_experts(model, choose_experts(scores, keep, a.expert_criterion))}
         print(f"experts: {experts['experts_before']} -> {experts['experts_after']} per layer "
               f"({a.expert_criterion})", file=sys.stderr)
     if a.rotate:
-        if source is not None:
-            raise LLMPressError("--rotate needs the whole model in memory (not with --offload)")
         from llmpress.rotate import choose_rotation, rotate_model
         seed, searched = a.rotate_seed, None
         if a.rotate_search:
-            tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
-            seed, searched = choose_rotation(model, tokens, a.rotate,
+            seed, searched = choose_rotation(model, calibration(), a.rotate,
                                              range(a.rotate_seed, a.rotate_seed + a.rotate_search))
         rotation = rotate_model(model, a.rotate, seed)
         if searched:
             rotation["search"] = {str(k): v for k, v in searched.items()}
     if a.online_hadamard:
-        if source is not None:
-            raise LLMPressError("--online-hadamard needs the whole model in memory (not with --offload)")
         from llmpress.rotate import rotate_online
         rotation = {**(rotation or {}), "online": rotate_online(model, _online_layers(model, a.online_hadamard),
                                                                 a.rotate_seed)}
@@ -354,8 +352,7 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         from llmpress.budget import check_budget, menu_configs, DEFAULT_MENU
         menu = menu_configs(a.menu or DEFAULT_MENU[budget.metric])
         check_budget(model, menu, budget)              # before reading any calibration text
-        tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
-        allocated = _allocate(a, model, tokenizer, tokens, budget, menu, device, source)
+        allocated = _allocate(a, model, tokenizer, calibration(), budget, menu, device, source)
         plan, allocation = allocated.plan, allocated.info
     layer_configs = plan.resolve(adapter_for(model).linear_names(model))
     substituted = {}
@@ -367,8 +364,7 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
             n = sum((v["from"], v["to"]) == pair for v in substituted.values())
             print(f"{n} layer(s) take {pair[1]} instead of {pair[0]} (rows not whole 256-weight blocks)", file=sys.stderr)
     if any(c.stat for c in layer_configs.values()) or tokens is not None:    # calibrated, or pruned on it
-        if tokens is None:
-            tokens = calibration_tokens(tokenizer, a.calib, a.num_samples, a.seq_len, a.seed)
+        calibration()
         calib = {"source": a.calib, "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed}
     one_pass = a.one_pass or a.stats_cache is not None
     from llmpress.distributed import world

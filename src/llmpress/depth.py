@@ -16,11 +16,13 @@ Which blocks, from the hidden states x_l entering block l on calibration tokens 
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from llmpress.errors import LLMPressError
 
@@ -70,14 +72,12 @@ def greedy_ppl(model: nn.Module, tokens: torch.Tensor, n: int, device="cpu", bat
     (with the earlier rounds' removed) gives the lowest calibration perplexity. Returns (dropped
     indices in the order chosen, per round {"dropped", "ppl"})."""
     from llmpress.walk import BlockWalk
+    check_drop_count(model, n)
     walk = BlockWalk(model, device, batch_size, progress=False)
     L = len(walk)
-    if not 1 <= n < L:
-        raise LLMPressError(f"cannot drop {n} of {L} blocks")
     start = walk.capture(tokens)
     dropped: list[int] = []
     rounds = []
-    from tqdm.auto import tqdm
     bar = tqdm(total=n, desc="block search", unit="round", disable=not progress)
     with walk.head_placed() as head:
         for _ in range(n):
@@ -96,7 +96,7 @@ def greedy_ppl(model: nn.Module, tokens: torch.Tensor, n: int, device="cpu", bat
                 with walk.placed(c, keep=False) as block:
                     prefix = walk.run(block, prefix)
             dropped.append(best[0])
-            rounds.append({"dropped": best[0], "ppl": float(torch.tensor(best[1]).exp())})
+            rounds.append({"dropped": best[0], "ppl": math.exp(best[1])})
             bar.update()
     bar.close()
     return dropped, rounds
@@ -119,15 +119,21 @@ def choose_blocks(model: nn.Module, tokens: torch.Tensor, n: int, criterion: str
     return list(range(start, start + n)), {"angular_distance": d["angular"]}
 
 
+def check_drop_count(model: nn.Module, n: int) -> None:
+    """Refuse dropping n blocks unless at least one goes and one stays."""
+    from llmpress.arch import adapter_for
+    L = len(adapter_for(model).blocks(model))
+    if not 1 <= n < L:
+        raise LLMPressError(f"dropping {n} of {L} blocks: drop at least one and keep one")
+
+
 def blocks_to_drop(model: nn.Module, share: float) -> int:
     """How many blocks a share (0, 1) of them is, rounded; at least one goes and one stays."""
     from llmpress.arch import adapter_for
-    L = len(adapter_for(model).blocks(model))
     if not 0 < share < 1:
         raise LLMPressError(f"the share of blocks to drop must be in (0, 1), got {share!r}")
-    n = round(share * L)
-    if not 1 <= n < L:
-        raise LLMPressError(f"dropping {share:.1%} of {L} blocks removes {n}: it must remove at least one and keep one")
+    n = round(share * len(adapter_for(model).blocks(model)))
+    check_drop_count(model, n)
     return n
 
 

@@ -13,30 +13,27 @@ dense and other exports merge the terms).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 from llmpress.config import MethodConfig, register
 from llmpress.errors import LLMPressError
 from llmpress.methods.rtn import check_quant_options, quant_linear_from_codes, quant_storage, rtn_quantize
-from llmpress.modules import SeriesLinear
+from llmpress.modules import QuantLinear, SeriesLinear
 
 
-def series_quantize(w: torch.Tensor, bits: int, terms: int, group_size: int, symmetric: bool = True,
-                    clip: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """w (out, in) -> [(codes, scale, zero)] * terms: term k quantizes the residual of terms < k."""
+def series_terms(w: torch.Tensor, bits: int, terms: int, group_size: int, symmetric: bool = True,
+                 clip: str | None = None) -> list[QuantLinear]:
+    """w (out, in) -> `terms` bias-free QuantLinears; term k quantizes what the stored terms < k left of w."""
+    shape = SimpleNamespace(in_features=w.shape[1], out_features=w.shape[0], bias=None)
     out = []
     residual = w.float().clone()
     for _ in range(terms):
         q, scale, zero = rtn_quantize(residual, bits, group_size, symmetric, clip)
-        g = _columns_to_groups(w.shape[1], group_size or w.shape[1], w.device)
-        residual -= (q.float() - zero[:, g]) * scale[:, g]
-        out.append((q, scale, zero))
+        out.append(quant_linear_from_codes(shape, q, scale, zero, bits, group_size, symmetric))
+        residual -= out[-1].dense_weight()
     return out
-
-
-def _columns_to_groups(n: int, group_size: int, device) -> torch.Tensor:
-    return torch.arange(n, device=device) // group_size
 
 
 @dataclass(frozen=True)
@@ -64,11 +61,6 @@ class Series(MethodConfig):
 
 @register(Series)
 def apply_series(linear, config: Series, stats):
-    w = linear.weight.detach().float()
-    parts = []
-    for q, scale, zero in series_quantize(w, config.bits, config.terms, config.group_size, config.symmetric,
-                                          config.clip):
-        term = quant_linear_from_codes(linear, q, scale, zero, config.bits, config.group_size, config.symmetric)
-        term.bias = None
-        parts.append(term)
-    return SeriesLinear(parts, linear.bias), {}
+    terms = series_terms(linear.weight.detach().float(), config.bits, config.terms, config.group_size,
+                         config.symmetric, config.clip)
+    return SeriesLinear(terms, linear.bias), {}
