@@ -1,6 +1,6 @@
 """Depth pruning: drop whole decoder blocks. The result is a standard config with fewer layers
-(`num_hidden_layers`, `layer_types` cut to match), so transformers, vLLM and llama.cpp load it
-without custom code and run it faster by the share of blocks removed.
+(`num_hidden_layers`, `layer_types` cut to match), which transformers and llama.cpp load without
+custom code (tested) and which runs fewer blocks per token.
 
 Which blocks, from the hidden states x_l entering block l on calibration tokens (all positions):
 - `bi`: ShortGPT's Block Influence BI_l = 1 - mean_t cos(x_l, x_{l+1}); the n blocks of lowest BI

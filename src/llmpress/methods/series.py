@@ -1,7 +1,8 @@
 """Series expansion at tensor level, data-free: W ~= Q_1 + Q_2 + ... + Q_K, each Q_k a b-bit
 grouped quantization of what the terms before it left, R_{k-1} = W - (Q_1 + ... + Q_{k-1}),
 R_0 = W. With round to nearest and each term's scale fitted to its residual, the residual shrinks
-by about 2^b per term, so the series converges to W; no calibration data and no training (Zhang,
+with every term (tests: the squared error falls more than 4x per 2-bit term); no calibration data
+and no training (Zhang,
 Cheng et al. 2024, "FP=xINT: A Low-Bit Series Expansion Algorithm for Post-Training Quantization",
 arXiv:2412.06865, the tensor-level expansion; the paper's layer- and model-level expansions and
 its AbelianAdd/Mul operators are not reproduced here).
