@@ -15,7 +15,7 @@ from llmpress.methods.gptq import GPTQ
 from llmpress.methods.awq import AWQ
 from llmpress.methods.sparsegpt import SparseGPT
 from llmpress.methods.wanda import Wanda
-from llmpress.methods.qlr import GPTQLowRank
+from llmpress.methods.qlr import ApiQ, GPTQLowRank
 from llmpress.methods.lut import GPTQLUT
 from llmpress.methods.vq import GPTQVQ
 from llmpress.methods.oats import OATS
@@ -23,4 +23,4 @@ from llmpress.methods.series import Series
 
 __version__ = "0.1.0"
 __all__ = ["LLMPressError", "MethodConfig", "config_from_dict", "Plan", "RTN", "GPTQ", "AWQ", "Magnitude", "Wanda",
-           "SparseGPT", "SVD", "ASVD", "SVDLLM", "GPTQLowRank", "GPTQLUT", "GPTQVQ", "OATS", "Series"]
+           "SparseGPT", "SVD", "ASVD", "SVDLLM", "GPTQLowRank", "ApiQ", "GPTQLUT", "GPTQVQ", "OATS", "Series"]

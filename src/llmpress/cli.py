@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="after each block is quantized, fit its quantized layers' scales and its norm weights to the "
                         "uncompressed block's outputs by gradient descent for EPOCHS passes over the calibration "
                         "windows (OmniQuant / Norm Tweaking; codes and format unchanged; 0 = off)")
+    c.add_argument("--recover", type=int, metavar="STEPS",
+                   help="after compressing, fine-tune the low-rank adapters (apiq, gptq-lr, oats layers) end to end for "
+                        "STEPS AdamW steps of next-token loss on the calibration windows, every other weight frozen "
+                        "(QLoRA / ApiQ's fine-tuning; 1/8 of the windows held out to check it helped)")
+    c.add_argument("--recover-lr", type=float, default=3e-4, help="learning rate of --recover (ApiQ's: 3e-4)")
+    c.add_argument("--recover-batch", type=int, default=4, help="windows per --recover step")
     c.add_argument("--prune-experts", type=float, metavar="SHARE",
                    help="mixtures of experts: before compressing, remove this share of every layer's routed experts, "
                         "the lowest by --expert-criterion on the calibration tokens (a standard config with fewer experts)")
@@ -216,13 +222,14 @@ def _number(text: str) -> int | float:
 
 
 def _config_from_args(a):
-    from llmpress.config import config_from_dict
+    from llmpress.config import config_from_dict, parse_options
+    name, _, spec = a.method.partition(":")        # --method apiq:epochs=2,start=svd
     opts = {"bits": a.bits, "group_size": a.group_size, "sparsity": a.sparsity, "nm": a.nm,
             "param_ratio": a.param_ratio, "damp": a.damp, "alpha": a.alpha, "rank": a.rank, "clip": a.clip,
             "gguf": a.gguf_type, "refine": a.refine, "dim": a.dim, "rows": a.rows, "terms": a.terms}
-    kwargs = {k: v for k, v in opts.items() if v is not None}
+    kwargs = {**parse_options(spec, a.method), **{k: v for k, v in opts.items() if v is not None}}
     if a.refit is not None:
-        if a.method != "gptq":
+        if name != "gptq":
             raise LLMPressError("--refit applies to --method gptq")
         kwargs["refit"] = a.refit
     if a.asymmetric:
@@ -231,7 +238,7 @@ def _config_from_args(a):
         kwargs["act_order"] = True
     if a.nm is not None:
         kwargs.setdefault("sparsity", None)
-    return config_from_dict({"method": a.method, **kwargs})
+    return config_from_dict({"method": name, **kwargs})
 
 
 def _write_json(path, data) -> None:
@@ -355,6 +362,11 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         allocated = _allocate(a, model, tokenizer, calibration(), budget, menu, device, source)
         plan, allocation = allocated.plan, allocated.info
     layer_configs = plan.resolve(adapter_for(model).linear_names(model))
+    if a.recover is not None and not any(c.family == "composite" for c in layer_configs.values()):
+        raise LLMPressError("--recover fine-tunes low-rank adapters: give a method that has them (apiq, gptq-lr, oats)")
+    from llmpress.distributed import world
+    if a.recover is not None and (a.recover < 1 or world()[1] > 1 or source is not None):
+        raise LLMPressError("--recover takes a positive step count, one process and a model held in memory")
     substituted = {}
     if a.gguf_fallback:
         from llmpress.plan import with_gguf_fallback
@@ -389,6 +401,13 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
                       calibrate_all_experts=a.calibrate_all_experts, min_expert_tokens=a.min_expert_tokens)
     if rank != 0:                                   # rank 0 writes the output
         return {"rank": rank, "compress_seconds": report.seconds, "reduced_bytes": report.reduced_bytes}
+    recovery = None
+    if a.recover:
+        from llmpress.recover import train_adapters
+        recovery = train_adapters(model, tokens.to(device), a.recover, lr=a.recover_lr, batch_size=a.recover_batch)
+        print(f"recover: held-out calibration loss {recovery['heldout_loss_before']:.4f} -> "
+              f"{recovery['heldout_loss_after']:.4f}" + ("" if recovery["kept"] else " (not lower: adapters put back)"),
+              file=sys.stderr)
     if calib:
         calib.update(propagate=not one_pass, sequential=a.sequential, reference=a.reference, tune=a.tune)
         if a.calibrate_all_experts:
@@ -407,11 +426,12 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
                 "plan": plan.to_dict(), "allocation": allocation,
                 "layers": {k: v.to_dict() for k, v in layer_configs.items()},
                 "calibration": calib, "seed": a.seed, "report": report.layers, "size": size,
-                "gguf_fallbacks": substituted, "expert_pruning": experts, "structural_pruning": structure or None}
+                "gguf_fallbacks": substituted, "expert_pruning": experts, "structural_pruning": structure or None,
+                "recovery": recovery}
     out = save_compressed(model, tokenizer, a.out, manifest, overwrite=a.overwrite)
     if checkpoint is not None:
         checkpoint.remove()                           # saved: the per-block checkpoint is no longer needed
-    result = {"out": str(out), "compress_seconds": report.seconds, **size, "calibration": calib,
+    result = {"out": str(out), "compress_seconds": report.seconds, **size, "calibration": calib, "recovery": recovery,
               "fallbacks": fallbacks, "gguf_fallbacks": substituted, "allocation": allocation, "processes": n_ranks,
               "reduced_bytes": report.reduced_bytes}
     if allocation is not None:
@@ -603,7 +623,8 @@ def cmd_export(a) -> None:
         out = export_dense(model, tokenizer, a.out)
     print(f"{a.dir} -> {out} ({a.format}; loads with transformers' from_pretrained, no trust_remote_code)")
     if a.adapter_out:
-        print(f"low-rank corrections of {len(corrected)} layers -> {a.adapter_out} (PEFT LoRA adapter: "
+        print(f"low-rank corrections of {len(corrected)} layers -> {a.adapter_out} (PEFT LoRA adapter: load the base "
+              f"with quantization_config=CompressedTensorsConfig(run_compressed=False), then "
               f"PeftModel.from_pretrained(model, {a.adapter_out!r}))")
 
 

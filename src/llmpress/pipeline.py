@@ -29,6 +29,7 @@ from llmpress.errors import LLMPressError
 from llmpress.methods.hessian import toward_reference
 from llmpress.rotate import fold_online
 from llmpress.stats import StatsCache, block_key, tokens_digest, with_prior
+from llmpress.recover import fisher_diagonal
 from llmpress.tune import tune_block
 from llmpress.walk import BlockWalk
 
@@ -83,7 +84,9 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     unknown = set(layer_configs) - set(adapter.linear_names(model))
     if unknown:
         raise LLMPressError(f"not compressible linears of this model: {sorted(unknown)[:5]}")
-    needs_data = measure_error or bool(tune) or any(c.stat is not None for c in layer_configs.values())
+    fits = {fqn: f for fqn, c in layer_configs.items() if (f := block_fit(c))}     # ApiQ-style block fits
+    stream = bool(reference) or bool(fits)          # a second stream through the uncompressed blocks
+    needs_data = measure_error or bool(tune) or bool(fits) or any(c.stat is not None for c in layer_configs.values())
     if needs_data and (tokens is None or tokens.numel() == 0):
         raise LLMPressError("the plan uses calibrated methods (or measure_error) but no calibration tokens were given")
     if stats_cache is not None and propagate:
@@ -96,6 +99,13 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         raise LLMPressError("tune fits blocks on calibration data: give calibration tokens")
     if tune and walk.world > 1:
         raise LLMPressError("tune is single-process for now; run without torchrun")
+    if fits and not propagate:
+        raise LLMPressError(f"{next(iter(fits))}: its method fits each block on compressed inputs: it needs propagate=True")
+    if fits and walk.world > 1:
+        raise LLMPressError("block fits (apiq) are single-process for now; run without torchrun")
+    salient = [fqn for fqn, f in fits.items() if f.get("saliency_weight")]
+    if salient and source is not None:
+        raise LLMPressError("the saliency term needs the whole uncompressed model's gradients: not with an offloaded model")
     if reference and not any(c.stat == "hessian" for c in layer_configs.values()):
         raise LLMPressError("reference (asymmetric calibration) needs a method that takes the Gram matrix "
                             "(gptq, sparsegpt, awq, gptq-lr, svd-llm ...); this plan has none")
@@ -103,7 +113,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         raise LLMPressError(f"min_expert_tokens must be >= 1, got {min_expert_tokens!r}")
     if calibrate_all_experts and adapter.moe is None:
         raise LLMPressError("calibrate_all_experts applies to mixtures of experts; this model has none")
-    if reference and adapter.moe is not None and not calibrate_all_experts:
+    if stream and adapter.moe is not None and not calibrate_all_experts:
         raise LLMPressError("reference (asymmetric calibration) on a mixture of experts needs calibrate_all_experts: "
                             "the two streams route different tokens to each expert")
     if walk.world > 1 and (checkpoint is not None or stats_cache is not None):
@@ -119,6 +129,8 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
 
     report = CompressReport(device=str(walk.device))
     t0 = time.perf_counter()
+    # the diagonal empirical Fisher of the uncompressed model, for the saliency term of block fits
+    fisher = fisher_diagonal(model, tokens, salient, batch_size, progress) if salient else {}
     cache = StatsCache(stats_cache) if stats_cache is not None else None
     keys = cached = hidden = hidden_ref = None
     if cache is not None and needs_data:
@@ -138,11 +150,11 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         report.layers.update(entries)
     if needs_data and start == 0 and not cached:
         hidden = walk.capture(tokens)
-        hidden_ref = hidden.clone() if reference else None     # block 0 sees the same inputs in both models
+        hidden_ref = hidden.clone() if stream else None     # block 0 sees the same inputs in both models
     elif needs_data and 0 < start < len(blocks):
         saved = checkpoint.tensors("hidden")
         hidden = walk.resume(tokens, saved["hidden"])
-        if reference:
+        if stream:
             if "reference" not in saved:
                 raise LLMPressError("this checkpoint was written without a reference stream; start again without --resume")
             hidden_ref = saved["reference"].to(walk.storage)
@@ -154,7 +166,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         if source is not None:
             for fqn in todo:
                 check_finite(fqn, model.get_submodule(fqn).weight)
-        dense_block = copy.deepcopy(block) if reference or tune else None   # the uncompressed block (reference stream, tune target)
+        dense_block = copy.deepcopy(block) if stream or tune else None   # the uncompressed block (reference stream, fit target)
         ref_out = None
         # one pass over all input groups, or (sequential) one per group in order
         passes = [[g] for g in adapter.input_groups] if sequential else [list(adapter.input_groups)]
@@ -183,30 +195,57 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
             for local, note in notes.items():
                 if prefix + local in report.layers:
                     report.layers[prefix + local].update(note)
-        if reference and needs_data and ref_out is None:
+        if stream and needs_data and ref_out is None:
             with torch.no_grad():
                 ref_out = walk.run(dense_block, hidden_ref)
+        block_fits = {fqn: fits[fqn] for fqn in todo if fqn in fits}
         if tune and todo:
             with torch.no_grad():
                 target = ref_out if reference else walk.run(dense_block, hidden)
             info = tune_block(block, walk, hidden, target, tune)
             for fqn in todo:
                 report.layers[fqn]["tune"] = info
+        if block_fits:
+            # ApiQ-bw: the uncompressed model's outputs and the uncompressed block's on compressed inputs
+            with torch.no_grad():
+                targets = [ref_out, walk.run(dense_block, hidden)]
+            fit = _merge_fits(list(block_fits.values()))
+            saliency = {fqn[len(prefix):]: (fisher[fqn], dense_block.get_submodule(fqn[len(prefix):]).weight.detach())
+                        for fqn in block_fits if fqn in fisher}
+            info = tune_block(block, walk, hidden, targets, fit.pop("epochs"), saliency=saliency, **fit)
+            for fqn in block_fits:
+                report.layers[fqn]["block_fit"] = info
+                fisher.pop(fqn, None)
         if needs_data and propagate and i + 1 < len(blocks):
             with torch.no_grad():
                 hidden = walk.run(block, hidden)   # (N, T, C) into block i+1
-            hidden_ref = ref_out
+            hidden_ref = ref_out if stream else None
         if checkpoint is not None:
             more = i + 1 < len(blocks) and needs_data
             checkpoint.save_block(block, i, hidden if more else None,
                                   {k: v for k, v in report.layers.items() if k.startswith(prefix)},
-                                  reference=hidden_ref if more and reference else None)
+                                  reference=hidden_ref if more and stream else None)
     if source is not None:
         source.load_all(model)            # the finished (compressed) blocks back from the scratch folder
     fold_online(model)                    # layers left dense: their online rotation is pure cost
     report.seconds = time.perf_counter() - t0
     report.reduced_bytes = walk.reduced_bytes
     return report
+
+
+def block_fit(config: MethodConfig) -> dict | None:
+    """The block fit a layer's method asks the walk for after its block is compressed (ApiQ: the
+    adapters and scales of llmpress.tune.tune_block), or None."""
+    fit = getattr(config, "block_fit", None)
+    return fit() if fit is not None else None
+
+
+def _merge_fits(fits: list[dict]) -> dict:
+    """One tune_block call for a block whose layers ask for fits: the most epochs, the first's rates."""
+    out = dict(fits[0])
+    out["epochs"] = max(f["epochs"] for f in fits)
+    out["saliency_weight"] = max(f.get("saliency_weight", 0.0) for f in fits)
+    return out
 
 
 def _compress_groups(block, adapter, prefix, todo, stats, walk, report, measure_error, originals) -> None:
