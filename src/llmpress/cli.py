@@ -132,6 +132,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--width-multiple", type=int, default=64, metavar="M",
                    help="the kept intermediate size is rounded to a multiple of M (256 for llama.cpp's K-quant "
                         "rows of down_proj)")
+    c.add_argument("--share-basis", type=int, metavar="N",
+                   help="Basis Sharing (Wang et al., ICLR 2025): compress every block linear by low rank, q/k/v/gate/up "
+                        "with one whitened-SVD basis per projection shared by N consecutive blocks (stored once), "
+                        "o/down with their own (SVD-LLM); alone, without a method")
+    c.add_argument("--share-search", action="store_true",
+                   help="--share-basis N: choose, per projection type, which consecutive blocks share (runs of 1 to N "
+                        "blocks, the least calibration output error; blocks where sharing loses keep their own basis)")
+    c.add_argument("--share-ratio", type=float, default=0.8, metavar="R",
+                   help="--share-basis: the share of the block linears' parameters kept (0.8 = 20%% compression)")
     c.add_argument("--calibrate-all-experts", action="store_true",
                    help="mixtures of experts: run every expert on every calibration token for its statistics, while "
                         "each block's outputs still add only the routed experts (E / k times the expert compute)")
@@ -252,9 +261,15 @@ def cmd_compress(a) -> dict:
 
     structural = a.drop_blocks is not None or a.prune_width is not None or a.prune_experts is not None
     given = sum(x is not None for x in (a.method, a.plan, a.budget))
+    if a.share_search and a.share_basis is None:
+        raise LLMPressError("--share-search needs --share-basis N (the largest group)")
+    if a.share_basis is not None and (given or a.online_hadamard or a.recover is not None):
+        raise LLMPressError("--share-basis compresses every block linear itself: give it without --method, --plan, "
+                            "--budget, --online-hadamard or --recover")
+    structural = structural or a.share_basis is not None
     if given > 1 or (given == 0 and not structural):
         raise LLMPressError("give exactly one of --method, --plan or --budget (or none, with --drop-blocks, "
-                            "--prune-width or --prune-experts alone)")
+                            "--prune-width, --prune-experts or --share-basis alone)")
     if a.fuse and (not a.budget or a.allocator in ("search", "refine")):
         raise LLMPressError("--fuse applies to --budget with the knapsack or lagrange allocator")
     budget = None
@@ -316,10 +331,14 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         return tokens
 
     for flag, value in (("--drop-blocks", a.drop_blocks), ("--prune-width", a.prune_width),
+                        ("--share-basis", a.share_basis),
                         ("--prune-experts", a.prune_experts), ("--rotate", a.rotate),
                         ("--online-hadamard", a.online_hadamard)):
         if value is not None and value != "" and source is not None:
             raise LLMPressError(f"{flag} needs the whole model in memory (not with --offload)")
+    if a.share_basis is not None:
+        from llmpress.sharing import check_share
+        check_share(model, a.share_basis, a.share_ratio)          # before any other work
     if a.drop_blocks is not None:
         from llmpress.depth import check_drop_count, choose_blocks, drop_blocks
         check_drop_count(model, a.drop_blocks)                    # before reading calibration text
@@ -355,6 +374,17 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         from llmpress.rotate import rotate_online
         rotation = {**(rotation or {}), "online": rotate_online(model, _online_layers(model, a.online_hadamard),
                                                                 a.rotate_seed)}
+    if a.share_basis is not None:
+        from llmpress.sharing import search_partition, share_basis
+        partition = search = None
+        if a.share_search:
+            partition, search = search_partition(model, calibration(), a.share_ratio, a.share_basis, device=device)
+        structure["basis_sharing"] = {**share_basis(model, calibration(), a.share_basis, a.share_ratio, partition,
+                                                    device=device), "search": search}
+        groups = structure["basis_sharing"]["partition"]
+        print("basis sharing: " + ", ".join(f"{k.split('.')[-1]} {sum(len(r) > 1 for r in v)} shared groups"
+                                            for k, v in groups.items()) + f"; {a.share_ratio:.0%} of the parameters kept",
+              file=sys.stderr)
     if budget is not None:
         from llmpress.budget import check_budget, menu_configs, DEFAULT_MENU
         menu = menu_configs(a.menu or DEFAULT_MENU[budget.metric])

@@ -53,10 +53,25 @@ def model_size(model: nn.Module) -> dict:
     `bits_per_weight` = 8 * bytes / parameters of the dense layers they stand for."""
     adapter = adapter_for(model)
     modules = [model.get_submodule(n) for n in adapter.linear_names(model)]
-    nbytes = sum(linear_bytes(m) for m in modules)
+    nbytes = sum(linear_bytes(m) for m in modules) - _shared_bytes(modules)
     params = sum(linear_params(m) for m in modules)
     return {"params": params, "bytes": nbytes, "bits_per_weight": 8 * nbytes / params,
             "total_params": sum(p.numel() for p in model.parameters())}
+
+
+def _shared_bytes(modules) -> int:
+    """Bytes of the tensors one module holds that an earlier one already does (a basis shared by
+    several layers, llmpress.sharing): stored once, so counted once."""
+    seen, dup = set(), 0
+    for m in modules:
+        for t in (*m.parameters(), *m.buffers()):
+            key = (t.data_ptr(), t.numel(), t.dtype)
+            if not t.numel():
+                continue
+            if key in seen:
+                dup += t.numel() * t.element_size()
+            seen.add(key)
+    return dup
 
 
 @torch.inference_mode()
