@@ -1,7 +1,8 @@
 """Allocators: (sensitivity table, budget) -> a choice of option per layer -> a Plan.
 
-- knapsack: multiple-choice knapsack, exact dynamic programme over costs rounded up to 1/50000 of
-  the budget (so the result never exceeds it; optimal among choices whose rounded cost fits).
+- knapsack: multiple-choice knapsack, exact dynamic programme over each layer's cost above its
+  cheapest option, rounded up to 1/50000 of the budget left above the cheapest choice (so the
+  result never exceeds the budget; optimal among choices whose rounded cost fits).
 - lagrange: minimise sum(error) + lambda * sum(cost) per layer, lambda bisected to the budget
   (as in D-Rank), then spare budget filled greedily by error saved per unit of cost.
 Table math only; the allocators that measure the model in context (`search`, `refine`) are in
@@ -38,7 +39,15 @@ def knapsack(table: Table, budget: Budget) -> dict[str, int]:
     names, costs, errors = _arrays(table, budget)
     limit = budget.limit(table)
     _check_feasible(costs, limit)
-    unit = limit / DP_UNITS
+    # the DP runs over each layer's cost above its cheapest option, so that a budget at exactly
+    # the cheapest choice (which rounding every cost up would push out of reach) stays reachable
+    floor_cost = [c.min() for c in costs]
+    slack = limit - sum(floor_cost)
+    if slack <= 0:                          # only the cheapest options fit: the least error among them
+        return {n: int(np.flatnonzero(c == c.min())[np.argmin(e[c == c.min()])])
+                for n, c, e in zip(names, costs, errors)}
+    costs = [c - m for c, m in zip(costs, floor_cost)]
+    unit = slack / DP_UNITS
     inf = np.inf
     best = np.full(DP_UNITS + 1, inf)
     best[0] = 0.0                                         # best[k]: least error using exactly k units
@@ -57,7 +66,7 @@ def knapsack(table: Table, budget: Budget) -> dict[str, int]:
         best, choice[li] = new, pick
     # land within 1 % of the budget when some choice can (rounded costs overestimate, so the
     # window is checked again on the true costs by `summarize`); else the least error below it
-    floor = int(0.99 * DP_UNITS)
+    floor = min(DP_UNITS, max(0, int((0.99 * limit - sum(floor_cost)) / unit)))
     k = floor + int(np.argmin(best[floor:]))
     if not np.isfinite(best[k]):
         k = int(np.argmin(best))

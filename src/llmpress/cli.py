@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from llmpress.errors import LLMPressError
@@ -21,12 +22,16 @@ def _add_device_args(p):
                    help="compute dtype of the model (auto: the checkpoint's own; GGUF dequantizes to float32)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="llmpress", description="Compress Hugging Face causal LMs.")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    c = sub.add_parser("compress", help="compress a model and save it")
+def _add_compress_args(c, planning: bool) -> None:
+    """The options of `compress` (and of `plan`, which stops after the allocation: no --out)."""
+    from llmpress.recipe import PRESETS
     c.add_argument("--model", required=True, help="HF folder, Hub id, .gguf file, llmpress folder or smollm2-135m")
+    c.add_argument("--target", default="llmpress", choices=["llmpress", "llama.cpp", "vllm", "transformers"],
+                   help="where the model will run: the --budget default recipe, what the plan may hold and the "
+                        "export written at the end follow from it (default llmpress: everything)")
+    c.add_argument("--recipe", metavar="FILE|PRESET",
+                   help="a recipe (JSON or YAML of compress options; an output's llmpress.json re-runs its recipe) "
+                        "or a preset (" + ", ".join(sorted(PRESETS)) + "); flags given here override its fields")
     c.add_argument("--method", help="method name (see --plan for per-layer choices)")
     c.add_argument("--plan", help="Plan JSON file (instead of --method)")
     c.add_argument("--bits", type=_number, help="bits per weight (gptq-vq: a multiple of 1/dim, e.g. 2.5)")
@@ -147,11 +152,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--min-expert-tokens", type=int, default=128, metavar="N",
                    help="mixtures of experts: an expert routed fewer than N calibration tokens has its statistics "
                         "damped toward isotropic ones (none: the data-free solution); recorded per expert")
+    c.add_argument("--trust-remote-code", action="store_true")
+    _add_device_args(c)
+    if planning:
+        return
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--json", help="write the run's results here")
-    c.add_argument("--trust-remote-code", action="store_true")
-    _add_device_args(c)
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run (killed, crashed) from its first unfinished block; the "
                         "settings, model and calibration data must be the same")
@@ -159,6 +166,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="larger than memory: read each block from the checkpoint's safetensors shards when its turn "
                         "comes and write it, compressed, to DIR (Hugging Face folders only; chosen automatically, "
                         "in a temporary folder, when the model does not fit in available memory)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmpress", description="Compress Hugging Face causal LMs.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model and save it")
+    _add_compress_args(c, planning=False)
+    p = sub.add_parser("plan", help="the allocation of a --budget (size, predicted loss), without compressing")
+    _add_compress_args(p, planning=True)
+    p.add_argument("--plan-out", help="write the allocated Plan here (compress --plan FILE runs it)")
+    p.add_argument("--json", help="write the allocation here")
 
     e = sub.add_parser("eval", help="evaluate a model (perplexity unless only other evaluations are asked for)")
     e.add_argument("--model", required=True)
@@ -259,6 +278,8 @@ def cmd_compress(a) -> dict:
     from llmpress.export import check_out_dir
     from llmpress.plan import Plan
 
+    if a.command == "plan" and not a.budget:
+        raise LLMPressError("plan allocates a --budget (give --budget, or a recipe with one)")
     structural = a.drop_blocks is not None or a.prune_width is not None or a.prune_experts is not None
     given = sum(x is not None for x in (a.method, a.plan, a.budget))
     if a.share_search and a.share_basis is None:
@@ -270,6 +291,13 @@ def cmd_compress(a) -> dict:
     if given > 1 or (given == 0 and not structural):
         raise LLMPressError("give exactly one of --method, --plan or --budget (or none, with --drop-blocks, "
                             "--prune-width, --prune-experts or --share-basis alone)")
+    from llmpress.targets import check_extras
+    check_extras(a.target, vars(a))
+    if a.target == "vllm" and a.budget:
+        if a.allocator in ("search", "refine"):
+            raise LLMPressError("--target vllm: the layers vLLM fuses share one choice, which the knapsack and "
+                                "lagrange allocators support (not search / refine)")
+        a.fuse = True
     if a.fuse and (not a.budget or a.allocator in ("search", "refine")):
         raise LLMPressError("--fuse applies to --budget with the knapsack or lagrange allocator")
     budget = None
@@ -279,12 +307,13 @@ def cmd_compress(a) -> dict:
         menu_configs(a.menu or DEFAULT_MENU[budget.metric])       # a bad menu fails before loading
         plan = None
     else:
-        plan = (Plan.load(a.plan) if a.plan else Plan.uniform(_config_from_args(a)) if a.method
+        plan = (_load_plan(a.plan) if a.plan else Plan.uniform(_config_from_args(a)) if a.method
                 else Plan([("*", None)]))       # structural pruning only
     if a.gguf_fallback:
         from llmpress.plan import check_gguf_fallback
         check_gguf_fallback(a.gguf_fallback)
-    check_out_dir(a.out, a.overwrite)
+    if getattr(a, "out", None) is not None:
+        check_out_dir(a.out, a.overwrite)
     from llmpress.walk import resolve_device, resolve_dtype
     from llmpress.distributed import init_from_env, local_device
     device = resolve_device(a.device)
@@ -295,9 +324,25 @@ def cmd_compress(a) -> dict:
                                 "(the sensitivity table and checkpoints are single-process)")
     dtype = resolve_dtype(a.dtype, device)
     from llmpress.models import load_for_compress
-    model, tokenizer, source, scratch = load_for_compress(a.model, dtype, a.offload, Path(a.out),
+    out = Path(a.out) if a.command == "compress" else Path(tempfile.gettempdir()) / "llmpress-plan"
+    model, tokenizer, source, scratch = load_for_compress(a.model, dtype, a.offload, out,
                                                           trust_remote_code=a.trust_remote_code)
     return _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
+
+
+def _load_plan(plan):
+    """--plan FILE, or the Plan itself as a recipe records it."""
+    from llmpress.plan import Plan
+    return Plan.from_dict(plan) if isinstance(plan, dict) else Plan.load(plan)
+
+
+def _check_target(a, model, layer_configs) -> None:
+    """Refuse, naming the layers, what --target cannot serve (before the layers are compressed)."""
+    if a.target == "llmpress":
+        return
+    from llmpress.targets import refuse_problems, target_problems
+    shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in layer_configs}
+    refuse_problems(a.target, target_problems(a.target, layer_configs, shapes))
 
 
 def _online_layers(model, spec: str) -> list[str]:
@@ -389,9 +434,16 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         from llmpress.budget import check_budget, menu_configs, DEFAULT_MENU
         menu = menu_configs(a.menu or DEFAULT_MENU[budget.metric])
         check_budget(model, menu, budget)              # before reading any calibration text
+        if a.target != "llmpress":
+            from llmpress.targets import check_menu
+            linears = adapter_for(model).linear_names(model)
+            check_menu(a.target, menu, {(model.get_submodule(n).out_features, model.get_submodule(n).in_features)
+                                        for n in linears})
         allocated = _allocate(a, model, tokenizer, calibration(), budget, menu, device, source)
         plan, allocation = allocated.plan, allocated.info
     layer_configs = plan.resolve(adapter_for(model).linear_names(model))
+    if a.command == "plan":
+        return _report_plan(a, model, plan, layer_configs, allocated)
     if a.recover is not None and not any(c.family == "composite" for c in layer_configs.values()):
         raise LLMPressError("--recover fine-tunes low-rank adapters: give a method that has them (apiq, gptq-lr, oats)")
     from llmpress.distributed import world
@@ -405,6 +457,7 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         for pair in sorted({(v["from"], v["to"]) for v in substituted.values()}):
             n = sum((v["from"], v["to"]) == pair for v in substituted.values())
             print(f"{n} layer(s) take {pair[1]} instead of {pair[0]} (rows not whole 256-weight blocks)", file=sys.stderr)
+    _check_target(a, model, layer_configs)
     if any(c.stat for c in layer_configs.values()) or tokens is not None:    # calibrated, or pruned on it
         calibration()
         calib = {"source": a.calib, "num_samples": a.num_samples, "seq_len": a.seq_len, "seed": a.seed}
@@ -457,19 +510,48 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
                 "layers": {k: v.to_dict() for k, v in layer_configs.items()},
                 "calibration": calib, "seed": a.seed, "report": report.layers, "size": size,
                 "gguf_fallbacks": substituted, "expert_pruning": experts, "structural_pruning": structure or None,
-                "recovery": recovery}
+                "recovery": recovery, "recipe": getattr(a, "recipe_fields", None)}
     out = save_compressed(model, tokenizer, a.out, manifest, overwrite=a.overwrite)
+    exported = None
+    if a.target != "llmpress":
+        from llmpress.targets import EXPORT
+        fmt, name = EXPORT[a.target]
+        exported = str(out / name)
+        print(f"--target {a.target}: writing {exported} ({fmt})", file=sys.stderr)
+        export_folder(out, fmt, out / name)
     if checkpoint is not None:
         checkpoint.remove()                           # saved: the per-block checkpoint is no longer needed
     result = {"out": str(out), "compress_seconds": report.seconds, **size, "calibration": calib, "recovery": recovery,
               "fallbacks": fallbacks, "gguf_fallbacks": substituted, "allocation": allocation, "processes": n_ranks,
-              "reduced_bytes": report.reduced_bytes}
+              "reduced_bytes": report.reduced_bytes, "target": a.target, "export": exported}
     if allocation is not None:
         from llmpress.report import plot_allocation
         plot_allocation(allocated.table, allocated.choice, out / "allocation.png",
                         f"{allocation['allocator']} allocation at {allocation['budget']}")
     print(f"compressed {len(layer_configs)} layers in {report.seconds:.1f}s: {size['bytes']:,} bytes, "
           f"{size['bits_per_weight']:.3f} bits/weight -> {out}")
+    _write_json(a.json, result)
+    return result
+
+
+def _report_plan(a, model, plan, layer_configs, allocated) -> dict:
+    """`llmpress plan`: the allocation, its size and predicted loss; the Plan written if asked."""
+    _check_target(a, model, layer_configs)
+    info = allocated.info
+    counts: dict[str, int] = {}
+    for c in layer_configs.values():
+        key = c.label() if c is not None else "dense"
+        counts[key] = counts.get(key, 0) + 1
+    print(f"plan for --budget {a.budget} --target {a.target}: {info['bytes']:,} bytes in the block linears, "
+          f"{info['bits_per_weight']:.3f} bits/weight, {info['params_kept']:.3f} of their parameters kept, "
+          f"predicted loss increase {info['predicted_error']:.4f} nats/token")
+    for label, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"  {n:4d} x {label}")
+    if a.plan_out:
+        Path(a.plan_out).write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+        print(f"plan -> {a.plan_out} (llmpress compress --plan {a.plan_out} ...)")
+    result = {"allocation": info, "layers": {k: v.to_dict() if v else None for k, v in layer_configs.items()},
+              "recipe": getattr(a, "recipe_fields", None)}
     _write_json(a.json, result)
     return result
 
@@ -597,8 +679,16 @@ def cmd_sweep(a) -> None:
 
 
 def cmd_export(a) -> None:
+    export_folder(a.dir, a.format, a.out, embedding_type=a.embedding_type, adapter_out=a.adapter_out)
+
+
+def export_folder(folder, fmt: str, out, embedding_type: str | None = None, adapter_out: str | None = None) -> None:
+    """`llmpress export`: the llmpress folder `folder` written as `fmt` (gguf, compressed-tensors, dense) at `out`."""
+    from types import SimpleNamespace
     from llmpress.export import load_compressed, read_manifest
     from llmpress.formats import export_compressed_tensors, export_dense
+    a = SimpleNamespace(dir=str(folder), format=fmt, out=str(out), embedding_type=embedding_type,
+                        adapter_out=adapter_out)
     manifest = read_manifest(a.dir)                        # an llmpress folder, before anything heavy
     if Path(a.out).exists():
         raise LLMPressError(f"{a.out} already exists")
@@ -672,9 +762,15 @@ def cmd_report(a) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = _parser().parse_args(argv)
     try:
-        {"compress": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "sweep": cmd_sweep,
+        if a.command in ("compress", "plan"):          # flags -> one resolved recipe (llmpress.recipe)
+            from llmpress.recipe import MACHINE, explicit_options, namespace
+            machine = {k: v for k, v in vars(a).items() if k in MACHINE}
+            a = namespace(a.model, getattr(a, "out", None), a.recipe, a.command, machine,
+                          **explicit_options(argv, a.command))
+        {"compress": cmd_compress, "plan": cmd_compress, "eval": cmd_eval, "demo": cmd_demo, "sweep": cmd_sweep,
          "report": cmd_report, "verify": cmd_verify, "export": cmd_export}[a.command](a)
     except LLMPressError as e:
         print(f"llmpress: error: {e}", file=sys.stderr)
