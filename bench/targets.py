@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -61,7 +62,7 @@ def main() -> None:
                    "--num-samples", str(a.samples), "--seq-len", "512", "--out", str(folder),
                    "--sensitivity", str(cache / f"{label}.json"), "--json", str(Path(tmp) / "c.json")]
             t = time.perf_counter()
-            subprocess.run(cmd, check=True, env={"LLMPRESS_CACHE": str(cache), **__import__("os").environ})
+            subprocess.run(cmd, check=True, env={**os.environ, "LLMPRESS_CACHE": str(cache)})
             seconds = time.perf_counter() - t
             result = json.loads((Path(tmp) / "c.json").read_text())
             manifest = json.loads((folder / "llmpress.json").read_text())

@@ -6,20 +6,7 @@ import json
 import pytest
 import torch
 
-from llmpress.cli import main
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    p = tmp_path / "text.txt"
-    p.write_text("the quick brown fox jumps over the lazy dog. " * 400)
-    return p
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from test_cli import _run, text_file  # noqa: F401  (the CLI helper and its calibration-text fixture)
 
 
 def _calib(text_file):

@@ -25,8 +25,9 @@ def _add_device_args(p):
 def _add_compress_args(c, planning: bool) -> None:
     """The options of `compress` (and of `plan`, which stops after the allocation: no --out)."""
     from llmpress.recipe import PRESETS
+    from llmpress.targets import TARGETS
     c.add_argument("--model", required=True, help="HF folder, Hub id, .gguf file, llmpress folder or smollm2-135m")
-    c.add_argument("--target", default="llmpress", choices=["llmpress", "llama.cpp", "vllm", "transformers"],
+    c.add_argument("--target", default="llmpress", choices=TARGETS,
                    help="where the model will run: the --budget default recipe, what the plan may hold and the "
                         "export written at the end follow from it (default llmpress: everything)")
     c.add_argument("--recipe", metavar="FILE|PRESET",
@@ -336,12 +337,17 @@ def _load_plan(plan):
     return Plan.from_dict(plan) if isinstance(plan, dict) else Plan.load(plan)
 
 
+def _shapes(model, names) -> dict[str, tuple[int, int]]:
+    """{fqn: (out_features, in_features)} of the named linears."""
+    return {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in names}
+
+
 def _check_target(a, model, layer_configs) -> None:
     """Refuse, naming the layers, what --target cannot serve (before the layers are compressed)."""
     if a.target == "llmpress":
         return
     from llmpress.targets import refuse_problems, target_problems
-    shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in layer_configs}
+    shapes = _shapes(model, layer_configs)
     refuse_problems(a.target, target_problems(a.target, layer_configs, shapes))
 
 
@@ -437,8 +443,7 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         if a.target != "llmpress":
             from llmpress.targets import check_menu
             linears = adapter_for(model).linear_names(model)
-            check_menu(a.target, menu, {(model.get_submodule(n).out_features, model.get_submodule(n).in_features)
-                                        for n in linears})
+            check_menu(a.target, menu, set(_shapes(model, linears).values()))
         allocated = _allocate(a, model, tokenizer, calibration(), budget, menu, device, source)
         plan, allocation = allocated.plan, allocated.info
     layer_configs = plan.resolve(adapter_for(model).linear_names(model))
@@ -452,7 +457,7 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
     substituted = {}
     if a.gguf_fallback:
         from llmpress.plan import with_gguf_fallback
-        shapes = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features) for n in layer_configs}
+        shapes = _shapes(model, layer_configs)
         layer_configs, substituted = with_gguf_fallback(layer_configs, shapes, a.gguf_fallback)
         for pair in sorted({(v["from"], v["to"]) for v in substituted.values()}):
             n = sum((v["from"], v["to"]) == pair for v in substituted.values())

@@ -42,15 +42,10 @@ def _actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.dest not in MACHINE and a.dest != "help"}
 
 
-def compress_parser() -> argparse.ArgumentParser:
+def _subparser(command: str) -> argparse.ArgumentParser:
+    """A fresh parser of the CLI's `command` (compress or plan)."""
     from llmpress.cli import _parser
-    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["compress"]
-
-
-def recipe_fields() -> dict[str, argparse.Action]:
-    """{field: the compress option's argparse action} of every recipe field."""
-    return _actions(compress_parser())
+    return next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
 
 
 def load(spec: str) -> dict:
@@ -134,7 +129,7 @@ def explicit_options(argv: list[str], command: str) -> dict:
     from llmpress.cli import _parser
     parser = _parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    for a in sub._actions:
+    for a in sub._actions:                 # the whole parser parses argv; only this subcommand's defaults go
         a.default = argparse.SUPPRESS
     ns = parser.parse_args(argv)
     return {k: v for k, v in vars(ns).items() if k not in MACHINE}
@@ -143,8 +138,7 @@ def explicit_options(argv: list[str], command: str) -> dict:
 def namespace(model: str, out: str | None, recipe: str | dict | None = None, command: str = "compress",
               machine: dict | None = None, **options) -> argparse.Namespace:
     """The argument namespace `compress` runs on: the resolved recipe plus the machine settings."""
-    from llmpress.cli import _parser
-    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    sub = _subparser(command)
     actions = _actions(sub)
     fields = resolve(options, recipe, actions)
     ns = argparse.Namespace(offload=None, resume=False, overwrite=False, json=None, out=None, plan_out=None,
