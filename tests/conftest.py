@@ -132,3 +132,17 @@ def assert_keeps_embedded_logits(model, tokenizer, change) -> None:
         got = model(ids).logits
     assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
     assert torch.equal(got[0, -1].argmax(), ref[0, -1].argmax())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Sensitivity tables and their rows go to a folder of this test session, never the user's
+    ~/.cache (subprocesses inherit it; tests that need their own set LLMPRESS_CACHE themselves)."""
+    import os
+    old = os.environ.get("LLMPRESS_CACHE")
+    os.environ["LLMPRESS_CACHE"] = str(tmp_path_factory.mktemp("llmpress-cache"))
+    yield
+    if old is None:
+        os.environ.pop("LLMPRESS_CACHE", None)
+    else:
+        os.environ["LLMPRESS_CACHE"] = old

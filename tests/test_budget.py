@@ -344,3 +344,30 @@ def test_sensitivity_of_some_layers_equals_their_rows_of_the_full_table(table_an
             [o["error"] for o in table.layers[n]["options"]], rel=1e-6)
     with pytest.raises(LLMPressError, match="not compressible"):
         measure_sensitivity(model, tokens, [RTN(bits=4)], sample_windows=2, progress=False, only={"lm_head"})
+
+
+def test_table_rows_are_cached_per_option(table_and_model, tmp_path, monkeypatch):
+    """A menu that adds an option to a measured one measures that option's rows only; the table
+    assembled from cached rows equals one measured with the whole menu at once."""
+    from llmpress import budget as budget_mod
+    whole, model, tokens = table_and_model
+    monkeypatch.setenv("LLMPRESS_CACHE", str(tmp_path))
+    first, added = menu_configs("gptq,sparsegpt"), menu_configs("rtn")
+    budget_mod.sensitivity_table(model, tokens, first, 2, progress=False)
+    measured = []
+    real = budget_mod.measure_sensitivity
+
+    def spy(model, tokens, menu, **kw):
+        measured.append([c.label() for c in menu])
+        return real(model, tokens, menu, **kw)
+    monkeypatch.setattr(budget_mod, "measure_sensitivity", spy)
+    table, path = budget_mod.sensitivity_table(model, tokens, added + first, 2, progress=False)
+    assert measured == [[c.label() for c in added]] and path.is_file()
+    assert table.meta["measured"] == [c.label() for c in added] and len(table.meta["reused"]) == len(first)
+    labels = {c.label() for c in first + added}
+    for name, layer in table.layers.items():
+        expect = {o["label"]: o for o in whole.layers[name]["options"] if o["label"] in labels | {"dense"}}
+        assert {o["label"]: o for o in layer["options"]} == expect
+    assert [o["label"] for o in table.layers[name]["options"]] == ["dense"] + [c.label() for c in added + first]
+    again, _ = budget_mod.sensitivity_table(model, tokens, first + added, 2, progress=False)   # another order
+    assert len(measured) == 1 and again.meta["measured"] == []

@@ -129,7 +129,7 @@ def test_export_compressed_tensors_and_dense_reload_in_plain_transformers(tiny_h
     from transformers import AutoModelForCausalLM
     from llmpress.models import load_model
     out = _mixed_plan_model(tiny_hf_dir, tmp_path, text_file, capsys)
-    ours, _ = load_model(str(out))
+    ours, _ = load_model(str(out), runtime="rebuild")
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = ours(ids).logits
     for fmt in ("compressed-tensors", "dense"):
@@ -179,7 +179,7 @@ def test_export_gguf_reloads_in_transformers_with_equal_logits(tiny_hf_dir, tmp_
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.1.ffn_up.weight"] == "Q8_0"
     assert types["blk.0.attn_output.weight"] == "Q5_0" and types["blk.0.ffn_down.weight"] == "F32"
-    ours, _ = load_model(str(out))
+    ours, _ = load_model(str(out), runtime="rebuild")
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     assert torch.equal(theirs(ids).logits, ours(ids).logits)

@@ -36,8 +36,8 @@ def test_two_gloo_processes_match_one(tiny_hf_dir, tmp_path, extra):
     # statistics of both blocks were summed across the two ranks: 4 Gram matrices per block
     grams = 2 * (3 * 64 * 64 + 128 * 128) * 4 * (2 if extra else 1)      # a cross matrix per Gram matrix
     assert result["processes"] == 2 and result["reduced_bytes"] >= grams
-    a, _ = load_model(str(tmp_path / "one"))
-    b, _ = load_model(str(tmp_path / "two"))
+    a, _ = load_model(str(tmp_path / "one"), runtime="rebuild")
+    b, _ = load_model(str(tmp_path / "two"), runtime="rebuild")
     qa = [m.int_weight() for m in a.modules() if hasattr(m, "int_weight")]
     qb = [m.int_weight() for m in b.modules() if hasattr(m, "int_weight")]
     assert len(qa) == 14

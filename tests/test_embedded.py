@@ -70,7 +70,7 @@ def test_compress_save_reload_on_embedded(smollm, wikitext_ids, dense_ppl, confi
     model = copy.deepcopy(dense)
     compress(model, Plan.uniform(config).resolve(adapter_for(model).linear_names(model)), progress=False)
     out = save_compressed(model, tokenizer, tmp_path / "out", {})
-    reloaded, _ = load_compressed(out)
+    reloaded, _ = load_compressed(out, runtime="rebuild")
     probe = wikitext_ids[:256][None]
     assert torch.equal(reloaded(probe).logits, model(probe).logits)
     assert model_size(reloaded)["bytes"] < model_size(dense)["bytes"]

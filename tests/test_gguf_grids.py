@@ -189,7 +189,7 @@ def test_gguf_grid_model_saves_reloads_and_exports_exactly(tmp_path, tiny_tokeni
     with torch.no_grad():
         ref = model(ids).logits
     save_compressed(model, tiny_tokenizer, tmp_path / "ours", {"plan": "test"})
-    ours, _ = load_compressed(tmp_path / "ours")
+    ours, _ = load_compressed(tmp_path / "ours", runtime="rebuild")
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, ref)
     types = export_gguf(ours, tmp_path / "m.gguf")
@@ -361,7 +361,7 @@ def test_declared_gguf_fallback_for_rows_that_are_not_whole_blocks(tmp_path, tin
     assert main([*base, "--gguf-fallback", "llama.cpp", "--out", str(tmp_path / "q")]) == 0
     assert "1 layer(s) take iq4_nl instead of iq4_xs" in capsys.readouterr().err
     assert read_manifest(tmp_path / "q")["gguf_fallbacks"]["model.layers.0.mlp.down_proj"]["to"] == "iq4_nl"
-    model, _ = load_compressed(tmp_path / "q")
+    model, _ = load_compressed(tmp_path / "q", runtime="rebuild")
     export_gguf(model, tmp_path / "m.gguf", tokenizer_fields=None)
     on_disk = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
     assert on_disk["blk.0.ffn_down.weight"] == "IQ4_NL" and on_disk["blk.0.ffn_up.weight"] == "IQ4_XS"

@@ -94,7 +94,7 @@ def test_gptq_lowrank_through_pipeline_save_load(tmp_path, tiny_model, calib_tok
     compress(tiny_model, Plan.uniform(GPTQLowRank(bits=2, rank=4)).resolve(names), calib_tokens, progress=False)
     assert all(isinstance(tiny_model.get_submodule(n), QuantLowRankLinear) for n in names)
     save_compressed(tiny_model, tiny_tokenizer, tmp_path / "out", {"plan": {}})
-    back, _ = load_compressed(tmp_path / "out")
+    back, _ = load_compressed(tmp_path / "out", runtime="rebuild")
     ids = calib_tokens[:2]
     assert torch.equal(back(ids).logits, tiny_model(ids).logits)
 
@@ -179,7 +179,7 @@ def test_cli_compress_rotated(tmp_path, tiny_hf_dir):
     main(["compress", "--model", str(tiny_hf_dir), "--method", "gptq-lr", "--bits", "3", "--rank", "4",
           "--rotate", "hadamard", "--calib", str(tiny_hf_dir / "config.json"), "--num-samples", "4",
           "--seq-len", "16", "--out", str(out)])
-    model, _ = load_compressed(out)
+    model, _ = load_compressed(out, runtime="rebuild")
     assert read_manifest(out)["rotation"]["kind"] == "hadamard"
     assert isinstance(model.get_submodule("model.layers.0.mlp.down_proj"), QuantLowRankLinear)
 
@@ -238,7 +238,7 @@ def test_oats_through_pipeline_save_load(tmp_path, tiny_model, calib_tokens, tin
     names = adapter_for(tiny_model).linear_names(tiny_model)
     compress(tiny_model, Plan.uniform(OATS(param_ratio=0.6, iters=3)).resolve(names), calib_tokens, progress=False)
     save_compressed(tiny_model, tiny_tokenizer, tmp_path / "out", {"plan": {}})
-    back, _ = load_compressed(tmp_path / "out")
+    back, _ = load_compressed(tmp_path / "out", runtime="rebuild")
     ids = calib_tokens[:2]
     assert torch.equal(back(ids).logits, tiny_model(ids).logits)
 
@@ -286,7 +286,7 @@ def test_cli_export_lora_adapter_reloads_exactly(tmp_path, tiny_hf_dir):
     main(["compress", "--model", str(tiny_hf_dir), "--method", "gptq-lr", "--bits", "3", "--group-size", "32",
           "--rank", "4", "--calib", str(tiny_hf_dir / "config.json"), "--num-samples", "4",
           "--seq-len", "16", "--out", str(out)])
-    ours, _ = load_compressed(out)
+    ours, _ = load_compressed(out, runtime="rebuild")
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     ref = ours(ids).logits
     main(["export", str(out), "--format", "compressed-tensors", "--out", str(tmp_path / "ct"),
@@ -312,7 +312,7 @@ def test_gguf_export_with_lora_adapter(tmp_path, tiny_hf_dir):
     assert main(["compress", "--model", str(tiny_hf_dir), "--method", "gptq-lr", "--bits", "4", "--group-size", "32",
                  "--rank", "4", "--calib", str(tiny_hf_dir / "config.json"), "--num-samples", "4",
                  "--seq-len", "16", "--out", str(out)]) == 0
-    ours, _ = load_compressed(out)
+    ours, _ = load_compressed(out, runtime="rebuild")
     assert main(["export", str(out), "--format", "gguf", "--out", str(tmp_path / "m.gguf"),
                  "--adapter-out", str(tmp_path / "lora.gguf")]) == 0
     base = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}

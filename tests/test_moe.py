@@ -98,7 +98,7 @@ def test_gptq_per_expert_saves_reloads_and_exports(arch, tmp_path):
         assert not torch.equal(new, old)
         assert new[:, :128].unique(dim=None).numel() <= 16 * new.shape[0]
     save_compressed(model, None, tmp_path / "native", {})
-    again, _ = load_compressed(tmp_path / "native")
+    again, _ = load_compressed(tmp_path / "native", runtime="rebuild")
     assert torch.equal(logits(again, x), out)
     export_dense(model, None, tmp_path / "dense")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
@@ -235,7 +235,7 @@ def test_cli_compress_and_export_a_moe_folder(arch, tmp_path, tiny_tokenizer, ca
         assert pruning["criterion"] == "reap" and pruning["experts_after"] == 6 and len(pruning["kept"]) == 2
     report = json.loads((out / "llmpress.json").read_text())["report"]
     assert sum(v["tokens"] for k, v in report.items() if ".experts." in k and k.endswith("gate_proj")) == 2 * 4 * 32 * 2
-    ours, _ = load_model(str(out))
+    ours, _ = load_model(str(out), runtime="rebuild")
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = logits(ours, ids)
     code = main(["export", str(out), "--format", "dense", "--out", str(tmp_path / "dense")])
@@ -305,7 +305,7 @@ def test_a_moe_gguf_is_not_loaded_through_transformers_reader(tmp_path):
     from llmpress.models import load_model
     export_gguf(tiny_moe("mixtral"), tmp_path / "m.gguf")
     with pytest.raises(LLMPressError, match="mixture of experts .*llama, 8 experts.*dense Llama"):
-        load_model(str(tmp_path / "m.gguf"))
+        load_model(str(tmp_path / "m.gguf"), runtime="rebuild")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

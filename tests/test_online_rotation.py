@@ -106,7 +106,7 @@ def test_online_rotation_survives_save_load_and_exports(tmp_path, calib_tokens, 
     ref = model(ids).logits
     save_compressed(model, tiny_tokenizer, tmp_path / "native", {})
     assert read_manifest(tmp_path / "native")["modules"][DOWN]["online_rotation"] == {"n": 128, "seed": 0}
-    back, _ = load_compressed(tmp_path / "native")
+    back, _ = load_compressed(tmp_path / "native", runtime="rebuild")
     assert online_rotation_of(back.get_submodule(DOWN)) is not None
     assert torch.equal(back(ids).logits, ref)
     # compressed-tensors: the rotated layers go dense (folded), the others stay packed
@@ -159,7 +159,7 @@ def test_cli_online_hadamard(tmp_path, tiny_hf_dir, capsys):
           "--online-hadamard", "down_proj", "--calib", str(tiny_hf_dir / "config.json"), "--num-samples", "4",
           "--seq-len", "16", "--out", str(out)])
     assert read_manifest(out)["rotation"]["online"]["layers"] == ["mlp.down_proj"]
-    model, _ = load_compressed(out)
+    model, _ = load_compressed(out, runtime="rebuild")
     assert online_rotation_of(model.get_submodule(DOWN)) is not None
     code = main(["compress", "--model", str(tiny_hf_dir), "--method", "rtn", "--bits", "4",
                  "--online-hadamard", "gate", "--out", str(tmp_path / "x")])

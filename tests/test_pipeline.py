@@ -30,7 +30,7 @@ def test_compress_save_load_identical_logits_and_smaller(tiny_model, config, tmp
     assert size["bytes"] < dense_size["bytes"] and size["params"] == dense_size["params"]
 
     out = save_compressed(tiny_model, None, tmp_path / "out", {"plan": None})
-    reloaded, _ = load_compressed(out)
+    reloaded, _ = load_compressed(out, runtime="rebuild")
     assert torch.equal(reloaded(ids).logits, logits)
     assert model_size(reloaded) == size
     # stored bytes on disk cover the reported size (plus embeddings, norms, header)
@@ -115,7 +115,7 @@ def test_corrupt_file_is_detected(tiny_model, tmp_path):
     data[-1] ^= 0xFF
     (out / "llmpress.safetensors").write_bytes(bytes(data))
     with pytest.raises(LLMPressError, match="corrupt"):
-        load_compressed(out)
+        load_compressed(out, runtime="rebuild")
 
 
 def test_existing_output_refused_without_overwrite(tiny_model, tmp_path):
@@ -187,7 +187,7 @@ def test_plain_transformers_refuses_a_native_folder(tiny_model, tmp_path):
     out = save_compressed(tiny_model, None, tmp_path / "out", {})
     with pytest.raises(OSError):
         AutoModelForCausalLM.from_pretrained(out)
-    load_compressed(out)                                    # llmpress itself reads it
+    load_compressed(out, runtime="rebuild")                                    # llmpress itself reads it
 
 
 def test_save_hf_folder_round_trips_for_offload(tiny_model, tmp_path, tiny_tokenizer):
@@ -218,3 +218,32 @@ def test_weights_already_on_the_grid_are_a_lossless_result_not_a_bug(tiny_model,
             lin.weight.copy_(ggml_grid.round_to_grid(lin.weight.detach().float(), ggml_grid.TYPES["q4_1"])[1])
     report = compress(model, _resolve(model, Plan.uniform(RTN(gguf="q5_1", clip="search"))), progress=False)
     assert all(report.layers[n].get("lossless") for n in names)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_propagation_builds_each_compressed_weight_once_per_pass_and_changes_nothing(monkeypatch, sequential):
+    """A block's outputs are propagated over 8 batches: each compressed layer's dense weight is
+    built once for them (not once per batch), and the compressed model is bit for bit what
+    rebuilding it per batch gives."""
+    import collections
+    import contextlib
+    from conftest import tiny_llama
+    from llmpress import GPTQ
+    from llmpress import pipeline as pipeline_mod
+    from llmpress.modules import QuantLinear
+    tokens = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(0))
+    calls = collections.Counter()
+    real = QuantLinear.dense_weight
+    monkeypatch.setattr(QuantLinear, "dense_weight", lambda self: (calls.update([id(self)]), real(self))[1])
+    results = []
+    for keep in (True, False):
+        if not keep:
+            monkeypatch.setattr(pipeline_mod, "dense_weights_kept", lambda block: contextlib.nullcontext())
+        model = tiny_llama(layers=3)
+        calls.clear()
+        compress(model, _resolve(model, Plan.uniform(GPTQ(bits=4, group_size=32))), tokens, batch_size=2,
+                 progress=False, sequential=sequential)
+        results.append((model.state_dict(), max(calls.values())))
+    (kept, most_kept), (rebuilt, most_rebuilt) = results
+    assert most_rebuilt >= 9 and most_kept <= (5 if sequential else 2)
+    assert kept.keys() == rebuilt.keys() and all(torch.equal(kept[k], rebuilt[k]) for k in kept)

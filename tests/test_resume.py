@@ -82,7 +82,8 @@ def test_killed_sensitivity_table_keeps_its_finished_blocks(sharded, tmp_path):
     model, text = sharded
 
     def budget_run(out, table, kill_after=None):
-        env = {**os.environ, "PYTHONPATH": SRC}
+        # the reference's rows in a cache of their own: the killed run must measure
+        env = {**os.environ, "PYTHONPATH": SRC, "LLMPRESS_CACHE": str(tmp_path / f"cache-{out.name}")}
         env.pop(KILL_ENV, None)
         if kill_after is not None:
             env[KILL_ENV] = str(kill_after)

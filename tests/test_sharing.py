@@ -59,7 +59,7 @@ def test_shared_basis_is_one_tensor_counted_and_saved_once(tmp_path, calib_token
     with safe_open(str(weights_file(out)), "pt") as f:
         keys = set(f.keys())
     assert "model.layers.0.self_attn.q_proj.down" in keys and "model.layers.1.self_attn.q_proj.down" not in keys
-    loaded, _ = load_compressed(out)
+    loaded, _ = load_compressed(out, runtime="rebuild")
     assert loaded.model.layers[0].self_attn.q_proj.down is loaded.model.layers[1].self_attn.q_proj.down
     assert model_size(loaded)["bytes"] == expected
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_sharing_refusals(calib_tokens):
 def test_cli_share_basis_round_trip(tmp_path, tiny_hf_dir):
     code, out, js = compress_cli(tiny_hf_dir, tmp_path, "--share-basis", "2", "--share-ratio", "0.7")
     assert code == 0
-    loaded, tok = load_compressed(out)
+    loaded, tok = load_compressed(out, runtime="rebuild")
     assert loaded.model.layers[0].mlp.up_proj.down is loaded.model.layers[1].mlp.up_proj.down
     import json
     manifest = json.loads((out / "llmpress.json").read_text())

@@ -91,7 +91,7 @@ def test_target_llama_cpp_preset_writes_a_gguf_that_transformers_reads(tiny_hf_d
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
     linears = [v for k, v in types.items() if k.startswith("blk.") and not k.endswith("norm.weight")]
     assert linears and set(linears) <= {"Q4_0", "Q5_0", "Q8_0", "IQ4_NL"}
-    ours, _ = load_model(str(out))
+    ours, _ = load_model(str(out), runtime="rebuild")
     theirs = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")
     assert torch.equal(theirs(_ids()).logits, ours(_ids()).logits)
 
@@ -109,7 +109,7 @@ def test_target_vllm_budget_writes_compressed_tensors_with_fused_layers_alike(ti
         assert layers[p + "self_attn.q_proj"] == layers[p + "self_attn.k_proj"] == layers[p + "self_attn.v_proj"]
         assert layers[p + "mlp.gate_proj"] == layers[p + "mlp.up_proj"]
     assert {v["bits"] for v in layers.values() if v} <= {4, 8}
-    ours, _ = load_model(str(out))
+    ours, _ = load_model(str(out), runtime="rebuild")
     theirs = AutoModelForCausalLM.from_pretrained(out / "compressed-tensors")
     torch.testing.assert_close(theirs(_ids()).logits, ours(_ids()).logits, rtol=1e-4, atol=1e-4)
 

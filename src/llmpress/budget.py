@@ -1,5 +1,5 @@
 """One budget across layers and methods: costs counted as the export stores them, a sensitivity
-table measured once per (model, calibration data, menu), saved as JSON.
+table measured once per (model, calibration data) and menu option, saved as JSON.
 
 The table lists, per compressible linear, a menu of options (dense, or a method config) with
   bytes   exactly as the compressed module stores them (see llmpress.modules),
@@ -196,14 +196,24 @@ class Table:
         return Table(layers, {**self.meta, "error_field": field})
 
 
-def table_key(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int, source=None) -> str:
-    """Identifies a table: the calibration tokens, the menu, the number of windows and the decoder
-    blocks' weights (an offloaded checkpoint: its fingerprint, weights are not read for this)."""
+def rows_key(model, tokens: torch.Tensor, sample_windows: int, source=None) -> str:
+    """Identifies what every row of a table depends on but its option: the calibration tokens, the
+    number of windows and the decoder blocks' weights (an offloaded checkpoint: its fingerprint)."""
     from llmpress.stats import hash_block_weights, tokens_digest
     h = hashlib.sha256(f"sensitivity-{TABLE_VERSION}:{tokens_digest(tokens)}:{sample_windows}".encode())
-    h.update(json.dumps([c.to_dict() for c in menu]).encode())
     hash_block_weights(h, model, source)
     return h.hexdigest()
+
+
+def table_key(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int, source=None) -> str:
+    """Identifies a table: its rows' key (rows_key) and the menu."""
+    h = hashlib.sha256(rows_key(model, tokens, sample_windows, source).encode())
+    h.update(json.dumps([c.to_dict() for c in menu]).encode())
+    return h.hexdigest()
+
+
+def option_id(config: MethodConfig) -> str:
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:24]
 
 
 def block_output_grads(walk, windows: torch.Tensor) -> list[torch.Tensor]:
@@ -342,11 +352,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress")) / "sensitivity"
 
 
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)
+
+
 def sensitivity_table(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int,
                       path: str | Path | None = None, progress: bool = True, device="cpu", source=None,
                       batch_size: int = 8) -> tuple[Table, Path]:
     """The table for (model, tokens, menu, sample_windows): read from `path` (default: the cache
-    folder, named by its key) when it is there, measured and saved there otherwise. A file at an
+    folder, named by its key) when it is there; otherwise assembled from the cache's rows, one file
+    per menu option (each option's rows are measured alone: they do not depend on the rest of the
+    menu), measuring only the options no earlier run measured, and saved at `path`. A file at an
     explicit path measured for something else is refused."""
     key = table_key(model, tokens, menu, sample_windows, source)
     path = Path(path) if path else default_cache_dir() / f"{key[:32]}.json"
@@ -358,19 +376,65 @@ def sensitivity_table(model, tokens: torch.Tensor, menu: list[MethodConfig], sam
             print(f"sensitivity table read from {path}")
         return table, path
     from llmpress.checkpoint import Checkpoint
+    rkey = rows_key(model, tokens, sample_windows, source)
+    rows_dir = default_cache_dir() / "rows" / rkey[:32]
+    cached: dict[str, dict] = {}
+    for config in menu:
+        f = rows_dir / f"{option_id(config)}.json"
+        if f.is_file():
+            try:
+                d = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue                                  # unreadable: measured again, file replaced
+            if d.get("key") == rkey and d.get("config") == config.to_dict():
+                cached[option_id(config)] = d
+    layers_file = rows_dir / "layers.json"
+    if not layers_file.is_file():                         # the layers' shapes and dense rows go with the rows
+        cached = {}
+    missing = [c for c in menu if option_id(c) not in cached]
+    if missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows_dir.mkdir(parents=True, exist_ok=True)
+        part_key = table_key(model, tokens, missing, sample_windows, source)
+        # a killed measurement resumes from its partial folder (same key: same model, tokens and options)
+        partial = Checkpoint.resume_or_start(path.with_name(path.name + ".partial"),
+                                             {"sample_windows": sample_windows, "batch_size": batch_size}, part_key)
+        if progress:
+            if cached:
+                print(f"sensitivity: {len(cached)} of {len(menu)} options' rows reused from {rows_dir}")
+            if partial.done:
+                print(f"sensitivity: resuming at block {partial.done} from {partial.folder}")
+        measured = measure_sensitivity(model, tokens, missing, sample_windows=sample_windows, batch_size=batch_size,
+                                       progress=progress, device=device, source=source, checkpoint=partial)
+        share = measured.meta["seconds"] / len(missing)
+        for k, config in enumerate(missing):              # option k is the (k + 1)-th on a layer that takes them all
+            label = config.label()
+            rows = {n: next(o for o in layer["options"][1:] if o["config"] == config.to_dict())
+                    for n, layer in measured.layers.items()
+                    if any(o["config"] == config.to_dict() for o in layer["options"][1:])}
+            d = {"key": rkey, "config": config.to_dict(), "label": label, "rows": rows, "seconds": share}
+            _write_json(rows_dir / f"{option_id(config)}.json", d)
+            cached[option_id(config)] = d
+        _write_json(layers_file, {"key": rkey, "meta": {k: v for k, v in measured.meta.items()
+                                                        if k not in ("menu", "seconds")},
+                                  "layers": {n: {**{f: layer[f] for f in ("out", "in", "params")},
+                                                 "dense": layer["options"][0]} for n, layer in measured.layers.items()}})
+        partial.remove()
+        seconds = measured.meta["seconds"]
+    else:
+        seconds = 0.0
+    base = json.loads(layers_file.read_text())
+    layers = {n: {"out": layer["out"], "in": layer["in"], "params": layer["params"],
+                  "options": [layer["dense"]] + [cached[option_id(c)]["rows"][n] for c in menu
+                                                 if n in cached[option_id(c)]["rows"]]}
+              for n, layer in base["layers"].items()}
+    table = Table(layers, {**base["meta"], "menu": [c.to_dict() for c in menu], "key": key, "seconds": seconds,
+                           "measured": [c.label() for c in missing],
+                           "reused": [c.label() for c in menu if c not in missing]})
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a killed measurement resumes from its partial folder (same key: same model, tokens and menu)
-    partial = Checkpoint.resume_or_start(path.with_name(path.name + ".partial"),
-                                         {"sample_windows": sample_windows, "batch_size": batch_size}, key)
-    if partial.done and progress:
-        print(f"sensitivity: resuming at block {partial.done} from {partial.folder}")
-    table = measure_sensitivity(model, tokens, menu, sample_windows=sample_windows, batch_size=batch_size,
-                                progress=progress, device=device, source=source, checkpoint=partial)
-    table.meta["key"] = key
     table.save(path)
-    partial.remove()
     if progress:
-        print(f"sensitivity measured in {table.meta['seconds']:.0f}s, saved to {path}")
+        print(f"sensitivity measured in {seconds:.0f}s ({len(missing)} of {len(menu)} options), saved to {path}")
     return table, path
 
 

@@ -192,6 +192,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--gguf", nargs="+", metavar="FILE",
                    help="with --speed: also time these GGUF files in llama.cpp (pip install xllamacpp), e.g. the "
                         "exported model and an F32 / F16 export of the base; ratios against the first")
+    e.add_argument("--runtime", choices=["rebuild", "fast", "dense"],
+                   help="how an llmpress folder's compressed layers run (default: dense for perplexity, KL and "
+                        "zero-shot, i.e. the stored weights' exact numbers; fast for --speed: packed kernels, "
+                        "float32 activations cast to bfloat16 inside them)")
     e.add_argument("--base-dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the --kl-base model (default float32: the dense reference)")
     e.add_argument("--seed", type=int, default=0)
@@ -605,11 +609,15 @@ def cmd_eval(a) -> dict:
             raise LLMPressError(f"--gguf {path}: no such file")
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
-    model, tokenizer = load_model(a.model, dtype=dtype, trust_remote_code=getattr(a, "trust_remote_code", False))
+    from llmpress.modules import set_runtime
+    quality_runtime, speed_runtime = a.runtime or "dense", a.runtime or "fast"
+    model, tokenizer = load_model(a.model, dtype=dtype, trust_remote_code=getattr(a, "trust_remote_code", False),
+                                  runtime=quality_runtime)
     ev.check_context(model, a.seq_len)
     model.to(device)
     result = {"model": a.model, "seed": a.seed, "versions": versions(), **ev.model_size(model),
-              "device": str(device), "dtype": str(model.dtype).removeprefix("torch.")}
+              "device": str(device), "dtype": str(model.dtype).removeprefix("torch."),
+              "runtime": {"quality": quality_runtime, **({"speed": speed_runtime} if a.speed else {})}}
     disk = ev.disk_bytes(a.model)
     if disk is not None:
         result["disk_bytes"] = disk
@@ -632,14 +640,17 @@ def cmd_eval(a) -> dict:
             print(f"  {t:<14} acc {r['acc']:.4f}" + (f"  acc_norm {r['acc_norm']:.4f}" if "acc_norm" in r else "")
                   + f"  (n={r['n']})")
     if a.speed:                        # before a base model is loaded: peak memory is this model's
+        set_runtime(model, speed_runtime)
         result.update(ev.speed(model))
         result["weight_bytes"] = ev.weight_bytes(model)
         result["layer_speed"] = ev.layer_speed(model)
+        set_runtime(model, quality_runtime)
         print(f"  prefill {result['prefill_tokens_per_s']:.0f} tok/s, decode {result['decode_tokens_per_s']:.1f} tok/s "
               f"(batch 1); weights {result['weight_bytes'] / 2**20:.0f} MiB in memory, process peak "
               f"{result['peak_memory_bytes'] / 2**20:.0f} MiB")
     if a.kl_base:
-        base, _ = load_model(a.kl_base, dtype=None if a.base_dtype == "auto" else getattr(torch, a.base_dtype))
+        base, _ = load_model(a.kl_base, dtype=None if a.base_dtype == "auto" else getattr(torch, a.base_dtype),
+                             runtime="dense")
         base.to(device)
         ids = eval_tokens(tokenizer, a.dataset or "wikitext2")
         result.update(ev.kl_to_base(model, base, ids, a.seq_len, a.kl_windows))
@@ -701,7 +712,7 @@ def export_folder(folder, fmt: str, out, embedding_type: str | None = None, adap
         from llmpress.gguf_arch import gguf_arch
         from transformers import AutoConfig
         gguf_arch(AutoConfig.from_pretrained(a.dir, local_files_only=True, trust_remote_code=False))
-    model, tokenizer = load_compressed(a.dir)
+    model, tokenizer = load_compressed(a.dir, runtime="rebuild")      # read, not run
     if a.format == "gguf":
         from llmpress.gguf_arch import check_exportable
         from llmpress.gguf_export import export_gguf

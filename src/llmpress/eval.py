@@ -170,7 +170,7 @@ def llamacpp_speed(path, prompt_len: int = 256, decode_tokens: int = 32, threads
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer the model holds (tied tensors once), plus any packed
-    runtime form its compressed layers built."""
+    form or dense weight its compressed layers' runtime built."""
     seen, total = set(), 0
     for t in (*model.parameters(), *model.buffers()):
         if t.data_ptr() not in seen:
@@ -180,6 +180,9 @@ def weight_bytes(model: nn.Module) -> int:
         packed = getattr(m, "_packed", None)
         if packed is not None:
             total += sum(t.numel() * t.element_size() for t in packed)
+        kept = getattr(m, "_weight_cache", None)
+        if kept is not None:
+            total += kept.numel() * kept.element_size()
     return total
 
 
@@ -200,8 +203,8 @@ def layer_speed(model: nn.Module, tokens: int = 512, repeats: int = 5) -> dict:
         m = model.get_submodule(name)
         if not isinstance(m, CompressedLinear):
             continue
-        x = torch.randn(tokens, m.in_features)
-        dense = m.dense_weight()
+        x = torch.randn(tokens, m.in_features).to(model.dtype)     # the activations the model runs in
+        dense = m.dense_weight().to(model.dtype)
         m(x)                                             # build any cached weight first
         t_new = min(_timed(lambda: m(x)) for _ in range(repeats))
         t_dense = min(_timed(lambda: torch.nn.functional.linear(x, dense)) for _ in range(repeats))

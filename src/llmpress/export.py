@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from llmpress.arch import adapter_for
 from llmpress.errors import LLMPressError
-from llmpress.modules import CompressedLinear, from_spec, module_spec
+from llmpress.modules import CompressedLinear, check_runtime, from_spec, module_spec, set_runtime
 
 MANIFEST = "llmpress.json"
 # Not `model.safetensors`: plain transformers must fail loudly on a native llmpress folder (it would
@@ -132,11 +132,15 @@ def verify(path: str | Path) -> dict:
     return m
 
 
-def load_compressed(path: str | Path, dtype: torch.dtype | None = None):
+def load_compressed(path: str | Path, dtype: torch.dtype | None = None, runtime: str = "fast"):
     """-> (model, tokenizer or None) rebuilt from an llmpress folder. dtype: cast the dense parts
-    (embeddings, norms, layers left dense) to it; compressed layers keep their stored form."""
+    (embeddings, norms, layers left dense) to it; compressed layers keep their stored form.
+    runtime: how the compressed layers run (llmpress.modules.RUNTIMES; "fast" = packed kernels,
+    float32 activations cast to bfloat16 inside them, a dense weight kept where no kernel exists;
+    "rebuild" or "dense" for the stored weights' exact float32 numerics)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_runtime(runtime)
     path = Path(path)
     m = verify(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
@@ -164,6 +168,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None):
             if not isinstance(module, CompressedLinear):
                 for p in module.parameters(recurse=False):
                     p.data = p.data.to(dtype) if p.is_floating_point() else p.data
+    set_runtime(model, runtime)
     model.eval()
     has_tokenizer = any(name.startswith("tokenizer") for name in m["files"])
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None

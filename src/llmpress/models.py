@@ -48,15 +48,17 @@ def resolve_source(spec: str) -> tuple[str, Path | str]:
     return "hub", spec
 
 
-def load_model(spec: str, dtype: torch.dtype | None = torch.float32, trust_remote_code: bool = False):
+def load_model(spec: str, dtype: torch.dtype | None = torch.float32, trust_remote_code: bool = False,
+               runtime: str = "fast"):
     """-> (model in eval mode on CPU, tokenizer). dtype None = the checkpoint's own (GGUF weights
-    are dequantized to float32 then; an llmpress folder keeps the dtype it was saved in)."""
+    are dequantized to float32 then; an llmpress folder keeps the dtype it was saved in). runtime:
+    how an llmpress folder's compressed layers run (llmpress.modules.RUNTIMES)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kind, where = resolve_source(spec)
     if kind == "llmpress":
         from llmpress.export import load_compressed
-        return load_compressed(where, dtype)
+        return load_compressed(where, dtype, runtime)
     if dtype is None:
         dtype = torch.float32 if kind == "gguf" else "auto"
     if kind == "gguf":
@@ -113,7 +115,7 @@ def load_for_compress(spec: str, dtype: torch.dtype | None, offload: str | Path 
             print(f"the model needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available: offloading "
                   f"blocks through {offload}", file=sys.stderr)
     if offload is None:
-        model, tokenizer = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code)
+        model, tokenizer = load_model(spec, dtype=dtype, trust_remote_code=trust_remote_code, runtime="rebuild")
         return model, tokenizer, None, None
     if kind != "hf_dir":
         raise LLMPressError(f"--offload reads a Hugging Face folder with safetensors weights; {spec} is a "

@@ -19,6 +19,7 @@ dtype (fp16) and cast at use, so a save -> load round trip gives bit-identical l
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,8 @@ class CompressedLinear(nn.Module):
     in_features: int
     out_features: int
 
+    runtime = "rebuild"      # how forward runs (see RUNTIMES; set_runtime sets it per module)
+
     def __init__(self) -> None:
         super().__init__()
         self._weight_cache: torch.Tensor | None = None
@@ -81,12 +84,31 @@ class CompressedLinear(nn.Module):
         self._weight_cache = self._packed = None    # moved or cast: a derived form would be stale
         return super()._apply(fn, *args, **kwargs)
 
-    def weight_for_forward(self) -> torch.Tensor:
-        return self.dense_weight() if self._weight_cache is None else self._weight_cache
+    def weight_for_forward(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight a forward in `dtype` multiplies by: rebuilt from the stored form each
+        time under the "rebuild" runtime (unless a search set a working copy), kept once built (in
+        `dtype`) under "fast" and "dense"."""
+        w = self._weight_cache
+        if self.runtime == "rebuild":
+            return self.dense_weight() if w is None else w
+        if w is None or w.dtype != dtype:
+            with torch.no_grad():
+                w = self._weight_cache = self.dense_weight().to(dtype)
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight_for_forward().to(x.dtype), bias)
+        return F.linear(x, self.weight_for_forward(x.dtype).to(x.dtype), bias)
+
+    def packed_input(self, x: torch.Tensor) -> torch.dtype | None:
+        """The activation dtype a packed kernel (torch's CPU int4 / int8 kernels take bfloat16) runs
+        this forward in, or None: bfloat16 activations under "rebuild" and "fast", float32
+        activations cast to bfloat16 inside the layer under "fast"; never under "dense"."""
+        if x.device.type != "cpu" or self.runtime == "dense":
+            return None
+        if x.dtype == torch.bfloat16 or (x.dtype == torch.float32 and self.runtime == "fast"):
+            return torch.bfloat16
+        return None
 
     def _init_bias(self, bias: torch.Tensor | None) -> None:
         self.register_buffer("bias", None if bias is None else bias.detach().to(STORAGE_DTYPE).clone())
@@ -134,7 +156,7 @@ class QuantLinear(CompressedLinear):
     INT4_GROUPS = (32, 64, 128, 256)
 
     def runs_packed(self, x: torch.Tensor) -> bool:
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        if self.packed_input(x) is None:
             return False
         if self.bits == 8:        # torch's int8 kernel: symmetric, one scale per output channel
             return self.symmetric and self.n_groups == 1
@@ -163,13 +185,13 @@ class QuantLinear(CompressedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.runs_packed(x):
             return super().forward(x)
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(x2, *self._int8())
         else:
             packed, sz = self._int4()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
-        y = y.view(*x.shape[:-1], self.out_features)
+        y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def spec(self) -> dict:
@@ -207,7 +229,7 @@ class GGMLLinear(CompressedLinear):
         return decode(self.type, self.raw, self.in_features)
 
     def runs_packed(self, x: torch.Tensor) -> bool:
-        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and self.type.bits == 4
+        return (self.packed_input(x) is not None and self.type.bits == 4
                 and self.type.levels is None and self.type.sub in QuantLinear.INT4_GROUPS and self.out_features % 16 == 0)
 
     def _int4(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,8 +247,9 @@ class GGMLLinear(CompressedLinear):
         if not self.runs_packed(x):
             return super().forward(x)
         packed, sz = self._int4()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self.type.sub, sz)
-        y = y.view(*x.shape[:-1], self.out_features)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16), packed,
+                                                       self.type.sub, sz)
+        y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def spec(self) -> dict:
@@ -355,6 +378,8 @@ class LowRankLinear(CompressedLinear):
         return self.up.float() @ self.down.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runtime == "dense":                  # the dense export's numerics
+            return super().forward(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype), bias)
 
@@ -404,7 +429,9 @@ class QuantLowRankLinear(_PlusLowRank):
     part, part_type = "quant", QuantLinear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._weight_cache is not None:
+        # one dense matmul when a weight is kept, or "fast" has no kernel for the quantized part
+        if self._weight_cache is not None or self.runtime == "dense" or (
+                self.runtime == "fast" and not self.quant.runs_packed(x)):
             return super().forward(x)
         y = self.quant(x) + F.linear(F.linear(x, self.down.to(x.dtype)), self.up.to(x.dtype))
         return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -431,7 +458,8 @@ class SeriesLinear(CompressedLinear):
         return sum(t.dense_weight() for t in self.terms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._weight_cache is not None:
+        if self._weight_cache is not None or self.runtime == "dense" or (
+                self.runtime == "fast" and not all(t.runs_packed(x) for t in self.terms)):
             return super().forward(x)
         y = sum(t(x) for t in self.terms)
         return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -445,6 +473,33 @@ class SeriesLinear(CompressedLinear):
         return cls([QuantLinear.empty(t) for t in s["terms"]], torch.zeros(s["out_features"]) if s["bias"] else None)
 
 
+RUNTIMES = {
+    "rebuild": "each forward rebuilds the dense weight from the stored form (no copy kept); torch's "
+               "packed int4 / int8 kernels under bfloat16 activations: the least memory (compression's own)",
+    "fast": "packed kernels under bfloat16 and float32 activations (float32 cast to bfloat16 inside "
+            "the layer); layers without a kernel keep their dense weight once built: never slower than dense",
+    "dense": "every compressed layer keeps its dense weight (in the activation dtype): the numerics "
+             "of the dense export, the memory of the dense model",
+}
+
+
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        from llmpress.errors import LLMPressError
+        raise LLMPressError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+
+
+def set_runtime(model: nn.Module, runtime: str) -> nn.Module:
+    """Run every compressed layer of `model` under `runtime` (a key of RUNTIMES); kept weights
+    and packed forms of the previous runtime are dropped. Returns the model."""
+    check_runtime(runtime)
+    for m in model.modules():
+        if isinstance(m, CompressedLinear):
+            m.runtime = runtime
+            m._weight_cache = m._packed = None
+    return model
+
+
 def with_dense_cache(module: nn.Module) -> nn.Module:
     """Make a compressed layer keep its rebuilt dense weight (until moved or reloaded): for the
     temporary working copies of a search that runs the same layers many times, never for a model
@@ -453,6 +508,25 @@ def with_dense_cache(module: nn.Module) -> nn.Module:
         with torch.no_grad():
             module._weight_cache = module.dense_weight()
     return module
+
+
+@contextmanager
+def dense_weights_kept(module: nn.Module):
+    """While inside: the compressed layers of `module` that rebuild a dense weight per forward keep
+    it (built once, float32), so that running a block over many batches (propagating its outputs)
+    does not rebuild every weight per batch; dropped on exit. Composites keep their own form (their
+    parts keep weights), so every output is bit for bit what the rebuilding forward gives."""
+    kept = []
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (QuantLinear, GGMLLinear, LUTLinear, VQLinear, SparseLinear)) and m._weight_cache is None:
+                m._weight_cache = m.dense_weight()
+                kept.append(m)
+    try:
+        yield module
+    finally:
+        for m in kept:
+            m._weight_cache = None
 
 
 MODULE_TYPES = {c.__name__: c for c in (QuantLinear, GGMLLinear, LUTLinear, VQLinear, SparseLinear, LowRankLinear,

@@ -27,6 +27,7 @@ from llmpress.config import MethodConfig, group_solver_for, group_transform_for,
 from llmpress.distributed import broadcast_results
 from llmpress.errors import LLMPressError
 from llmpress.methods.hessian import toward_reference
+from llmpress.modules import dense_weights_kept
 from llmpress.rotate import fold_online
 from llmpress.stats import StatsCache, block_key, tokens_digest, with_prior
 from llmpress.recover import fisher_diagonal
@@ -180,7 +181,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
             elif needs_data and (any(c.stat for c in part.values()) or not propagate or measure_error):
                 # one forward with hooks; without propagation its outputs feed the next block
                 all_groups = cache is not None or measure_error   # a cache entry serves any later method
-                with all_experts_calibration(block, calibrate_all_experts), \
+                with all_experts_calibration(block, calibrate_all_experts), dense_weights_kept(block), \
                         all_experts_calibration(dense_block, calibrate_all_experts and reference):
                     hidden_out, stats, out = walk.gather(block, hidden, _heads(adapter, prefix, part, all_groups, groups),
                                                          (dense_block, hidden_ref) if reference else None, stop=sequential)
@@ -217,7 +218,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
                 report.layers[fqn]["block_fit"] = info
                 fisher.pop(fqn, None)
         if needs_data and propagate and i + 1 < len(blocks):
-            with torch.no_grad():
+            with torch.no_grad(), dense_weights_kept(block):      # each weight built once, not once per batch
                 hidden = walk.run(block, hidden)   # (N, T, C) into block i+1
             hidden_ref = ref_out if stream else None
         if checkpoint is not None:
