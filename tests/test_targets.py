@@ -96,6 +96,27 @@ def test_target_llama_cpp_preset_writes_a_gguf_that_transformers_reads(tiny_hf_d
     assert torch.equal(theirs(_ids()).logits, ours(_ids()).logits)
 
 
+def test_target_llama_cpp_output_runs_in_llama_cpp(tmp_path, text_file, capsys):
+    """--target llama.cpp --budget bits=5: llama.cpp itself (the xllamacpp wheel) loads OUT/model.gguf
+    and predicts llmpress's next tokens (it rounds activations to Q8_0 for these matmuls: within 5e-2)."""
+    pytest.importorskip("xllamacpp")
+    from conftest import bpe_tokenizer, tiny_llama
+    from test_gguf_arch import VOCAB, assert_llamacpp_agrees
+    from llmpress.models import load_model
+    src, out, tokenizer = tmp_path / "src", tmp_path / "g", bpe_tokenizer(290)     # llama.cpp needs merges
+    tiny_llama(vocab_size=VOCAB).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    code, _, err = _run(capsys, "compress", "--model", src, "--target", "llama.cpp", "--budget", "bits=5",
+                        *_calib(text_file), "--out", out)
+    assert code == 0, err
+    import gguf
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    linears = {v for k, v in types.items() if k.startswith("blk.") and not k.endswith("norm.weight")}
+    assert linears and linears <= {"Q4_0", "Q5_0", "Q8_0", "IQ4_NL"}                # every block linear quantized
+    ours, _ = load_model(str(out), runtime="rebuild")
+    assert_llamacpp_agrees(out / "model.gguf", ours, tokenizer, tol=5e-2)
+
+
 def test_target_vllm_budget_writes_compressed_tensors_with_fused_layers_alike(tiny_hf_dir, tmp_path, text_file, capsys):
     from transformers import AutoModelForCausalLM
     from llmpress.models import load_model

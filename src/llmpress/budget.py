@@ -283,6 +283,8 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
     if only is not None and (unknown or not only):
         raise LLMPressError(f"only: {unknown[:5] or 'no layers'} are not compressible linears of this model")
     start = 0 if checkpoint is None else checkpoint.done
+    phases = {"gradients": 0.0, "statistics": 0.0, "solve": 0.0, "block_runs": 0.0}   # seconds, this run
+    t = time.perf_counter()
     if checkpoint is not None and checkpoint.has("grads"):
         saved = checkpoint.tensors("grads")
         grads = [saved[f"block.{i}"].to(walk.storage) for i in range(len(walk))]
@@ -290,6 +292,7 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
         grads = block_output_grads(walk, tokens[:sample_windows])
         if checkpoint is not None:
             checkpoint.save_extra("grads", {f"block.{i}": g for i, g in enumerate(grads)})
+    phases["gradients"] += time.perf_counter() - t
     n_tokens = sample_windows * (tokens.shape[1] - 1)
     layers: dict[str, dict] = {}
     if start:                                   # resumed: the finished blocks' rows, the next block's inputs
@@ -303,7 +306,9 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
                disable=not progress)
     dense_bpp = next(model.parameters()).element_size()
     for i, block in walk.steps(keep=False, order=range(start, len(walk))):
+        t = time.perf_counter()
         out, stats = walk.collect(block, hidden, walk.all_heads())
+        phases["statistics"] += time.perf_counter() - t
         x_sub, y_sub = hidden[:sample_windows], out[:sample_windows]
         energy = y_sub.double().square().sum().item()
         g = grads[i].to(walk.device).double()                           # (S, T, C)
@@ -321,12 +326,16 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
                 for config in menu:
                     if config.shape_problem(o_f, i_f):     # e.g. a 256-weight GGUF block on 576 inputs
                         continue
+                    t = time.perf_counter()
                     module, info = handler_for(config)(linear, config, stats[local])
                     setattr(block.get_submodule(parent), attr, module.to(linear.weight.device))
+                    phases["solve"] += time.perf_counter() - t
+                    t = time.perf_counter()
                     try:
                         y = walk.run(block, x_sub)
                     finally:
                         setattr(block.get_submodule(parent), attr, linear)
+                    phases["block_runs"] += time.perf_counter() - t
                     nbytes, params = option_cost(config, o_f, i_f, dense_bpp)
                     if nbytes != module.stored_bytes():
                         raise AssertionError(f"cost model disagrees with {config.label()}: {nbytes} vs {module.stored_bytes()}")
@@ -344,7 +353,8 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
     bar.close()
     meta = {"menu": [c.to_dict() for c in menu], "sample_windows": sample_windows, "tokens": list(tokens.shape),
             "dense_bytes_per_param": dense_bpp, "device": str(walk.device),
-            "error": "estimated loss increase, nats/token (empirical Fisher quadratic form of the block output change, per token)", "seconds": time.perf_counter() - t0}
+            "error": "estimated loss increase, nats/token (empirical Fisher quadratic form of the block output change, per token)", "seconds": time.perf_counter() - t0,
+            "phase_seconds": phases}
     return Table(layers, meta)
 
 
@@ -416,7 +426,7 @@ def sensitivity_table(model, tokens: torch.Tensor, menu: list[MethodConfig], sam
             _write_json(rows_dir / f"{option_id(config)}.json", d)
             cached[option_id(config)] = d
         _write_json(layers_file, {"key": rkey, "meta": {k: v for k, v in measured.meta.items()
-                                                        if k not in ("menu", "seconds")},
+                                                        if k not in ("menu", "seconds", "phase_seconds")},
                                   "layers": {n: {**{f: layer[f] for f in ("out", "in", "params")},
                                                  "dense": layer["options"][0]} for n, layer in measured.layers.items()}})
         partial.remove()
@@ -429,12 +439,15 @@ def sensitivity_table(model, tokens: torch.Tensor, menu: list[MethodConfig], sam
                                                  if n in cached[option_id(c)]["rows"]]}
               for n, layer in base["layers"].items()}
     table = Table(layers, {**base["meta"], "menu": [c.to_dict() for c in menu], "key": key, "seconds": seconds,
+                           "phase_seconds": measured.meta["phase_seconds"] if missing else {},
                            "measured": [c.label() for c in missing],
                            "reused": [c.label() for c in menu if c not in missing]})
     path.parent.mkdir(parents=True, exist_ok=True)
     table.save(path)
     if progress:
-        print(f"sensitivity measured in {seconds:.0f}s ({len(missing)} of {len(menu)} options), saved to {path}")
+        phases = ", ".join(f"{k.replace('_', ' ')} {v:.0f}s" for k, v in table.meta["phase_seconds"].items())
+        print(f"sensitivity measured in {seconds:.0f}s ({len(missing)} of {len(menu)} options"
+              f"{': ' + phases if phases else ''}), saved to {path}")
     return table, path
 
 
@@ -475,4 +488,5 @@ def plan_for_budget(model, tokens: torch.Tensor, budget: Budget, menu: list[Meth
     table, path = sensitivity_table(model, tokens, menu, sample_windows, table_path, progress, device, source)
     choice, info = allocate(table, budget, allocator, **extra)
     info["sensitivity_table"] = str(path)
+    info["sensitivity"] = {k: table.meta.get(k) for k in ("seconds", "phase_seconds", "measured", "reused")}
     return Allocation(to_plan(table, choice), choice, table, info)
