@@ -527,6 +527,7 @@ def _compress_loaded(a, model, tokenizer, source, plan, budget, device, scratch)
         fmt, name = EXPORT[a.target]
         exported = str(out / name)
         print(f"--target {a.target}: writing {exported} ({fmt})", file=sys.stderr)
+        from llmpress.formats import export_folder
         export_folder(out, fmt, out / name)
     if checkpoint is not None:
         checkpoint.remove()                           # saved: the per-block checkpoint is no longer needed
@@ -695,73 +696,8 @@ def cmd_sweep(a) -> None:
 
 
 def cmd_export(a) -> None:
+    from llmpress.formats import export_folder
     export_folder(a.dir, a.format, a.out, embedding_type=a.embedding_type, adapter_out=a.adapter_out)
-
-
-def export_folder(folder, fmt: str, out, embedding_type: str | None = None, adapter_out: str | None = None) -> None:
-    """`llmpress export`: the llmpress folder `folder` written as `fmt` (gguf, compressed-tensors, dense) at `out`."""
-    from types import SimpleNamespace
-    from llmpress.export import load_compressed, read_manifest
-    from llmpress.formats import export_compressed_tensors, export_dense
-    a = SimpleNamespace(dir=str(folder), format=fmt, out=str(out), embedding_type=embedding_type,
-                        adapter_out=adapter_out)
-    manifest = read_manifest(a.dir)                        # an llmpress folder, before anything heavy
-    if Path(a.out).exists():
-        raise LLMPressError(f"{a.out} already exists")
-    if a.format == "gguf":               # an architecture the writer does not know: refused before loading
-        from llmpress.gguf_arch import gguf_arch
-        from transformers import AutoConfig
-        gguf_arch(AutoConfig.from_pretrained(a.dir, local_files_only=True, trust_remote_code=False))
-    model, tokenizer = load_compressed(a.dir, runtime="rebuild")      # read, not run
-    if a.format == "gguf":
-        from llmpress.gguf_arch import check_exportable
-        from llmpress.gguf_export import export_gguf
-        for note in check_exportable(model.config):
-            print(f"note: {note}", file=sys.stderr)
-        from llmpress.models import resolve_source
-        source = manifest.get("source_model")
-        try:
-            kind, where = resolve_source(source) if source else (None, None)
-        except LLMPressError:
-            kind = where = None
-        fields = None
-        if kind != "gguf":             # the vocabulary comes from the folder's Hugging Face tokenizer
-            from llmpress.gguf_export import tokenizer_metadata
-            try:
-                if tokenizer is None:
-                    raise LLMPressError("the folder has no tokenizer")
-                fields, notes = tokenizer_metadata(tokenizer, model.config.vocab_size)
-                for note in notes:
-                    print(f"note: {note}", file=sys.stderr)
-            except LLMPressError as e:
-                print(f"note: the export carries no tokenizer metadata ({e}); transformers loads it, "
-                      "llama.cpp needs a tokenizer", file=sys.stderr)
-        types = export_gguf(model, a.out, where if kind == "gguf" else None, adapter_out=a.adapter_out,
-                            tokenizer_fields=fields, embedding_type=a.embedding_type)
-        counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
-        print(f"{a.dir} -> {a.out} (gguf; tensor types {counts})")
-        if a.adapter_out:
-            print(f"low-rank corrections -> {a.adapter_out} (GGUF LoRA adapter: llama.cpp --lora {a.adapter_out})")
-        return
-    if a.embedding_type:
-        raise LLMPressError("--embedding-type applies to --format gguf")
-    from llmpress.formats import lowrank_corrections
-    corrected = lowrank_corrections(model)
-    if a.adapter_out and (a.format != "compressed-tensors" or not corrected):
-        raise LLMPressError("--adapter-out applies to --format compressed-tensors or gguf of a model with gptq-lr layers")
-    if a.format == "compressed-tensors":
-        out = export_compressed_tensors(model, tokenizer, a.out, a.adapter_out)
-        if corrected and not a.adapter_out:
-            print(f"note: {len(corrected)} gptq-lr layers (quantized + low-rank correction) were written dense; "
-                  "--adapter-out DIR writes their quantized base here and the corrections as a LoRA adapter",
-                  file=sys.stderr)
-    else:
-        out = export_dense(model, tokenizer, a.out)
-    print(f"{a.dir} -> {out} ({a.format}; loads with transformers' from_pretrained, no trust_remote_code)")
-    if a.adapter_out:
-        print(f"low-rank corrections of {len(corrected)} layers -> {a.adapter_out} (PEFT LoRA adapter: load the base "
-              f"with quantization_config=CompressedTensorsConfig(run_compressed=False), then "
-              f"PeftModel.from_pretrained(model, {a.adapter_out!r}))")
 
 
 def cmd_verify(a) -> None:

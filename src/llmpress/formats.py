@@ -17,6 +17,7 @@ format carries the runtime op, so their quantized form cannot be served there.
 from __future__ import annotations
 
 import re
+import sys
 import shutil
 from pathlib import Path
 
@@ -244,3 +245,65 @@ def write_hf_folder(model: nn.Module, tokenizer, out, extra: dict | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def export_folder(folder, fmt: str, out, embedding_type: str | None = None, adapter_out: str | None = None) -> None:
+    """`llmpress export`: the llmpress folder `folder` written as `fmt` (gguf, compressed-tensors, dense) at `out`."""
+    from llmpress.export import load_compressed, read_manifest
+    folder, out = str(folder), str(out)
+    manifest = read_manifest(folder)                        # an llmpress folder, before anything heavy
+    if Path(out).exists():
+        raise LLMPressError(f"{out} already exists")
+    if fmt == "gguf":               # an architecture the writer does not know: refused before loading
+        from llmpress.gguf_arch import gguf_arch
+        from transformers import AutoConfig
+        gguf_arch(AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
+    model, tokenizer = load_compressed(folder, runtime="rebuild")      # read, not run
+    if fmt == "gguf":
+        from llmpress.gguf_arch import check_exportable
+        from llmpress.gguf_export import export_gguf
+        for note in check_exportable(model.config):
+            print(f"note: {note}", file=sys.stderr)
+        from llmpress.models import resolve_source
+        source = manifest.get("source_model")
+        try:
+            kind, where = resolve_source(source) if source else (None, None)
+        except LLMPressError:
+            kind = where = None
+        fields = None
+        if kind != "gguf":             # the vocabulary comes from the folder's Hugging Face tokenizer
+            from llmpress.gguf_export import tokenizer_metadata
+            try:
+                if tokenizer is None:
+                    raise LLMPressError("the folder has no tokenizer")
+                fields, notes = tokenizer_metadata(tokenizer, model.config.vocab_size)
+                for note in notes:
+                    print(f"note: {note}", file=sys.stderr)
+            except LLMPressError as e:
+                print(f"note: the export carries no tokenizer metadata ({e}); transformers loads it, "
+                      "llama.cpp needs a tokenizer", file=sys.stderr)
+        types = export_gguf(model, out, where if kind == "gguf" else None, adapter_out=adapter_out,
+                            tokenizer_fields=fields, embedding_type=embedding_type)
+        counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
+        print(f"{folder} -> {out} (gguf; tensor types {counts})")
+        if adapter_out:
+            print(f"low-rank corrections -> {adapter_out} (GGUF LoRA adapter: llama.cpp --lora {adapter_out})")
+        return
+    if embedding_type:
+        raise LLMPressError("--embedding-type applies to --format gguf")
+    corrected = lowrank_corrections(model)
+    if adapter_out and (fmt != "compressed-tensors" or not corrected):
+        raise LLMPressError("--adapter-out applies to --format compressed-tensors or gguf of a model with gptq-lr layers")
+    if fmt == "compressed-tensors":
+        written = export_compressed_tensors(model, tokenizer, out, adapter_out)
+        if corrected and not adapter_out:
+            print(f"note: {len(corrected)} gptq-lr layers (quantized + low-rank correction) were written dense; "
+                  "--adapter-out DIR writes their quantized base here and the corrections as a LoRA adapter",
+                  file=sys.stderr)
+    else:
+        written = export_dense(model, tokenizer, out)
+    print(f"{folder} -> {written} ({fmt}; loads with transformers' from_pretrained, no trust_remote_code)")
+    if adapter_out:
+        print(f"low-rank corrections of {len(corrected)} layers -> {adapter_out} (PEFT LoRA adapter: load the base "
+              f"with quantization_config=CompressedTensorsConfig(run_compressed=False), then "
+              f"PeftModel.from_pretrained(model, {adapter_out!r}))")
