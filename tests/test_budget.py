@@ -371,3 +371,22 @@ def test_table_rows_are_cached_per_option(table_and_model, tmp_path, monkeypatch
     assert [o["label"] for o in table.layers[name]["options"]] == ["dense"] + [c.label() for c in added + first]
     again, _ = budget_mod.sensitivity_table(model, tokens, first + added, 2, progress=False)   # another order
     assert len(measured) == 1 and again.meta["measured"] == []
+
+
+def test_tail_linears_measured_on_the_tail_alone_give_the_whole_blocks_numbers(table_and_model, monkeypatch):
+    """The MLP's linears' rows come from running the MLP alone on its recorded inputs (the block
+    adds its output to the residual stream last): the same errors as running the whole block."""
+    import dataclasses
+    from llmpress import arch
+    table, model, tokens = table_and_model
+    assert arch.adapter_for(model).tail == "mlp"
+    monkeypatch.setitem(arch.ADAPTERS, "llama", dataclasses.replace(arch.ADAPTERS["llama"], tail=None))
+    whole = measure_sensitivity(model, tokens, menu_configs("gptq,sparsegpt,svd-llm,wanda,rtn"), sample_windows=2,
+                                progress=False)
+    mlp = [n for n in table.layers if ".mlp." in n]
+    assert mlp and table.layers.keys() == whole.layers.keys()
+    for name in table.layers:
+        for a, b in zip(table.layers[name]["options"], whole.layers[name]["options"]):
+            assert a["label"] == b["label"] and a["bytes"] == b["bytes"]
+            for field in ("error", "error_diag", "block_error"):
+                assert a[field] == pytest.approx(b[field], rel=1e-4, abs=1e-12), (name, a["label"], field)

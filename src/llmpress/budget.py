@@ -34,7 +34,7 @@ from llmpress.config import (MethodConfig, config_class, config_from_dict, handl
 from llmpress.errors import LLMPressError
 from llmpress.walk import block_hidden
 
-TABLE_VERSION = 3
+TABLE_VERSION = 4             # 4: linears of the block's tail measured on the tail alone (arch.Adapter.tail)
 METRICS = ("params", "bits", "bytes")
 
 DEFAULT_MENU = {"params": "sparsegpt,svd-llm", "bits": "gptq,sparsegpt,svd-llm", "bytes": "gptq,sparsegpt,svd-llm"}
@@ -310,6 +310,11 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
         out, stats = walk.collect(block, hidden, walk.all_heads())
         phases["statistics"] += time.perf_counter() - t
         x_sub, y_sub = hidden[:sample_windows], out[:sample_windows]
+        tail = adapter.tail
+        if tail is not None and (only is None or any(n.startswith(walk.name(i, tail + ".")) for n in only)):
+            t = time.perf_counter()
+            tail_in, tail_out = _tail_io(walk, block, tail, x_sub)       # (S, T, C) each, dense
+            phases["block_runs"] += time.perf_counter() - t
         energy = y_sub.double().square().sum().item()
         g = grads[i].to(walk.device).double()                           # (S, T, C)
         for group in adapter.input_groups:
@@ -332,14 +337,17 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
                     phases["solve"] += time.perf_counter() - t
                     t = time.perf_counter()
                     try:
-                        y = walk.run(block, x_sub)
+                        if tail is not None and local.startswith(tail + "."):
+                            d = _run_module(walk, block.get_submodule(tail), tail_in) - tail_out
+                        else:
+                            d = walk.run(block, x_sub) - y_sub
                     finally:
                         setattr(block.get_submodule(parent), attr, linear)
                     phases["block_runs"] += time.perf_counter() - t
                     nbytes, params = option_cost(config, o_f, i_f, dense_bpp)
                     if nbytes != module.stored_bytes():
                         raise AssertionError(f"cost model disagrees with {config.label()}: {nbytes} vs {module.stored_bytes()}")
-                    d = (y - y_sub).to(walk.device).double()            # (S, T, C)
+                    d = d.to(walk.device).double()                      # (S, T, C): the block output's change
                     options.append({"label": config.label(), "config": config.to_dict(), "bytes": nbytes,
                                     "params": params, "error": 0.5 * (g * d).sum(-1).square().sum().item() / n_tokens,
                                     "error_diag": 0.5 * (g * d).square().sum().item() / n_tokens,
@@ -356,6 +364,31 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
             "error": "estimated loss increase, nats/token (empirical Fisher quadratic form of the block output change, per token)", "seconds": time.perf_counter() - t0,
             "phase_seconds": phases}
     return Table(layers, meta)
+
+
+def _tail_io(walk, block, tail: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input and output of `block`'s submodule `tail` when the block runs on `hidden`
+    (N, T, C): two (N, T, C) tensors on the walk's storage device."""
+    inputs, outputs = [], []
+
+    def hook(module, args, output):
+        inputs.append(args[0].detach().to(walk.storage))
+        outputs.append((output[0] if isinstance(output, tuple) else output).detach().to(walk.storage))
+    handle = block.get_submodule(tail).register_forward_hook(hook)
+    try:
+        walk.run(block, hidden)
+    finally:
+        handle.remove()
+    return torch.cat(inputs), torch.cat(outputs)
+
+
+def _run_module(walk, module, inputs: torch.Tensor) -> torch.Tensor:
+    """module(inputs) in batches of the walk's batch size, on its device; back on the storage device."""
+    outs = []
+    for s in range(0, inputs.shape[0], walk.batch_size):
+        y = module(inputs[s:s + walk.batch_size].to(walk.device))
+        outs.append((y[0] if isinstance(y, tuple) else y).to(walk.storage))
+    return torch.cat(outs)
 
 
 def default_cache_dir() -> Path:

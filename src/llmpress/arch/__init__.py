@@ -24,6 +24,10 @@ class Adapter:
     norm_offset: float = 0.0          # RMSNorm multiplies by (offset + weight): 1 for Gemma
     final_norm_path: str = "model.norm"   # the norm between the last block and the LM head
     moe: MoELayout | None = None      # the sparse block's layout, for mixture-of-experts models
+    # A submodule whose output the block adds to the residual stream as its very last step
+    # (block(x) = h + tail(norm(h))): a change inside it changes the block's output by exactly the
+    # change in its own output, so the sensitivity table runs only the tail for its linears.
+    tail: str | None = None
 
     def is_expert(self, local: str) -> bool:
         """Whether a block-local linear name is one of the routed experts' projections."""
@@ -63,7 +67,7 @@ _LLAMA_SOURCES = (
     ("mlp.gate_proj", "post_attention_layernorm"),
     ("mlp.down_proj", "mlp.up_proj"),
 )
-_LLAMA_LIKE = Adapter("model.layers", _LLAMA_GROUPS, _LLAMA_SOURCES)
+_LLAMA_LIKE = Adapter("model.layers", _LLAMA_GROUPS, _LLAMA_SOURCES, tail="mlp")
 # Gemma 2/3 put a second norm after attention / MLP: the MLP's input comes from
 # pre_feedforward_layernorm, and every RMSNorm scales by (1 + weight).
 _GEMMA = Adapter("model.layers", _LLAMA_GROUPS,
