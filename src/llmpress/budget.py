@@ -450,12 +450,10 @@ def sensitivity_table(model, tokens: torch.Tensor, menu: list[MethodConfig], sam
         measured = measure_sensitivity(model, tokens, missing, sample_windows=sample_windows, batch_size=batch_size,
                                        progress=progress, device=device, source=source, checkpoint=partial)
         share = measured.meta["seconds"] / len(missing)
-        for k, config in enumerate(missing):              # option k is the (k + 1)-th on a layer that takes them all
-            label = config.label()
-            rows = {n: next(o for o in layer["options"][1:] if o["config"] == config.to_dict())
-                    for n, layer in measured.layers.items()
-                    if any(o["config"] == config.to_dict() for o in layer["options"][1:])}
-            d = {"key": rkey, "config": config.to_dict(), "label": label, "rows": rows, "seconds": share}
+        for config in missing:                            # one file per option: its row on every layer that takes it
+            rows = {n: o for n, layer in measured.layers.items() for o in layer["options"][1:]
+                    if o["config"] == config.to_dict()}
+            d = {"key": rkey, "config": config.to_dict(), "label": config.label(), "rows": rows, "seconds": share}
             _write_json(rows_dir / f"{option_id(config)}.json", d)
             cached[option_id(config)] = d
         _write_json(layers_file, {"key": rkey, "meta": {k: v for k, v in measured.meta.items()

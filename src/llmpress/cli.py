@@ -170,6 +170,7 @@ def _add_compress_args(c, planning: bool) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from llmpress.modules import RUNTIMES
     ap = argparse.ArgumentParser(prog="llmpress", description="Compress Hugging Face causal LMs.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -192,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--gguf", nargs="+", metavar="FILE",
                    help="with --speed: also time these GGUF files in llama.cpp (pip install xllamacpp), e.g. the "
                         "exported model and an F32 / F16 export of the base; ratios against the first")
-    e.add_argument("--runtime", choices=["rebuild", "fast", "dense"],
+    e.add_argument("--runtime", choices=list(RUNTIMES),
                    help="how an llmpress folder's compressed layers run (default: dense for perplexity, KL and "
                         "zero-shot, i.e. the stored weights' exact numbers; fast for --speed: packed kernels, "
                         "float32 activations cast to bfloat16 inside them)")

@@ -516,12 +516,8 @@ def dense_weights_kept(module: nn.Module):
     it (built once, float32), so that running a block over many batches (propagating its outputs)
     does not rebuild every weight per batch; dropped on exit. Composites keep their own form (their
     parts keep weights), so every output is bit for bit what the rebuilding forward gives."""
-    kept = []
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (QuantLinear, GGMLLinear, LUTLinear, VQLinear, SparseLinear)) and m._weight_cache is None:
-                m._weight_cache = m.dense_weight()
-                kept.append(m)
+    kept = [with_dense_cache(m) for m in module.modules()
+            if isinstance(m, (QuantLinear, GGMLLinear, LUTLinear, VQLinear, SparseLinear)) and m._weight_cache is None]
     try:
         yield module
     finally:
