@@ -390,3 +390,85 @@ def test_tail_linears_measured_on_the_tail_alone_give_the_whole_blocks_numbers(t
             assert a["label"] == b["label"] and a["bytes"] == b["bytes"]
             for field in ("error", "error_diag", "block_error"):
                 assert a[field] == pytest.approx(b[field], rel=1e-4, abs=1e-12), (name, a["label"], field)
+
+
+@pytest.mark.parametrize("spec", ["rtn:bits=3,group_size=32", "rtn:gguf=q4_k", "rtn:bits=4,group_size=32,clip=mse",
+                                  "gptq:bits=3,group_size=32", "gptq:bits=4,group_size=0,clip=mse",
+                                  "gptq:gguf=q3_k,clip=search", "gptq:gguf=iq3_xxs", "gptq:bits=4,refine=1"])
+def test_rows_independent_methods_give_a_row_subset_exactly_those_rows(spec):
+    """What the estimated table relies on: a subset of a layer's rows compressed alone comes out
+    as exactly those rows of the whole layer's result."""
+    from llmpress.budget import _row_subset, _sample_rows
+    from llmpress.config import handler_for
+    from llmpress.stats import InputStats
+    config = menu_configs(spec)[0]
+    assert config.rows_independent()
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(256, 96, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(96, 256, generator=g) * 0.05)
+    stats = InputStats(256)
+    stats.add(torch.randn(512, 256, generator=g) * torch.linspace(0.2, 3, 256))
+    whole = handler_for(config)(linear, config, stats)[0].dense_weight()
+    rows = _sample_rows(96, "blocks.0.q_proj")
+    assert len(rows) == 32 and torch.equal(rows, rows.sort().values)
+    part = handler_for(config)(_row_subset(linear, rows), config, stats)[0].dense_weight()
+    assert torch.equal(part, whole[rows])
+    assert not torch.equal(part, linear.weight[rows])          # it did compress them
+
+
+def test_methods_with_decisions_across_rows_are_not_rows_independent():
+    from llmpress.config import parse_options
+    for spec in ("gptq:bits=4,refit=2", "gptq-lut:bits=3", "gptq-vq", "sparsegpt", "svd-llm", "awq", "wanda"):
+        name, _, opts = spec.partition(":")
+        assert not config_from_dict({"method": name, **parse_options(opts, spec)}).rows_independent(), spec
+
+
+def test_estimated_table_measures_only_each_layers_cheapest_option(table_and_model, tmp_path, monkeypatch):
+    """estimate=True: the cheapest option of each layer is measured exactly as in the measured
+    table; the others' errors are their local error times that option's error / local error; one
+    block run per layer; the estimate is cached apart from measured tables and never used for one."""
+    from llmpress import budget as budget_mod
+    _, model, tokens = table_and_model
+    monkeypatch.setenv("LLMPRESS_CACHE", str(tmp_path))
+    menu = menu_configs("gptq:bits=4,group_size=32;gptq:bits=3,group_size=32;gptq:bits=8,group_size=0;svd-llm")
+    measured, _ = budget_mod.sensitivity_table(model, tokens, menu, 2, progress=False)
+    runs = []
+    real_run = budget_mod._run_module
+    monkeypatch.setattr(budget_mod, "_run_module", lambda *a: runs.append(1) or real_run(*a))
+    from llmpress.walk import BlockWalk
+    real_block = BlockWalk.run
+    monkeypatch.setattr(BlockWalk, "run", lambda self, *a, **k: runs.append(1) or real_block(self, *a, **k))
+    monkeypatch.setenv("LLMPRESS_CACHE", str(tmp_path / "fresh"))
+    est, path = budget_mod.sensitivity_table(model, tokens, menu, 2, progress=False, estimate=True)
+    assert est.meta["estimate"] and est.meta["estimated_rows"] == sum(len(v["options"]) - 2 for v in est.layers.values())
+    blocks = len({n.split(".self_attn.")[0].split(".mlp.")[0] for n in est.layers})
+    # one block (or MLP) run per layer, plus per block: its MLP's inputs captured, a forward for the gradients
+    assert len(runs) == len(est.layers) + 2 * blocks
+    bpp = measured.meta["dense_bytes_per_param"]
+    for name, layer in est.layers.items():
+        m = {o["label"]: o for o in measured.layers[name]["options"]}
+        e = {o["label"]: o for o in layer["options"]}
+        assert m.keys() == e.keys()
+        anchor = budget_mod._anchor(menu, layer["out"], layer["in"], bpp).label()
+        assert anchor == "gptq:bits=3,group_size=32,symmetric=True,act_order=True,damp=0.01" or "svd" in anchor
+        assert e[anchor] == m[anchor]                              # measured, bit for bit
+        ratio = m[anchor]["error"] / m[anchor]["local_error"]
+        for label, o in e.items():
+            if label not in (anchor, "dense"):
+                assert o["estimated"] and o["error"] == pytest.approx(ratio * o["local_error"], rel=1e-12)
+                assert "error" not in {k for k, v in o.items() if v is None}
+        svd = next(lab for lab in e if lab.startswith("svd-llm"))
+        if svd != anchor:                                         # solved whole (rows not independent): exact local
+            assert e[svd]["local_error"] == pytest.approx(m[svd]["local_error"], rel=1e-9)
+    # the measured table (cached) is not replaced by estimated rows, nor they used for a measured one
+    monkeypatch.setenv("LLMPRESS_CACHE", str(tmp_path))
+    again, _ = budget_mod.sensitivity_table(model, tokens, menu, 2, progress=False)
+    assert again.layers == measured.layers
+    monkeypatch.setenv("LLMPRESS_CACHE", str(tmp_path / "fresh"))
+    runs.clear()
+    full, _ = budget_mod.sensitivity_table(model, tokens, menu, 2, progress=False)
+    assert not full.meta.get("estimated_rows") and len(runs) > len(est.layers) + 2 * blocks
+    for name in full.layers:
+        assert [o["error"] for o in full.layers[name]["options"]] == pytest.approx(
+            [o["error"] for o in measured.layers[name]["options"]], rel=1e-9)

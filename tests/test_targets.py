@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from test_cli import _run, text_file  # noqa: F401  (the CLI helper and its calibration-text fixture)
+from llmpress.errors import LLMPressError
 
 
 def _calib(text_file):
@@ -159,14 +160,37 @@ def test_plan_command_allocates_without_compressing(tiny_hf_dir, tmp_path, text_
     assert code == 2 and "plan allocates a --budget" in err
 
 
-def test_python_api_is_the_cli_call(tiny_hf_dir, tmp_path, text_file):
-    """llmpress.recipe.compress: the same resolved recipe as the CLI, with option overrides."""
-    from llmpress.recipe import compress
-    r = compress(str(tiny_hf_dir), str(tmp_path / "py"), recipe={"method": "rtn", "bits": 8}, bits=4, group_size=32)
+def test_python_api_is_the_cli_call(tiny_hf_dir, tmp_path, text_file, capsys):
+    """llmpress.workflow.compress with a Recipe: the same run as the CLI, with option overrides."""
+    from llmpress import Recipe
+    from llmpress.workflow import compress
+    r = Recipe.resolve({"method": "rtn", "bits": 8}, bits=4, group_size=32)
+    assert (r.bits, r.group_size, r.target) == (4, 32, "llmpress")
+    with pytest.raises(AttributeError, match="immutable"):
+        r.bits = 3
+    assert r.replace(bits=3).bits == 3 and r.bits == 4
+    result = compress(str(tiny_hf_dir), str(tmp_path / "py"), r)
     manifest = json.loads((tmp_path / "py" / "llmpress.json").read_text())
-    assert r["bits_per_weight"] < 5 and manifest["recipe"]["bits"] == 4
-    with pytest.raises(Exception, match="unknown field 'bitz'"):
+    assert result["bits_per_weight"] < 5 and manifest["recipe"] == r.to_dict()
+    assert Recipe.resolve(str(tmp_path / "py")) == r      # an output re-runs its recipe
+    code, _, err = _run(capsys, "compress", "--model", tiny_hf_dir, "--method", "rtn", "--bits", "4",
+                        "--group-size", "32", "--out", tmp_path / "cli")
+    assert code == 0, err
+    assert json.loads((tmp_path / "cli" / "llmpress.json").read_text())["recipe"] == r.to_dict()
+    from safetensors.torch import load_file
+    a, b = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("py", "cli"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(LLMPressError, match="unknown field 'bitz'"):
         compress(str(tiny_hf_dir), str(tmp_path / "never"), bitz=3)
+    from llmpress.workflow import plan
+    calib = {"calib": str(text_file), "num_samples": 4, "seq_len": 32, "sample_windows": 2}
+    p = plan(str(tiny_hf_dir), "vllm-4bit", **calib)          # the allocation alone, its Plan as data
+    assert p["recipe"]["target"] == "vllm" and p["allocation"]["bits_per_weight"] <= 4.5
+    planned = compress(str(tiny_hf_dir), str(tmp_path / "planned"), target="vllm", plan=p["plan"], **calib)
+    assert planned["bits_per_weight"] == pytest.approx(p["allocation"]["bits_per_weight"])
+    with pytest.raises(LLMPressError, match="is not what --bits takes"):
+        r.replace(bits="four")
+    assert not (tmp_path / "never").exists()
 
 
 def test_knapsack_reaches_a_budget_at_exactly_the_cheapest_choice():

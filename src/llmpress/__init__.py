@@ -7,6 +7,7 @@ and imports no evaluation harness.
 from llmpress.errors import LLMPressError
 from llmpress.config import MethodConfig, config_from_dict
 from llmpress.plan import Plan
+from llmpress.recipe import Recipe
 from llmpress import methods as _methods  # registers the built-in methods  # noqa: F401
 from llmpress.methods.rtn import RTN
 from llmpress.methods.magnitude import Magnitude
@@ -22,5 +23,5 @@ from llmpress.methods.oats import OATS
 from llmpress.methods.series import Series
 
 __version__ = "0.1.0"
-__all__ = ["LLMPressError", "MethodConfig", "config_from_dict", "Plan", "RTN", "GPTQ", "AWQ", "Magnitude", "Wanda",
+__all__ = ["LLMPressError", "MethodConfig", "config_from_dict", "Plan", "Recipe", "RTN", "GPTQ", "AWQ", "Magnitude", "Wanda",
            "SparseGPT", "SVD", "ASVD", "SVDLLM", "GPTQLowRank", "ApiQ", "GPTQLUT", "GPTQVQ", "OATS", "Series"]

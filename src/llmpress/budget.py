@@ -205,10 +205,13 @@ def rows_key(model, tokens: torch.Tensor, sample_windows: int, source=None) -> s
     return h.hexdigest()
 
 
-def table_key(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int, source=None) -> str:
-    """Identifies a table: its rows' key (rows_key) and the menu."""
+def table_key(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int, source=None,
+              estimate: bool = False) -> str:
+    """Identifies a table: its rows' key (rows_key), the menu and whether its rows are estimated."""
     h = hashlib.sha256(rows_key(model, tokens, sample_windows, source).encode())
     h.update(json.dumps([c.to_dict() for c in menu]).encode())
+    if estimate:
+        h.update(b"estimate")
     return h.hexdigest()
 
 
@@ -261,14 +264,24 @@ def block_output_grads(walk, windows: torch.Tensor) -> list[torch.Tensor]:
 @torch.no_grad()
 def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int = 16,
                         batch_size: int = 8, progress: bool = True, device="cpu", source=None,
-                        checkpoint=None, only: set[str] | None = None) -> Table:
+                        checkpoint=None, only: set[str] | None = None, estimate: bool = False,
+                        anchor_menu: list[MethodConfig] | None = None) -> Table:
     """Per layer and option: the option's error in its block's output, block-local, weighted by the
     loss's gradient there (see the module docstring). Statistics come from one forward per block of
     all calibration tokens through the dense model; the error is measured on the first
     `sample_windows` calibration windows. Does not modify `model`. checkpoint: an
     llmpress.checkpoint.Checkpoint recording the gradients and each finished block's rows (a
     killed run resumes at its first unfinished block). only: measure only these (fully qualified
-    names), e.g. to re-measure the layers a change touched and replace their rows in a table."""
+    names), e.g. to re-measure the layers a change touched and replace their rows in a table.
+
+    Every option's row also gets `local_error`: the layer's own output error on all calibration
+    tokens, tr(dW H dW^T) with H the mean input Gram matrix (None for methods without one).
+    estimate=True: per layer only the anchor (the cheapest option of `anchor_menu`, default `menu`,
+    that the layer takes) is measured as above; the other options are solved on a random 1/8 of
+    the layer's rows when their method's rows are independent (`rows_independent`: the same rows
+    as the whole solve, so their local error scaled by 8 is unbiased), and their rows carry only
+    that local error (`"estimated": true`, no `error`): `estimated_rows` scales them by the
+    anchor's error / local error. An anchor not in `menu` is left to the caller (its cached row)."""
     from llmpress.modules import linear_bytes
     from llmpress.walk import BlockWalk
 
@@ -317,6 +330,7 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
             phases["block_runs"] += time.perf_counter() - t
         energy = y_sub.double().square().sum().item()
         g = grads[i].to(walk.device).double()                           # (S, T, C)
+        hessians: dict[int, torch.Tensor] = {}                          # one per input group (shared stats)
         for group in adapter.input_groups:
             for local in group:
                 if only is not None and walk.name(i, local) not in only:
@@ -326,15 +340,36 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
                 dense_bpp = linear.weight.element_size()
                 parent, _, attr = local.rpartition(".")
                 o_f, i_f = linear.out_features, linear.in_features
+                h = _hessian(stats[local], hessians)
                 options = [{"label": "dense", "config": None, "bytes": linear_bytes(linear), "params": o_f * i_f,
-                            "error": 0.0, "error_diag": 0.0, "block_error": 0.0}]
+                            "error": 0.0, "error_diag": 0.0, "block_error": 0.0, "local_error": 0.0}]
+                anchor = _anchor(anchor_menu or menu, o_f, i_f, dense_bpp) if estimate else None
                 for config in menu:
                     if config.shape_problem(o_f, i_f):     # e.g. a 256-weight GGUF block on 576 inputs
                         continue
+                    nbytes, params = option_cost(config, o_f, i_f, dense_bpp)
+                    row = {"label": config.label(), "config": config.to_dict(), "bytes": nbytes, "params": params}
+                    sampled = estimate and config != anchor and config.rows_independent() and h is not None
                     t = time.perf_counter()
+                    if sampled:                           # a random 1/8 of the rows, the same for every option
+                        rows = _sample_rows(o_f, walk.name(i, local))
+                        part = _row_subset(linear, rows)
+                        module, info = handler_for(config)(part, config, stats[local])
+                        row["local_error"] = _local_error(module, part, h) * o_f / len(rows)
+                        row["estimated"] = True
+                        phases["solve"] += time.perf_counter() - t
+                        options.append(row)
+                        continue
                     module, info = handler_for(config)(linear, config, stats[local])
-                    setattr(block.get_submodule(parent), attr, module.to(linear.weight.device))
+                    if nbytes != module.stored_bytes():
+                        raise AssertionError(f"cost model disagrees with {config.label()}: {nbytes} vs {module.stored_bytes()}")
+                    row["local_error"] = None if h is None else _local_error(module, linear, h)
                     phases["solve"] += time.perf_counter() - t
+                    if estimate and config != anchor:     # solved whole (rows not independent), not run
+                        row["estimated"] = True
+                        options.append(row)
+                        continue
+                    setattr(block.get_submodule(parent), attr, module.to(linear.weight.device))
                     t = time.perf_counter()
                     try:
                         if tail is not None and local.startswith(tail + "."):
@@ -344,14 +379,11 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
                     finally:
                         setattr(block.get_submodule(parent), attr, linear)
                     phases["block_runs"] += time.perf_counter() - t
-                    nbytes, params = option_cost(config, o_f, i_f, dense_bpp)
-                    if nbytes != module.stored_bytes():
-                        raise AssertionError(f"cost model disagrees with {config.label()}: {nbytes} vs {module.stored_bytes()}")
                     d = d.to(walk.device).double()                      # (S, T, C): the block output's change
-                    options.append({"label": config.label(), "config": config.to_dict(), "bytes": nbytes,
-                                    "params": params, "error": 0.5 * (g * d).sum(-1).square().sum().item() / n_tokens,
-                                    "error_diag": 0.5 * (g * d).square().sum().item() / n_tokens,
-                                    "block_error": d.square().sum().item() / energy})
+                    row.update({"error": 0.5 * (g * d).sum(-1).square().sum().item() / n_tokens,
+                                "error_diag": 0.5 * (g * d).square().sum().item() / n_tokens,
+                                "block_error": d.square().sum().item() / energy})
+                    options.append(row)
                 layers[walk.name(i, local)] = {"out": o_f, "in": i_f, "params": o_f * i_f, "options": options}
                 bar.update()
         hidden = out                                      # dense outputs feed the next block
@@ -391,6 +423,66 @@ def _run_module(walk, module, inputs: torch.Tensor) -> torch.Tensor:
     return torch.cat(outs)
 
 
+ESTIMATE_ROWS = 8                # estimate=True solves 1/ESTIMATE_ROWS of a layer's rows (at least 32)
+
+
+def _hessian(stats, memo: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """The mean input Gram matrix (in, in) of a layer's statistics, once per shared statistic."""
+    if stats is None or stats.gram is None:
+        return None
+    if id(stats) not in memo:
+        memo[id(stats)] = stats.hessian()
+    return memo[id(stats)]
+
+
+def _local_error(module, linear, h: torch.Tensor) -> float:
+    """tr(dW H dW^T): the mean over calibration tokens of ||(W' - W) x||^2, the layer's own error."""
+    dw = module.dense_weight().float().to(h.device) - linear.weight.detach().float().to(h.device)   # (out, in)
+    return ((dw @ h) * dw).sum(dtype=torch.float64).item()
+
+
+def _sample_rows(out_features: int, name: str) -> torch.Tensor:
+    """A sorted random subset of the rows (1/ESTIMATE_ROWS, at least 32), seeded by the layer's name."""
+    k = min(out_features, max(32, -(-out_features // ESTIMATE_ROWS)))
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    return torch.randperm(out_features, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+
+
+def _row_subset(linear, rows: torch.Tensor):
+    """An nn.Linear holding these output rows of `linear` (its weights copied, same dtype/device)."""
+    part = torch.nn.Linear(linear.in_features, len(rows), bias=linear.bias is not None,
+                           device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        part.weight.copy_(linear.weight[rows.to(linear.weight.device)])
+        if linear.bias is not None:
+            part.bias.copy_(linear.bias[rows.to(linear.bias.device)])
+    return part
+
+
+def _anchor(menu: list[MethodConfig], out_f: int, in_f: int, dense_bpp: int) -> MethodConfig | None:
+    """The option measured in full on a layer under estimate=True: the cheapest it takes (the largest
+    error, so the best-resolved ratio of block error to layer error)."""
+    valid = [c for c in menu if not c.shape_problem(out_f, in_f)]
+    return min(valid, key=lambda c: option_cost(c, out_f, in_f, dense_bpp)[0]) if valid else None
+
+
+def estimated_rows(options: list[dict], anchor_label: str) -> list[dict]:
+    """A layer's options with every estimated row's errors set to its local error times the
+    anchor's ratio (error / local_error, per error field); measured rows as they are."""
+    anchor = next(o for o in options if o["label"] == anchor_label)
+    if anchor.get("error") is None:
+        raise AssertionError(f"the anchor {anchor_label} of a layer has no measured error")
+    out = []
+    for o in options:
+        if o.get("error") is None:
+            la = anchor["local_error"]
+            out.append({**o, **{f: (anchor[f] * o["local_error"] / la if la > 0 else 0.0)
+                                for f in ("error", "error_diag", "block_error")}})
+        else:
+            out.append(o)
+    return out
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LLMPRESS_CACHE", Path.home() / ".cache" / "llmpress")) / "sensitivity"
 
@@ -403,13 +495,17 @@ def _write_json(path: Path, obj) -> None:
 
 def sensitivity_table(model, tokens: torch.Tensor, menu: list[MethodConfig], sample_windows: int,
                       path: str | Path | None = None, progress: bool = True, device="cpu", source=None,
-                      batch_size: int = 8) -> tuple[Table, Path]:
+                      batch_size: int = 8, estimate: bool = False) -> tuple[Table, Path]:
     """The table for (model, tokens, menu, sample_windows): read from `path` (default: the cache
     folder, named by its key) when it is there; otherwise assembled from the cache's rows, one file
     per menu option (each option's rows are measured alone: they do not depend on the rest of the
     menu), measuring only the options no earlier run measured, and saved at `path`. A file at an
-    explicit path measured for something else is refused."""
-    key = table_key(model, tokens, menu, sample_windows, source)
+    explicit path measured for something else is refused.
+
+    estimate=True: only each layer's anchor is measured, the other options' errors are estimated
+    from their local errors (measure_sensitivity); measured rows in the cache serve both kinds of
+    table, estimated rows only estimated tables."""
+    key = table_key(model, tokens, menu, sample_windows, source, estimate)
     path = Path(path) if path else default_cache_dir() / f"{key[:32]}.json"
     if path.is_file():
         table = Table.load(path)
@@ -429,16 +525,28 @@ def sensitivity_table(model, tokens: torch.Tensor, menu: list[MethodConfig], sam
                 d = json.loads(f.read_text())
             except (OSError, json.JSONDecodeError):
                 continue                                  # unreadable: measured again, file replaced
-            if d.get("key") == rkey and d.get("config") == config.to_dict():
+            rows = d.get("rows", {}).values()
+            # estimated rows serve only estimates; an estimate needs every row's local error (older rows lack it)
+            usable = (all("local_error" in r for r in rows) if estimate else not any(r.get("estimated") for r in rows))
+            if d.get("key") == rkey and d.get("config") == config.to_dict() and usable:
                 cached[option_id(config)] = d
     layers_file = rows_dir / "layers.json"
     if not layers_file.is_file():                         # the layers' shapes and dense rows go with the rows
         cached = {}
+    anchors = {}                                          # estimate: layer -> the option measured in full on it
+    if estimate and cached:
+        base = json.loads(layers_file.read_text())
+        bpp = base["meta"]["dense_bytes_per_param"]
+        anchors = {n: _anchor(menu, layer["out"], layer["in"], bpp) for n, layer in base["layers"].items()}
+        for n, a in anchors.items():                       # a cached anchor row must have been measured
+            d = cached.get(option_id(a)) if a is not None else None
+            if d is not None and d["rows"].get(n, {}).get("error") is None:
+                cached.pop(option_id(a))
     missing = [c for c in menu if option_id(c) not in cached]
     if missing:
         path.parent.mkdir(parents=True, exist_ok=True)
         rows_dir.mkdir(parents=True, exist_ok=True)
-        part_key = table_key(model, tokens, missing, sample_windows, source)
+        part_key = table_key(model, tokens, missing + (menu if estimate else []), sample_windows, source, estimate)
         # a killed measurement resumes from its partial folder (same key: same model, tokens and options)
         partial = Checkpoint.resume_or_start(path.with_name(path.name + ".partial"),
                                              {"sample_windows": sample_windows, "batch_size": batch_size}, part_key)
@@ -448,7 +556,8 @@ def sensitivity_table(model, tokens: torch.Tensor, menu: list[MethodConfig], sam
             if partial.done:
                 print(f"sensitivity: resuming at block {partial.done} from {partial.folder}")
         measured = measure_sensitivity(model, tokens, missing, sample_windows=sample_windows, batch_size=batch_size,
-                                       progress=progress, device=device, source=source, checkpoint=partial)
+                                       progress=progress, device=device, source=source, checkpoint=partial,
+                                       estimate=estimate, anchor_menu=menu)
         share = measured.meta["seconds"] / len(missing)
         for config in missing:                            # one file per option: its row on every layer that takes it
             rows = {n: o for n, layer in measured.layers.items() for o in layer["options"][1:]
@@ -469,7 +578,16 @@ def sensitivity_table(model, tokens: torch.Tensor, menu: list[MethodConfig], sam
                   "options": [layer["dense"]] + [cached[option_id(c)]["rows"][n] for c in menu
                                                  if n in cached[option_id(c)]["rows"]]}
               for n, layer in base["layers"].items()}
+    n_estimated = 0
+    if estimate:
+        bpp = base["meta"]["dense_bytes_per_param"]
+        for n, layer in layers.items():
+            a = _anchor(menu, layer["out"], layer["in"], bpp)
+            if a is not None:
+                n_estimated += sum(o.get("error") is None for o in layer["options"])
+                layer["options"] = estimated_rows(layer["options"], a.label())
     table = Table(layers, {**base["meta"], "menu": [c.to_dict() for c in menu], "key": key, "seconds": seconds,
+                           "estimate": estimate, "estimated_rows": n_estimated,
                            "phase_seconds": measured.meta["phase_seconds"] if missing else {},
                            "measured": [c.label() for c in missing],
                            "reused": [c.label() for c in menu if c not in missing]})
@@ -496,7 +614,7 @@ def plan_for_budget(model, tokens: torch.Tensor, budget: Budget, menu: list[Meth
                     allocator: str = "knapsack", *, held_out: torch.Tensor | None = None, fuse: bool = False,
                     sample_windows: int | None = None, table_path: str | Path | None = None,
                     search_steps: int = 40, refine_rounds: int = 1, progress: bool = True,
-                    device="cpu", source=None) -> Allocation:
+                    device="cpu", source=None, estimate: bool = False) -> Allocation:
     """Compress to a budget, the planning half: check the budget is reachable (from the layer
     shapes alone, before any measurement), get the sensitivity table (cached), and allocate.
     held_out: calibration windows disjoint from `tokens`, needed by the search and refine allocators."""
@@ -516,8 +634,10 @@ def plan_for_budget(model, tokens: torch.Tensor, budget: Budget, menu: list[Meth
     if fuse:
         extra["fuse_groups"] = fused_groups(model)
     sample_windows = sample_windows or min(16, tokens.shape[0])
-    table, path = sensitivity_table(model, tokens, menu, sample_windows, table_path, progress, device, source)
+    table, path = sensitivity_table(model, tokens, menu, sample_windows, table_path, progress, device, source,
+                                    estimate=estimate)
     choice, info = allocate(table, budget, allocator, **extra)
     info["sensitivity_table"] = str(path)
-    info["sensitivity"] = {k: table.meta.get(k) for k in ("seconds", "phase_seconds", "measured", "reused")}
+    info["sensitivity"] = {k: table.meta.get(k) for k in ("seconds", "phase_seconds", "measured", "reused", "estimate",
+                                                          "estimated_rows")}
     return Allocation(to_plan(table, choice), choice, table, info)

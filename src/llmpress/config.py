@@ -45,6 +45,13 @@ class MethodConfig:
         work; allocators leave the option out for that layer."""
         return None
 
+    def rows_independent(self) -> bool:  # overridden
+        """True when each output row's result depends only on that row's weights and the shared
+        statistics (no decision across rows): compressing a subset of the rows then gives exactly
+        those rows of the whole layer's result, which the sensitivity estimate relies on
+        (llmpress.budget, estimate=True). Tested per method in tests/test_budget.py."""
+        return False
+
     def storage(self, out_features: int, in_features: int) -> tuple[int, int]:
         """(bytes as stored, parameters kept) of one (out, in) layer under this config: exactly what
         its compressed module stores (llmpress.modules), so allocators and exports count alike."""

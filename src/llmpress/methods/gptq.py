@@ -279,6 +279,11 @@ class GPTQ(MethodConfig):
     def shape_problem(self, out_features, in_features):
         return gguf_shape_problem(self, in_features)
 
+    def rows_independent(self) -> bool:
+        # rows are solved independently given H (solve_group stacks q/k/v for that reason); the refit
+        # rounds are kept or dropped on the whole layer's error, a decision across rows
+        return not self.refit
+
     def storage(self, out_features, in_features):
         if self.gguf:
             return gguf_storage(self, out_features, in_features)

@@ -306,6 +306,9 @@ class RTN(MethodConfig):
     def shape_problem(self, out_features, in_features):
         return gguf_shape_problem(self, in_features)
 
+    def rows_independent(self) -> bool:
+        return True               # every scale and code is a function of its own row's weights
+
     def storage(self, out_features, in_features):
         if self.gguf:
             return gguf_storage(self, out_features, in_features)
