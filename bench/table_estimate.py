@@ -115,7 +115,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 result = compress("smollm2-135m", Path(tmp) / "out", None, target=a.target if "plan" in fields else "llmpress",
                                   calib="wikipedia", num_samples=64, seq_len=512, **fields)
-                loaded, _ = load_model(str(Path(tmp) / "out"), dtype=torch.float32)
+                loaded, _ = load_model(str(Path(tmp) / "out"), dtype=torch.float32, runtime="dense")  # stored numbers
                 ppl = perplexity(loaded, ids, 2048, a.windows, progress=False)["perplexity"]
             entry = row.setdefault(kind, {})
             entry.update({"compress_seconds": result["compress_seconds"], "wikitext2_ppl": ppl,

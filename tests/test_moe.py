@@ -353,3 +353,34 @@ def test_expert_pruning_refusals():
     from conftest import tiny_llama
     with pytest.raises(LLMPressError, match="mixtures of experts"):
         experts_to_keep(tiny_llama(), 0.25)
+
+
+def test_vllm_fused_groups_put_every_expert_of_a_layer_on_one_choice():
+    """vLLM runs a layer's experts in one fused kernel on one scheme: the allocator's fused groups
+    (--target vllm) hold every expert projection of a layer, so a plan never mixes schemes there."""
+    from llmpress.allocate import allocate, fused_groups
+    from llmpress.budget import Budget, Table
+    model = tiny_moe("qwen2_moe")
+    adapter = adapter_for(model)
+    names = adapter.linear_names(model)
+    groups = fused_groups(model)
+    experts0 = sorted(n for n in names if ".0.mlp.experts." in n)
+    assert len(experts0) == 8 * 3 and sorted(next(g for g in groups if experts0[0] in g)) == experts0
+    assert ["model.layers.0.mlp.shared_expert.gate_proj", "model.layers.0.mlp.shared_expert.up_proj"] in groups
+    assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj"] in groups
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for n in names:
+        m = model.get_submodule(n)
+        p = m.in_features * m.out_features
+        layers[n] = {"out": m.out_features, "in": m.in_features, "params": p, "options": [
+            {"label": "dense", "bytes": 4 * p, "params": p, "error": 0.0},
+            {"label": "w8", "bytes": p, "params": p, "error": torch.rand(1, generator=g).item() * 1e-3},
+            {"label": "w4", "bytes": p // 2, "params": p, "error": torch.rand(1, generator=g).item()}]}
+    table = Table(layers, {})
+    choice, info = allocate(table, Budget.parse("bits=6"), "knapsack", fuse_groups=groups)
+    assert info["fused"]
+    for group in groups:
+        assert len({choice[n] for n in group}) == 1, group
+    assert len({choice[n] for n in experts0}) == 1

@@ -163,12 +163,12 @@ def to_plan(table: Table, choice: dict[str, int]) -> Plan:
 
 
 def fused_groups(model) -> list[list[str]]:
-    """Layers that serving engines fuse into one matmul (they read the same input: q/k/v, gate/up),
-    as lists of module names; o_proj and down_proj stand alone."""
+    """Layers that serving engines fuse into one matmul, as lists of module names: q/k/v and
+    gate/up of a block (they read the same input), and every expert projection of one MoE layer
+    (vLLM's fused MoE kernel runs them on one scheme); o_proj and down_proj stand alone."""
     from llmpress.arch import adapter_for
-    adapter = adapter_for(model)
-    return [[f"{adapter.blocks_path}.{i}.{local}" for local in group]
-            for i in range(len(adapter.blocks(model))) for group in adapter.input_groups]
+    from llmpress.targets import fused_sets
+    return fused_sets(adapter_for(model).linear_names(model))
 
 
 def fuse(table: Table, groups: list[list[str]]) -> Table:

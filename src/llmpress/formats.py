@@ -259,6 +259,11 @@ def export_folder(folder, fmt: str, out, embedding_type: str | None = None, adap
         from transformers import AutoConfig
         gguf_arch(AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False))
     model, tokenizer = load_compressed(folder, runtime="rebuild")      # read, not run
+    from llmpress.modules import RoutedLowRankLinear
+    routed = [n for n, m in model.named_modules() if isinstance(m, RoutedLowRankLinear)]
+    if routed:
+        raise LLMPressError(f"{len(routed)} layer(s) ({routed[0]} ...) are PARSE layers, whose rank components each "
+                            f"prompt chooses: no {fmt} file can carry that; they run in llmpress's runtime only")
     if fmt == "gguf":
         from llmpress.gguf_arch import check_exportable
         from llmpress.gguf_export import export_gguf

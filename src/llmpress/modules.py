@@ -11,6 +11,8 @@
 - QuantLowRankLinear: a QuantLinear plus a LowRank correction of its error (fp16 factors).
 - SparseLowRankLinear: a SparseLinear plus a low-rank part (fp16 factors).
 - SeriesLinear: a sum of QuantLinear terms, each quantizing the residual of the ones before.
+- RoutedLowRankLinear: low-rank factors (fp16) of which each prompt runs the components a linear
+  router (fp32) picks (PARSE); llmpress's runtime only.
 
 Every module's `state_dict()` is exactly what is written to disk, and `spec()` + `empty(spec)`
 rebuild an empty shell of the right shapes for loading. Float parts are held in their storage
@@ -393,6 +395,112 @@ class LowRankLinear(CompressedLinear):
                    torch.zeros(s["out_features"]) if s["bias"] else None)
 
 
+class RoutedLowRankLinear(CompressedLinear):
+    """PARSE (Zhu, Mi, Zhang, Huang 2026, "Different Prompts, Different Ranks: Prompt-aware Dynamic
+    Rank Selection for SVD-based LLM Compression", arXiv:2605.08568): low-rank factors whose rank
+    components a prompt chooses. Components [0, shared) always run; the next `groups` blocks of
+    `group_size` components are the routed "experts", of which each prompt runs `active`: a linear
+    router scores the groups from the mean of the prompt's first `route_tokens` inputs.
+
+    Causal by construction: a forward over T > 1 tokens (a prompt, a perplexity window) runs its
+    first `route_tokens` tokens on the static pattern (groups 0..active-1: the largest singular
+    values, i.e. plain SVD-LLM at rank shared + active * group_size) and the tokens after them on
+    the routed one; the pattern is kept for the forwards of single tokens that follow (decoding
+    steps), with its gathered factors (PARSE's pattern cache). up (out, R), down (R, in), router
+    (groups, in + 1) with R = shared + groups * group_size. `dense_weight()` is the static
+    pattern's weight: no export can carry the routing (they refuse these layers)."""
+
+    def __init__(self, up: torch.Tensor, down: torch.Tensor, router: torch.Tensor, shared: int, groups: int,
+                 active: int, route_tokens: int, bias=None):
+        super().__init__()
+        self.out_features, total = up.shape
+        self.in_features = down.shape[1]
+        self.shared, self.groups, self.active, self.route_tokens = shared, groups, active, route_tokens
+        self.group_size = (total - shared) // groups
+        if shared + groups * self.group_size != total or not 0 < active <= groups:
+            from llmpress.errors import LLMPressError
+            raise LLMPressError(f"RoutedLowRankLinear: {total} components do not split into {shared} shared + "
+                                f"{groups} groups (active {active})")
+        self.register_buffer("up", up.to(STORAGE_DTYPE).contiguous())          # (out, R)
+        self.register_buffer("down", down.to(STORAGE_DTYPE).contiguous())      # (R, in)
+        self.register_buffer("router", router.to(torch.float32).contiguous())  # (groups, in + 1)
+        self._init_bias(bias)
+        self._pattern: torch.Tensor | None = None         # (B, active) groups of the last prompt
+        self._gathered: dict = {}                          # pattern -> (down_sel, up_sel), this prompt
+
+    @property
+    def rank(self) -> int:
+        """Components a token runs: shared + active * group_size."""
+        return self.shared + self.active * self.group_size
+
+    def components(self, groups: torch.Tensor) -> torch.Tensor:
+        """Indices (rank,) of the components that run for these `active` groups."""
+        g = self.group_size
+        routed = (self.shared + groups.long()[:, None] * g + torch.arange(g, device=groups.device)).reshape(-1)
+        return torch.cat([torch.arange(self.shared, device=groups.device), routed.sort().values])
+
+    def static_groups(self) -> torch.Tensor:
+        return torch.arange(self.active, device=self.up.device)
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, in) -> the `active` groups (B, active) each prompt's first route_tokens choose."""
+        f = x[:, :self.route_tokens].float().mean(1)                              # (B, in)
+        scores = f @ self.router[:, :-1].T + self.router[:, -1]                   # (B, groups)
+        return scores.topk(self.active, dim=-1).indices.sort(-1).values
+
+    def dense_weight(self) -> torch.Tensor:
+        idx = self.components(self.static_groups())
+        return self.up[:, idx].float() @ self.down[idx].float()
+
+    def _factors(self, groups: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (tuple(groups.tolist()), dtype)
+        if key not in self._gathered:
+            idx = self.components(groups)
+            self._gathered[key] = (self.down[idx].to(dtype), self.up[:, idx].to(dtype))
+        return self._gathered[key]
+
+    def _run(self, x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        down, up = self._factors(groups, x.dtype)
+        return F.linear(F.linear(x, down), up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        static = self.static_groups()
+        if x.dim() != 3:                                   # not a (batch, tokens, features) stream: static
+            y = self._run(x, static)
+        elif x.shape[1] > 1:                               # a prompt: route it, keep the pattern for decoding
+            self._gathered = {}
+            pattern = self.route(x)
+            self._pattern = pattern
+            p = self.route_tokens
+            y = self._run(x, static)                       # first route_tokens tokens: the static pattern
+            if x.shape[1] > p:
+                y = y.clone()
+                for b in range(x.shape[0]):
+                    y[b, p:] = self._run(x[b, p:], pattern[b])
+        else:                                              # a decoding step: the prompt's pattern, cached
+            pattern = self._pattern
+            if pattern is None or pattern.shape[0] != x.shape[0]:
+                y = self._run(x, static)
+            else:
+                y = torch.cat([self._run(x[b:b + 1], pattern[b]) for b in range(x.shape[0])])
+        return y if bias is None else y + bias
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def spec(self) -> dict:
+        return {"type": "RoutedLowRankLinear", "in_features": self.in_features, "out_features": self.out_features,
+                "components": self.up.shape[1], "shared": self.shared, "groups": self.groups, "active": self.active,
+                "route_tokens": self.route_tokens, "bias": self.bias is not None}
+
+    @classmethod
+    def empty(cls, s: dict) -> "RoutedLowRankLinear":
+        return cls(torch.zeros(s["out_features"], s["components"]), torch.zeros(s["components"], s["in_features"]),
+                   torch.zeros(s["groups"], s["in_features"] + 1), s["shared"], s["groups"], s["active"],
+                   s["route_tokens"], torch.zeros(s["out_features"]) if s["bias"] else None)
+
+
 class _PlusLowRank(CompressedLinear):
     """Base of the composites: y = B x + up @ (down @ x), with B a compressed layer held under the
     attribute named `part` (its tensors saved as `<part>.<name>`) and two fp16 factors."""
@@ -504,7 +612,7 @@ def with_dense_cache(module: nn.Module) -> nn.Module:
     """Make a compressed layer keep its rebuilt dense weight (until moved or reloaded): for the
     temporary working copies of a search that runs the same layers many times, never for a model
     that is handed to the user. Returns the module."""
-    if isinstance(module, CompressedLinear) and not isinstance(module, LowRankLinear):   # factors run as they are
+    if isinstance(module, CompressedLinear) and not isinstance(module, (LowRankLinear, RoutedLowRankLinear)):
         with torch.no_grad():
             module._weight_cache = module.dense_weight()
     return module
@@ -526,7 +634,7 @@ def dense_weights_kept(module: nn.Module):
 
 
 MODULE_TYPES = {c.__name__: c for c in (QuantLinear, GGMLLinear, LUTLinear, VQLinear, SparseLinear, LowRankLinear,
-                                         QuantLowRankLinear, SparseLowRankLinear, SeriesLinear)}
+                                         QuantLowRankLinear, SparseLowRankLinear, SeriesLinear, RoutedLowRankLinear)}
 
 
 def module_spec(module: CompressedLinear) -> dict:

@@ -239,6 +239,9 @@ def _compress_loaded(r: Recipe, job: _Job, model, tokenizer, source, plan, budge
     from llmpress.distributed import world
     if r.recover is not None and (r.recover < 1 or world()[1] > 1 or source is not None):
         raise LLMPressError("--recover takes a positive step count, one process and a model held in memory")
+    if any(c is not None and c.method == "parse" for c in layer_configs.values()) and (
+            world()[1] > 1 or source is not None):
+        raise LLMPressError("parse trains its routers on the whole compressed model: one process, the model in memory")
     substituted = {}
     if r.gguf_fallback:
         from llmpress.plan import with_gguf_fallback
@@ -281,6 +284,10 @@ def _compress_loaded(r: Recipe, job: _Job, model, tokenizer, source, plan, budge
         print(f"recover: held-out calibration loss {recovery['heldout_loss_before']:.4f} -> "
               f"{recovery['heldout_loss_after']:.4f}" + ("" if recovery["kept"] else " (not lower: adapters put back)"),
               file=sys.stderr)
+    routers = None
+    if any(c is not None and c.method == "parse" for c in layer_configs.values()):
+        from llmpress.methods.parse import fit_routers       # PARSE's routers: trained on the compressed model
+        routers = fit_routers(model, tokens, device=device)
     if calib:
         calib.update(propagate=not one_pass, sequential=r.sequential, reference=r.reference, tune=r.tune)
         if r.calibrate_all_experts:
@@ -300,7 +307,7 @@ def _compress_loaded(r: Recipe, job: _Job, model, tokenizer, source, plan, budge
                 "layers": {k: v.to_dict() for k, v in layer_configs.items()},
                 "calibration": calib, "seed": r.seed, "report": report.layers, "size": size,
                 "gguf_fallbacks": substituted, "expert_pruning": experts, "structural_pruning": structure or None,
-                "recovery": recovery, "recipe": r.to_dict()}
+                "recovery": recovery, "parse_routers": routers, "recipe": r.to_dict()}
     out = save_compressed(model, tokenizer, job.out, manifest, overwrite=job.overwrite)
     exported = None
     if r.target != "llmpress":
