@@ -472,3 +472,19 @@ def test_estimated_table_measures_only_each_layers_cheapest_option(table_and_mod
     for name in full.layers:
         assert [o["error"] for o in full.layers[name]["options"]] == pytest.approx(
             [o["error"] for o in measured.layers[name]["options"]], rel=1e-9)
+
+
+def test_layers_with_biases_cost_their_bias_too():
+    """Qwen2's q/k/v carry biases, stored beside the compressed weight: the table's bytes are the
+    module's stored bytes (measure_sensitivity asserts it for every option) and its dense row's."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    table = measure_sensitivity(model, tokens, menu_configs("rtn:bits=4,group_size=32"), sample_windows=2, progress=False)
+    q = table.layers["model.layers.0.self_attn.q_proj"]
+    dense, rtn = q["options"]
+    assert dense["bytes"] == 64 * 65 * 4 and rtn["bytes"] == RTN(bits=4, group_size=32).storage(64, 64)[0] + 2 * 64
+    o = table.layers["model.layers.0.self_attn.o_proj"]["options"][1]
+    assert o["bytes"] == RTN(bits=4, group_size=32).storage(64, 64)[0]                    # no bias

@@ -384,3 +384,28 @@ def test_vllm_fused_groups_put_every_expert_of_a_layer_on_one_choice():
     for group in groups:
         assert len({choice[n] for n in group}) == 1, group
     assert len({choice[n] for n in experts0}) == 1
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_expert_rows_measured_on_the_sparse_block_alone_equal_the_whole_blocks(arch, monkeypatch):
+    """The sensitivity table runs only the sparse block (router, experts, shared expert) for its
+    linears: the block adds its output to the residual last, so the errors are the whole block's."""
+    import dataclasses
+    from llmpress import arch as arch_mod
+    from llmpress.budget import measure_sensitivity
+    from llmpress.methods.rtn import RTN
+    model = tiny_moe(arch)
+    adapter = adapter_for(model)
+    assert adapter.tail == adapter.moe.moe_path
+    x = tokens(4, 32)
+    menu = [RTN(bits=3, group_size=32)]
+    tail = measure_sensitivity(model, x, menu, sample_windows=2, progress=False)
+    monkeypatch.setattr(arch_mod, "moe_adapter", lambda config: dataclasses.replace(adapter, tail=None))
+    whole = measure_sensitivity(model, x, menu, sample_windows=2, progress=False)
+    experts = [n for n in tail.layers if ".experts." in n]
+    assert experts and tail.layers.keys() == whole.layers.keys()
+    for name in tail.layers:
+        a, b = tail.layers[name]["options"][1], whole.layers[name]["options"][1]
+        assert a["error"] > 0 or ".experts." in name
+        for field in ("error", "block_error"):
+            assert a[field] == pytest.approx(b[field], rel=1e-4, abs=1e-12), (name, field)

@@ -97,11 +97,14 @@ def menu_configs(menu: str) -> list[MethodConfig]:
     return out
 
 
-def option_cost(config: MethodConfig | None, out_f: int, in_f: int, dense_bytes_per_param: int) -> tuple[int, int]:
-    """(bytes as stored, parameters kept) of one layer under `config` (None: dense)."""
+def option_cost(config: MethodConfig | None, out_f: int, in_f: int, dense_bytes_per_param: int,
+                bias: bool = False) -> tuple[int, int]:
+    """(bytes as stored, parameters kept) of one layer under `config` (None: dense); bias: the layer
+    has one (Qwen2's q/k/v), stored in the dense dtype, or fp16 beside a compressed weight."""
     if config is None:
-        return out_f * in_f * dense_bytes_per_param, out_f * in_f
-    return config.storage(out_f, in_f)
+        return out_f * (in_f + bias) * dense_bytes_per_param, out_f * in_f
+    nbytes, params = config.storage(out_f, in_f)
+    return nbytes + 2 * out_f * bias, params
 
 
 def check_budget(model, menu: list[MethodConfig], budget: "Budget") -> None:
@@ -347,7 +350,7 @@ def measure_sensitivity(model, tokens: torch.Tensor, menu: list[MethodConfig], s
                 for config in menu:
                     if config.shape_problem(o_f, i_f):     # e.g. a 256-weight GGUF block on 576 inputs
                         continue
-                    nbytes, params = option_cost(config, o_f, i_f, dense_bpp)
+                    nbytes, params = option_cost(config, o_f, i_f, dense_bpp, linear.bias is not None)
                     row = {"label": config.label(), "config": config.to_dict(), "bytes": nbytes, "params": params}
                     sampled = estimate and config != anchor and config.rows_independent() and h is not None
                     t = time.perf_counter()

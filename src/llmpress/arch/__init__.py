@@ -97,7 +97,9 @@ def moe_adapter(config) -> Adapter:
     into it would change the routing."""
     layout = MOE_LAYOUTS[config.model_type]
     check_uniform_layers(config)
-    return Adapter("model.layers", _LLAMA_GROUPS[:2] + layout.groups(config), _LLAMA_SOURCES[:2], moe=layout)
+    # the sparse block is the tail: h + moe(norm(h)), its router reading the same input as its experts
+    return Adapter("model.layers", _LLAMA_GROUPS[:2] + layout.groups(config), _LLAMA_SOURCES[:2], moe=layout,
+                   tail=layout.moe_path)
 
 
 def adapter_for(model: nn.Module) -> Adapter:
