@@ -140,3 +140,21 @@ def test_eval_records_its_runtimes(tiny_model, tmp_path, capsys):
     assert runs[()]["runtime"] == {"quality": "dense"}
     assert runs[("--runtime", "rebuild")]["runtime"] == {"quality": "rebuild"}
     assert runs[()]["perplexity"] == runs[("--runtime", "rebuild")]["perplexity"]      # float32: the same numbers
+
+
+def test_kept_dense_weights_skip_layers_that_run_a_packed_kernel():
+    """Propagating a bfloat16 block: its 4-bit g32 layer runs torch's int4 kernel, so keeping a
+    dense weight for it would only cost a rebuild and memory; a 3-bit layer (no kernel) keeps one.
+    Under float32 ("rebuild": no kernel) both keep theirs."""
+    from llmpress import RTN
+    from llmpress.modules import dense_weights_kept
+    block = torch.nn.Sequential(_layer(RTN(bits=4, group_size=32)), torch.nn.LayerNorm(96),
+                                _layer(RTN(bits=3, group_size=32), out=128, inp=96))
+    for dtype, kept in ((torch.bfloat16, [False, True]), (torch.float32, [True, True])):
+        block.to(dtype)
+        x = torch.randn(2, 128, dtype=dtype)
+        expect = block(x)
+        with dense_weights_kept(block):
+            assert [block[k]._weight_cache is not None for k in (0, 2)] == kept, dtype
+            assert torch.equal(block(x), expect)
+        assert block[0]._weight_cache is None and block[2]._weight_cache is None

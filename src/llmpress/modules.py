@@ -619,13 +619,22 @@ def with_dense_cache(module: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def dense_weights_kept(module: nn.Module):
+def dense_weights_kept(module: nn.Module, dtype: torch.dtype | None = None):
     """While inside: the compressed layers of `module` that rebuild a dense weight per forward keep
     it (built once, float32), so that running a block over many batches (propagating its outputs)
     does not rebuild every weight per batch; dropped on exit. Composites keep their own form (their
-    parts keep weights), so every output is bit for bit what the rebuilding forward gives."""
+    parts keep weights), so every output is bit for bit what the rebuilding forward gives. dtype:
+    the activations' (default: the module's parameters'); layers that run a packed kernel on those
+    (4 / 8-bit under bfloat16) never read a dense weight, so none is built for them."""
+    if dtype is None:
+        dtype = next((p.dtype for p in module.parameters()), torch.float32)
+
+    def packed(m) -> bool:
+        return hasattr(m, "runs_packed") and m.runs_packed(
+            torch.empty(1, m.in_features, dtype=dtype, device=next(m.buffers()).device))
     kept = [with_dense_cache(m) for m in module.modules()
-            if isinstance(m, (QuantLinear, GGMLLinear, LUTLinear, VQLinear, SparseLinear)) and m._weight_cache is None]
+            if isinstance(m, (QuantLinear, GGMLLinear, LUTLinear, VQLinear, SparseLinear)) and m._weight_cache is None
+            and not packed(m)]
     try:
         yield module
     finally:
