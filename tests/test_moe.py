@@ -409,3 +409,67 @@ def test_expert_rows_measured_on_the_sparse_block_alone_equal_the_whole_blocks(a
         assert a["error"] > 0 or ".experts." in name
         for field in ("error", "block_error"):
             assert a[field] == pytest.approx(b[field], rel=1e-4, abs=1e-12), (name, field)
+
+
+def test_merge_groups_lead_with_the_most_routed_and_join_by_router_similarity():
+    from llmpress.experts import merge_groups
+    z = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
+    z[:, 3] = 2 * z[:, 1] + 0.01 * z[:, 3]                  # expert 3's logits follow expert 1's
+    stats = [{"tokens": torch.tensor([50.0, 40.0, 30.0, 5.0]), "logit_gram": (z.T @ z).double()}]
+    assert merge_groups(stats, 3) == [[[0], [1, 3], [2]]]
+    with pytest.raises(LLMPressError):
+        merge_groups(stats, 4)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_merging_an_expert_with_its_permuted_copy_gives_the_expert_back(arch, tmp_path):
+    """MC-SMoE's alignment: expert 1 is expert 0 with its intermediate neurons permuted, so after
+    alignment their frequency-weighted average is expert 0 itself; the merged model is a standard
+    config with 7 experts that plain transformers reloads with llmpress's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from llmpress.experts import align, merge_experts, merge_stats
+    from llmpress.formats import export_dense
+    model = tiny_moe(arch)
+    adapter = adapter_for(model)
+    moe = adapter.blocks(model)[0].get_submodule(adapter.moe.moe_path)
+    e0, e1 = moe.experts[0], moe.experts[1]
+    perm = torch.randperm(e0.gate_proj.out_features, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        e1.gate_proj.weight.copy_(e0.gate_proj.weight[perm])
+        e1.up_proj.weight.copy_(e0.up_proj.weight[perm])
+        e1.down_proj.weight.copy_(e0.down_proj.weight[:, perm])
+    assert torch.equal(e0.gate_proj.weight, e1.gate_proj.weight[align(e0, e1)])     # the permutation is found
+    want = [m.weight.clone() for m in (e0.gate_proj, e0.up_proj, e0.down_proj)]
+    x = tokens()
+    stats = merge_stats(model, x, progress=False)
+    assert [int(r["tokens"].sum()) for r in stats] == [x.numel() * 2] * 2
+    groups = [[[0, 1]] + [[e] for e in range(2, 8)]] * 2
+    merge_experts(model, groups, stats)
+    merged = adapter_for(model).blocks(model)[0].get_submodule(adapter.moe.moe_path).experts[0]
+    for m, w in zip((merged.gate_proj, merged.up_proj, merged.down_proj), want):
+        torch.testing.assert_close(m.weight, w, rtol=0, atol=1e-6)
+    assert adapter_for(model).moe.num_experts(model.config) == 7
+    out = logits(model, x)
+    assert torch.isfinite(out).all()
+    export_dense(model, None, tmp_path / "dense")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), x), out,
+                               rtol=0, atol=1e-5)
+    with pytest.raises(LLMPressError, match="every expert"):
+        merge_experts(tiny_moe(arch), [[[0, 1]] + [[e] for e in range(3, 8)]] * 2, stats)
+
+
+def test_merge_experts_from_the_cli(tmp_path, tiny_tokenizer):
+    from llmpress.cli import main
+    src = tmp_path / "src"
+    tiny_moe("qwen2_moe").save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    assert main(["compress", "--model", str(src), "--merge-experts", "0.25", "--method", "rtn", "--bits", "8",
+                 "--calib", str(text), "--num-samples", "4", "--seq-len", "32", "--out", str(tmp_path / "o")]) == 0
+    import json
+    manifest = json.loads((tmp_path / "o" / "llmpress.json").read_text())
+    assert manifest["expert_pruning"]["method"] == "mc-smoe" and manifest["expert_pruning"]["experts_after"] == 6
+    assert main(["compress", "--model", str(src), "--merge-experts", "0.25", "--prune-experts", "0.25",
+                 "--out", str(tmp_path / "x")]) == 2

@@ -158,6 +158,10 @@ def add_options(c: argparse.ArgumentParser, planning: bool) -> None:
     c.add_argument("--prune-experts", type=float, metavar="SHARE",
                    help="mixtures of experts: before compressing, remove this share of every layer's routed experts, "
                         "the lowest by --expert-criterion on the calibration tokens (a standard config with fewer experts)")
+    c.add_argument("--merge-experts", type=float, metavar="SHARE",
+                   help="mixtures of experts: before compressing, merge this share of every layer's routed experts "
+                        "into the others (MC-SMoE: the most routed lead, the rest join the one of most similar router "
+                        "logits, neurons aligned, frequency-weighted average; a standard config with fewer experts)")
     c.add_argument("--expert-criterion", default="reap", choices=["reap", "frequency"],
                    help="expert pruning score: reap (mean router weight x expert output norm over routed tokens, "
                         "REAP) or frequency (routed token count)")

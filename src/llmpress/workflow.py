@@ -66,7 +66,10 @@ def _run(r: Recipe, job: _Job) -> dict:
 
     if job.command == "plan" and not r.budget:
         raise LLMPressError("plan allocates a --budget (give --budget, or a recipe with one)")
-    structural = r.drop_blocks is not None or r.prune_width is not None or r.prune_experts is not None
+    structural = (r.drop_blocks is not None or r.prune_width is not None or r.prune_experts is not None
+                  or r.merge_experts is not None)
+    if r.prune_experts is not None and r.merge_experts is not None:
+        raise LLMPressError("give --prune-experts or --merge-experts, not both")
     given = sum(x is not None for x in (r.method, r.plan, r.budget))
     if r.share_search and r.share_basis is None:
         raise LLMPressError("--share-search needs --share-basis N (the largest group)")
@@ -76,7 +79,7 @@ def _run(r: Recipe, job: _Job) -> dict:
     structural = structural or r.share_basis is not None
     if given > 1 or (given == 0 and not structural):
         raise LLMPressError("give exactly one of --method, --plan or --budget (or none, with --drop-blocks, "
-                            "--prune-width, --prune-experts or --share-basis alone)")
+                            "--prune-width, --prune-experts, --merge-experts or --share-basis alone)")
     from llmpress.targets import check_extras
     check_extras(r.target, r.to_dict())
     if r.target == "vllm" and r.budget:
@@ -168,7 +171,8 @@ def _compress_loaded(r: Recipe, job: _Job, model, tokenizer, source, plan, budge
 
     for flag, value in (("--drop-blocks", r.drop_blocks), ("--prune-width", r.prune_width),
                         ("--share-basis", r.share_basis),
-                        ("--prune-experts", r.prune_experts), ("--rotate", r.rotate),
+                        ("--prune-experts", r.prune_experts), ("--merge-experts", r.merge_experts),
+                        ("--rotate", r.rotate),
                         ("--online-hadamard", r.online_hadamard)):
         if value is not None and value != "" and source is not None:
             raise LLMPressError(f"{flag} needs the whole model in memory (not with --offload)")
@@ -188,6 +192,13 @@ def _compress_loaded(r: Recipe, job: _Job, model, tokenizer, source, plan, budge
         structure["width"] = {"share": r.prune_width,
                               **prune_width(model, calibration(), k, r.width_criterion, device=device)}
         print(f"MLP width: {structure['width']['intermediate_before']} -> {k} neurons ({r.width_criterion})",
+              file=sys.stderr)
+    if r.merge_experts is not None:
+        from llmpress.experts import experts_to_keep, merge_experts, merge_groups, merge_stats
+        keep = experts_to_keep(model, r.merge_experts)            # checked before reading calibration text
+        stats = merge_stats(model, calibration(), device=device)
+        experts = {"share": r.merge_experts, **merge_experts(model, merge_groups(stats, keep), stats)}
+        print(f"experts: {experts['experts_before']} -> {experts['experts_after']} per layer (merged, MC-SMoE)",
               file=sys.stderr)
     if r.prune_experts is not None:
         from llmpress.experts import choose_experts, expert_scores, experts_to_keep, prune_experts
