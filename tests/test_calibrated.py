@@ -72,6 +72,26 @@ def test_sparsegpt_le_wanda_lt_magnitude(prune, seed):
         assert torch.equal(module.dense_weight() != 0, mask)
 
 
+@pytest.mark.parametrize("prune", [{"sparsity": 0.5}, {"sparsity": None, "nm": "2:4"}])
+def test_sparsegpt_input_group_solved_stacked_equals_each_layer_alone(prune):
+    """q/k/v (one Hessian) go through one sweep: the same weights and masks as solving each alone,
+    the unstructured quota kept per layer."""
+    from llmpress.methods.sparsegpt import solve_group
+    linear, _, stats = correlated_layer(3)
+    g = torch.Generator().manual_seed(1)
+    others = [torch.nn.Linear(128, o, bias=False) for o in (32, 16)]
+    with torch.no_grad():
+        for m in others:
+            m.weight.copy_(torch.randn(m.out_features, 128, generator=g) / 128 ** 0.5)
+    config = SparseGPT(**prune)
+    stacked = solve_group([linear, *others], config, stats)
+    for m, (module, info) in zip([linear, *others], stacked):
+        alone, _ = handler_for(config)(m, config, stats)
+        assert torch.equal(module.dense_weight(), alone.dense_weight()) and "fallback" not in info
+        if not prune.get("nm"):
+            assert (~module.bool_mask()).sum().item() == m.out_features * 128 // 2
+
+
 def test_wanda_compares_within_rows():
     _, new, _ = err_of(Wanda(sparsity=0.5))
     assert torch.all(new.bool_mask().sum(1) == 64)

@@ -22,40 +22,40 @@ BLOCK = 128
 
 
 def sparsegpt_solve(w: torch.Tensor, h: torch.Tensor, sparsity: float | None, nm: str | None,
-                    damp: float = 0.01):
+                    damp: float = 0.01, rows: list[int] | None = None):
     """w (out, in), h (in, in) -> (pruned and updated weight (out, in), keep mask (out, in), info).
-    Unstructured: exactly round(sparsity * out * B) weights dropped in each block of B columns."""
+    Unstructured: exactly round(sparsity * out_k * B) weights dropped in each block of B columns of
+    each layer k, with rows = [out_1, out_2, ...] the row counts of layers stacked in w (an input
+    group sharing h; default: one layer). The sweep is GPTQ's (hessian.gptq_sweep), the "rounding"
+    of a column keeping its masked values: the same error feedback, in place."""
     out_f, in_f = w.shape
+    rows = rows or [out_f]
     n, m = parse_nm(nm) if nm else (None, None)
     if m and in_f % m:
         nm_mask(w, n, m)   # raises the clear divisibility error
     w, h, dead = hessian.prepare(w, h)
     upper, used = hessian.inverse_cholesky(h, damp)
     if upper is None:
-        mask = magnitude_mask(w, sparsity, nm)
+        mask = torch.cat([magnitude_mask(part, sparsity, nm) for part in w.split(rows)])
         return w * mask, mask, {"fallback": "magnitude", "reason": "Cholesky failed at every damping"}
+    d = torch.diagonal(upper)                                  # (in,)
     mask = torch.ones(out_f, in_f, dtype=torch.bool, device=w.device)
-    for i1 in range(0, in_f, BLOCK):
-        i2 = min(i1 + BLOCK, in_f)
-        w1 = w[:, i1:i2].clone()                    # (out, B)
-        err1 = torch.zeros_like(w1)
-        u1 = upper[i1:i2, i1:i2]
-        d = torch.diagonal(u1)                      # (B,)
-        m1 = mask[:, i1:i2]
-        if not nm:
-            m1[:] = topk_mask(w1.square() / d.square(), sparsity)
-        for i in range(i2 - i1):
-            if nm and i % m == 0:
-                m1[:, i:i + m] = nm_mask(w1[:, i:i + m].square() / d[i:i + m].square(), n, m)
-            col = w1[:, i]
-            pruned = torch.where(m1[:, i], col, torch.zeros_like(col))
-            e = (col - pruned) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
-            w1[:, i] = pruned
-            err1[:, i] = e
-        w[:, i1:i2] = w1
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
-    return w * mask, mask, {"damp": used}
+    out = torch.empty_like(w)
+
+    def pick(w1, i, col, u):
+        # the mask of the columns from here on, chosen from the updated weights as the sweep reaches them:
+        # per block of BLOCK columns and per layer (unstructured), per run of m columns (N:M)
+        if nm and col % m == 0:
+            mask[:, col:col + m] = nm_mask(w1[:, i:i + m].square() / d[col:col + m].square(), n, m)
+        elif not nm and i == 0:
+            saliency = w1.square() / d[col:col + w1.shape[1]].square()          # (out, B)
+            mask[:, col:col + w1.shape[1]] = torch.cat([topk_mask(s, sparsity) for s in saliency.split(rows)])
+        kept = torch.where(mask[:, col], w1[:, i], torch.zeros((), dtype=w1.dtype, device=w1.device))
+        out[:, col] = kept
+        return kept[:, None]
+    block = BLOCK if not nm or BLOCK % m == 0 else m * max(1, BLOCK // m)    # an N:M run never spans two blocks
+    hessian.gptq_sweep(w, upper, pick, block=block)
+    return out, mask, {"damp": used}
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,16 @@ class SparseGPT(MethodConfig):
         return sparse_storage(nnz, out_features, in_features)
 
 
-@register(SparseGPT)
+def solve_group(linears, config: SparseGPT, stats):
+    """Members of an input group share H and SparseGPT's sweep treats rows independently given it
+    (the unstructured mask's quota is kept per layer): one inverse Hessian and one sweep for all."""
+    rows = [m.out_features for m in linears]
+    w, mask, info = sparsegpt_solve(torch.cat([m.weight.detach() for m in linears]), stats.hessian(),
+                                    config.sparsity, config.nm, config.damp, rows)
+    return [(SparseLinear.from_dense(wk, mk, m.bias), dict(info))
+            for m, wk, mk in zip(linears, w.split(rows), mask.split(rows))]
+
+
+@register(SparseGPT, group_solver=solve_group)
 def apply_sparsegpt(linear, config: SparseGPT, stats):
-    w, mask, info = sparsegpt_solve(linear.weight.detach(), stats.hessian(), config.sparsity, config.nm, config.damp)
-    return SparseLinear.from_dense(w, mask, linear.bias), info
+    return solve_group([linear], config, stats)[0]
