@@ -473,3 +473,32 @@ def test_merge_experts_from_the_cli(tmp_path, tiny_tokenizer):
     assert manifest["expert_pruning"]["method"] == "mc-smoe" and manifest["expert_pruning"]["experts_after"] == 6
     assert main(["compress", "--model", str(src), "--merge-experts", "0.25", "--prune-experts", "0.25",
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_llama_cpp_target_budget_on_a_moe_gives_each_projections_experts_one_type(tmp_path, tiny_tokenizer):
+    """GGUF stacks a layer's experts of one projection into one tensor of one type: the allocator
+    treats them as one unit under --target llama.cpp, so the .gguf is written (not refused at the end)."""
+    import json
+    from llmpress.cli import main
+    from llmpress.targets import fused_sets, target_problems
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    args = ["--target", "llama.cpp", "--budget", "bits=5.5", "--menu", "gptq:gguf=q4_k;gptq:gguf=q6_k",
+            "--calib", str(text), "--num-samples", "4", "--seq-len", "32", "--sample-windows", "2"]
+    for norm in (False, True):        # llama.cpp's qwen3moe always renormalizes: False is refused before any work
+        src = tmp_path / f"src{norm}"
+        tiny_moe("qwen3_moe", norm_topk_prob=norm).save_pretrained(src)
+        tiny_tokenizer.save_pretrained(src)
+        code = main(["compress", "--model", str(src), *args, "--out", str(tmp_path / f"o{norm}")])
+        assert code == (0 if norm else 2) and (tmp_path / f"o{norm}").exists() == norm
+    out = tmp_path / "oTrue"
+    layers = json.loads((out / "llmpress.json").read_text())["layers"]
+    groups = fused_sets(list(layers), "llama.cpp")
+    assert len(groups) == 2 * 3 and all(len(g) == 8 for g in groups)
+    for g in groups:
+        assert len({json.dumps(layers[n], sort_keys=True) for n in g}) == 1, g
+    assert (out / "model.gguf").is_file()
+    from llmpress.methods.gptq import GPTQ
+    mixed = {n: GPTQ(gguf="q4_k") for n in groups[0]} | {groups[0][0]: GPTQ(gguf="q6_k")}
+    problems = target_problems("llama.cpp", mixed, {n: (256, 256) for n in mixed})
+    assert len(problems) == 1 and "one tensor" in problems[0]

@@ -162,13 +162,13 @@ def to_plan(table: Table, choice: dict[str, int]) -> Plan:
     return Plan([(name, table.config(name, i)) for name, i in choice.items()])
 
 
-def fused_groups(model) -> list[list[str]]:
-    """Layers that serving engines fuse into one matmul, as lists of module names: q/k/v and
-    gate/up of a block (they read the same input), and every expert projection of one MoE layer
-    (vLLM's fused MoE kernel runs them on one scheme); o_proj and down_proj stand alone."""
+def fused_groups(model, target: str = "vllm") -> list[list[str]]:
+    """Layers that must share one choice on `target` (llmpress.targets.fused_sets), as lists of
+    module names: for vLLM q/k/v and gate/up of a block and every expert projection of one MoE
+    layer; for llama.cpp each projection of a layer's experts (one GGUF tensor)."""
     from llmpress.arch import adapter_for
     from llmpress.targets import fused_sets
-    return fused_sets(adapter_for(model).linear_names(model))
+    return fused_sets(adapter_for(model).linear_names(model), target)
 
 
 def fuse(table: Table, groups: list[list[str]]) -> Table:

@@ -617,10 +617,11 @@ def plan_for_budget(model, tokens: torch.Tensor, budget: Budget, menu: list[Meth
                     allocator: str = "knapsack", *, held_out: torch.Tensor | None = None, fuse: bool = False,
                     sample_windows: int | None = None, table_path: str | Path | None = None,
                     search_steps: int = 40, refine_rounds: int = 1, progress: bool = True,
-                    device="cpu", source=None, estimate: bool = False) -> Allocation:
+                    device="cpu", source=None, estimate: bool = False, target: str = "vllm") -> Allocation:
     """Compress to a budget, the planning half: check the budget is reachable (from the layer
     shapes alone, before any measurement), get the sensitivity table (cached), and allocate.
-    held_out: calibration windows disjoint from `tokens`, needed by the search and refine allocators."""
+    held_out: calibration windows disjoint from `tokens`, needed by the search and refine allocators.
+    fuse: the layers `target` needs on one scheme share one choice (allocate.fused_groups)."""
     from llmpress.allocate import allocate, fused_groups, to_plan
 
     check_budget(model, menu, budget)
@@ -635,7 +636,7 @@ def plan_for_budget(model, tokens: torch.Tensor, budget: Budget, menu: list[Meth
         extra = {"model": model, "stats_tokens": tokens, "eval_tokens": held_out, "progress": progress}
         extra.update({"steps": search_steps} if allocator == "search" else {"rounds": refine_rounds})
     if fuse:
-        extra["fuse_groups"] = fused_groups(model)
+        extra["fuse_groups"] = fused_groups(model, target)
     sample_windows = sample_windows or min(16, tokens.shape[0])
     table, path = sensitivity_table(model, tokens, menu, sample_windows, table_path, progress, device, source,
                                     estimate=estimate)

@@ -113,13 +113,17 @@ def option_problem(target: str, config: MethodConfig | None, out_f: int, in_f: i
     return None
 
 
-def fused_sets(names: list[str]) -> list[list[str]]:
-    """Layers that vLLM fuses into one matmul and so must share one scheme: q/k/v and gate/up of a
-    block, and every expert of one MoE layer (all its expert projections)."""
+def fused_sets(names: list[str], target: str = "vllm") -> list[list[str]]:
+    """Layers that must share one scheme on `target`. vLLM fuses into one matmul q/k/v and gate/up
+    of a block, and every expert of one MoE layer (all its expert projections: one fused kernel);
+    llama.cpp stacks each projection of a layer's experts into one tensor of one type
+    (`ffn_{gate,up,down}_exps`). Other targets: as vLLM (what `--fuse` asks for)."""
     groups: dict[tuple, list[str]] = {}
     for n in names:
-        if (m := re.match(r"(.*\.experts)\.\d+\.\w+$", n)):
-            key = (m.group(1), "experts")
+        if (m := re.match(r"(.*\.experts)\.\d+\.(\w+)$", n)):
+            key = (m.group(1), m.group(2) if target == "llama.cpp" else "experts")
+        elif target == "llama.cpp":
+            continue
         elif (m := re.match(r"(.*)\.(q_proj|k_proj|v_proj)$", n)):
             key = (m.group(1), "qkv")
         elif (m := re.match(r"(.*)\.(gate_proj|up_proj)$", n)):
@@ -135,12 +139,13 @@ def target_problems(target: str, layer_configs: dict[str, MethodConfig | None],
     """Every reason `target` cannot serve this per-layer assignment, one line per layer (or group)."""
     out = [f"{n}: {why}" for n, c in layer_configs.items()
            if (why := option_problem(target, c, *shapes[n])) is not None]
-    if target == "vllm":
-        for group in fused_sets(list(layer_configs)):
+    if target in ("vllm", "llama.cpp"):
+        why = ("vLLM fuses these into one matmul, they need one scheme" if target == "vllm" else
+               "llama.cpp stacks these experts into one tensor (ffn_*_exps), they need one type")
+        for group in fused_sets(list(layer_configs), target):
             labels = {layer_configs[n].label() if layer_configs[n] else "dense" for n in group}
             if len(labels) > 1:
-                out.append(f"{', '.join(group)}: vLLM fuses these into one matmul, they need one scheme "
-                           f"(got {', '.join(sorted(labels))})")
+                out.append(f"{', '.join(group)}: {why} (got {', '.join(sorted(labels))})")
     return out
 
 

@@ -161,6 +161,9 @@ def _compress_loaded(r: Recipe, job: _Job, model, tokenizer, source, plan, budge
 
     allocation = tokens = calib = rotation = experts = None
     structure = {}
+    if r.target == "llama.cpp":
+        from llmpress.gguf_arch import check_exportable
+        check_exportable(model.config)      # what llama.cpp computes differently: refused before any work
 
     def calibration():
         """The calibration windows, read once, on first need."""
@@ -368,7 +371,15 @@ def _allocate(r: Recipe, model, tokenizer, tokens, budget, menu, device, source)
         from llmpress.data import calibration_tokens
         # the same seeded permutation, 4 windows further: disjoint from the calibration windows
         held_out = calibration_tokens(tokenizer, r.calib, r.num_samples + 4, r.seq_len, r.seed)[-4:]
-    result = plan_for_budget(model, tokens, budget, menu, r.allocator, held_out=held_out, fuse=r.fuse,
+    fuse = r.fuse
+    if r.target == "llama.cpp":
+        from llmpress.allocate import fused_groups
+        if fused_groups(model, "llama.cpp"):             # a MoE: each projection's experts on one GGUF type
+            if r.allocator in ("search", "refine"):
+                raise LLMPressError("--target llama.cpp on a mixture of experts: each projection's experts share "
+                                    "one type, which the knapsack and lagrange allocators support (not search / refine)")
+            fuse = True
+    result = plan_for_budget(model, tokens, budget, menu, r.allocator, held_out=held_out, fuse=fuse, target=r.target,
                              sample_windows=r.sample_windows, table_path=r.sensitivity, search_steps=r.search_steps,
                              refine_rounds=r.refine_rounds, device=device, source=source,
                              estimate=r.estimate_sensitivity)
