@@ -155,6 +155,38 @@ def test_expert_statistics_are_their_routed_tokens():
         assert every[f"mlp.experts.{e}.up_proj"].count == inputs.shape[0]    # all tokens, all experts
 
 
+def test_router_weighted_statistics_weigh_each_routed_token_by_its_router_weight():
+    """sum over the tokens routed to e of g_e(x)^2 x x^T (g: the token's router weight for e), the
+    counts still the routed counts; outputs unchanged; refused with calibrate-all and on dense models."""
+    from llmpress.arch.moe import router_weighted_calibration
+    from llmpress.walk import BlockWalk
+    model = tiny_moe("qwen3_moe", norm_topk_prob=True)
+    adapter = adapter_for(model)
+    x = tokens(2, 32)
+    inputs, index = _routed_inputs(model, adapter, x, 0)
+    moe = adapter.blocks(model)[0].get_submodule(adapter.moe.moe_path)
+    _, weights, _ = getattr(moe, adapter.moe.router)(inputs)
+    walk = BlockWalk(model, batch_size=8, progress=False)
+    hidden = walk.capture(x)
+    with walk.placed(0, keep=False) as block:
+        plain_out, _ = walk.collect(block, hidden, walk.all_heads())
+        with router_weighted_calibration(block):
+            out, stats = walk.collect(block, hidden, walk.all_heads())
+    assert torch.equal(out, plain_out)
+    for e in range(8):
+        t, pos = torch.where(index == e)
+        xs = inputs[t].double() * weights[t, pos].double()[:, None]
+        st = stats[f"mlp.experts.{e}.gate_proj"]
+        assert st.count == t.numel()
+        torch.testing.assert_close(st.gram_matrix().double(), xs.T @ xs, rtol=1e-4, atol=1e-4)
+    from llmpress.pipeline import compress
+    with pytest.raises(LLMPressError, match="router-weighted"):
+        compress(model, {}, x, router_weighted=True, calibrate_all_experts=True, progress=False)
+    from conftest import tiny_llama
+    with pytest.raises(LLMPressError, match="router-weighted"):
+        compress(tiny_llama(), {}, x, router_weighted=True, progress=False)
+
+
 def test_calibrating_all_experts_leaves_the_outputs():
     model = tiny_moe("mixtral")
     adapter = adapter_for(model)
@@ -222,13 +254,15 @@ def test_cli_compress_and_export_a_moe_folder(arch, tmp_path, tiny_tokenizer, ca
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
     out = tmp_path / "gptq4"
-    prune = ["--prune-experts", "0.25"] if arch == "mixtral" else []
+    prune = ["--prune-experts", "0.25"] if arch == "mixtral" else ["--router-weighted-stats"]
     code = main(["compress", "--model", str(src), "--method", "gptq", "--bits", "4", "--group-size", "128",
                  "--calib", str(text), "--num-samples", "4", "--seq-len", "32", "--out", str(out), *prune])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert ("12 experts:" if prune else "16 experts:") in err
-    if prune:
+    assert ("12 experts:" if arch == "mixtral" else "16 experts:") in err
+    if arch != "mixtral":
+        assert json.loads((out / "llmpress.json").read_text())["calibration"]["router_weighted_stats"] is True
+    else:
         assert "experts: 8 -> 6 per layer (reap)" in err
         assert json.loads((out / "config.json").read_text())["num_local_experts"] == 6
         pruning = json.loads((out / "llmpress.json").read_text())["expert_pruning"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmpress.arch.moe import all_experts_calibration
+from llmpress.arch.moe import all_experts_calibration, router_weighted_calibration
 from llmpress.config import MethodConfig, group_solver_for, group_transform_for, handler_for
 from llmpress.distributed import broadcast_results
 from llmpress.errors import LLMPressError
@@ -48,7 +48,8 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
              stats_cache: str | Path | None = None, measure_error: bool = False,
              device: str | torch.device | None = "cpu", source=None, checkpoint=None,
              sequential: bool = False, reference: float = 0.0, tune: int = 0,
-             min_expert_tokens: int = 128, calibrate_all_experts: bool = False) -> CompressReport:
+             min_expert_tokens: int = 128, calibrate_all_experts: bool = False,
+             router_weighted: bool = False) -> CompressReport:
     """Compress `model` in place. layer_configs: {fqn: config} (a resolved Plan); tokens: (N, T)
     calibration token ids, needed when any config declares a statistic.
 
@@ -78,7 +79,8 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
     (with none: the data-free solution), recorded per layer as `tokens` and `expert_fallback`.
     calibrate_all_experts=True runs every expert on every token for the statistics while the
     block's outputs still add only the routed experts (llm-compressor's default; E / k times the
-    expert compute).
+    expert compute). router_weighted=True weighs each routed token's contribution to an expert's
+    statistics by its router weight (arch.moe.router_weighted_calibration).
     """
     walk = BlockWalk(model, device, batch_size, progress, source)
     adapter, blocks = walk.adapter, walk.blocks
@@ -114,6 +116,9 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
         raise LLMPressError(f"min_expert_tokens must be >= 1, got {min_expert_tokens!r}")
     if calibrate_all_experts and adapter.moe is None:
         raise LLMPressError("calibrate_all_experts applies to mixtures of experts; this model has none")
+    if router_weighted and (adapter.moe is None or calibrate_all_experts):
+        raise LLMPressError("router-weighted statistics apply to a mixture of experts' routed tokens (not with "
+                            "calibrate_all_experts, whose extra tokens have no router weight)")
     if stream and adapter.moe is not None and not calibrate_all_experts:
         raise LLMPressError("reference (asymmetric calibration) on a mixture of experts needs calibrate_all_experts: "
                             "the two streams route different tokens to each expert")
@@ -182,6 +187,7 @@ def compress(model: nn.Module, layer_configs: dict[str, MethodConfig], tokens: t
                 # one forward with hooks; without propagation its outputs feed the next block
                 all_groups = cache is not None or measure_error   # a cache entry serves any later method
                 with all_experts_calibration(block, calibrate_all_experts), dense_weights_kept(block), \
+                        router_weighted_calibration(block, router_weighted), \
                         all_experts_calibration(dense_block, calibrate_all_experts and reference):
                     hidden_out, stats, out = walk.gather(block, hidden, _heads(adapter, prefix, part, all_groups, groups),
                                                          (dense_block, hidden_ref) if reference else None, stop=sequential)

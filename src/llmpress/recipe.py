@@ -193,6 +193,10 @@ def add_options(c: argparse.ArgumentParser, planning: bool) -> None:
     c.add_argument("--calibrate-all-experts", action="store_true",
                    help="mixtures of experts: run every expert on every calibration token for its statistics, while "
                         "each block's outputs still add only the routed experts (E / k times the expert compute)")
+    c.add_argument("--router-weighted-stats", action="store_true",
+                   help="mixtures of experts: weigh each routed token in its expert's statistics by its router "
+                        "weight (the expert's output enters the block's output scaled by it), so the solvers "
+                        "minimize the error the block sees")
     c.add_argument("--min-expert-tokens", type=int, default=128, metavar="N",
                    help="mixtures of experts: an expert routed fewer than N calibration tokens has its statistics "
                         "damped toward isotropic ones (none: the data-free solution); recorded per expert")

@@ -219,7 +219,11 @@ class BlockWalk:
                 if into_ref:
                     ref_inputs[name] = args[0].detach()
                 else:
-                    stats[name].add(args[0], ref_inputs.pop(name) if reference is not None else None)
+                    x = args[0]
+                    w = getattr(module, "_stat_weight", None)     # router-weighted expert statistics (arch.moe)
+                    if w is not None:
+                        x = x * w.reshape(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+                    stats[name].add(x, ref_inputs.pop(name) if reference is not None else None)
                 seen.add(name)
                 if stop and len(seen) == len(heads):
                     raise _StopForward

@@ -279,7 +279,8 @@ def _compress_loaded(r: Recipe, job: _Job, model, tokenizer, source, plan, budge
         settings = {"layers": {k: v.to_dict() for k, v in layer_configs.items()}, "calibration": calib,
                     "propagate": not one_pass, "dtype": str(model.dtype), "batch_size": 8,
                     "sequential": r.sequential, "reference": r.reference, "tune": r.tune,
-                    "calibrate_all_experts": r.calibrate_all_experts, "min_expert_tokens": r.min_expert_tokens}
+                    "calibrate_all_experts": r.calibrate_all_experts, "min_expert_tokens": r.min_expert_tokens,
+                    "router_weighted_stats": r.router_weighted_stats}
         checkpoint = Checkpoint(folder, settings, run_key(model, tokens, source), resume=job.resume)
         if checkpoint.done:
             print(f"resuming from {folder}: {checkpoint.done} blocks already compressed", file=sys.stderr)
@@ -288,7 +289,8 @@ def _compress_loaded(r: Recipe, job: _Job, model, tokenizer, source, plan, budge
     report = compress(model, layer_configs, tokens, propagate=not one_pass, stats_cache=r.stats_cache,
                       device=device, source=source, checkpoint=checkpoint, progress=rank == 0,
                       sequential=r.sequential, reference=r.reference, tune=r.tune,
-                      calibrate_all_experts=r.calibrate_all_experts, min_expert_tokens=r.min_expert_tokens)
+                      calibrate_all_experts=r.calibrate_all_experts, min_expert_tokens=r.min_expert_tokens,
+                      router_weighted=r.router_weighted_stats)
     if rank != 0:                                   # rank 0 writes the output
         return {"rank": rank, "compress_seconds": report.seconds, "reduced_bytes": report.reduced_bytes}
     recovery = None
@@ -306,6 +308,8 @@ def _compress_loaded(r: Recipe, job: _Job, model, tokenizer, source, plan, budge
         calib.update(propagate=not one_pass, sequential=r.sequential, reference=r.reference, tune=r.tune)
         if r.calibrate_all_experts:
             calib["calibrate_all_experts"] = True
+        if r.router_weighted_stats:
+            calib["router_weighted_stats"] = True
     routed = {k: v for k, v in report.layers.items() if "tokens" in v and k.endswith("gate_proj")}
     if routed:
         empty = sum(v["tokens"] == 0 for v in routed.values())

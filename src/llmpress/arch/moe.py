@@ -111,6 +111,7 @@ class RoutedExperts(nn.ModuleList):
     def __init__(self, experts: list[ExpertMLP]):
         super().__init__(experts)
         self.calibrate_all = False
+        self.weight_stats = False           # set by router_weighted_calibration: statistics weighted by g
         self.record: dict | None = None     # set by llmpress.experts.recording: per-expert routing sums
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -122,6 +123,15 @@ class RoutedExperts(nn.ModuleList):
                 y = expert(hidden_states)[token_idx]
             elif token_idx.numel() == 0:
                 continue          # (a record keeps its zeros for this expert)
+            elif self.weight_stats:               # each routed token's statistics weighted by its router weight
+                g = top_k_weights[token_idx, pos]
+                for lin in (expert.gate_proj, expert.up_proj, expert.down_proj):
+                    lin._stat_weight = g
+                try:
+                    y = expert(hidden_states[token_idx])
+                finally:
+                    for lin in (expert.gate_proj, expert.up_proj, expert.down_proj):
+                        del lin._stat_weight
             else:
                 y = expert(hidden_states[token_idx])
             g = top_k_weights[token_idx, pos, None]                   # (n, 1) router weights
@@ -195,6 +205,26 @@ class all_experts_calibration:
     def __exit__(self, *exc):
         for m in self.modules:
             m.calibrate_all = False
+
+
+class router_weighted_calibration:
+    """Within the `with`: the input statistics of every routed expert of `block` weigh each token by
+    its router weight g (the statistics hook scales the input by g, so X^T X becomes sum g^2 x x^T):
+    the expert's output enters the block's output times g, so its output error there is
+    sum_t g_t^2 ||dW x_t||^2, the error GPTQ / SparseGPT / SVD-LLM then minimize. Token counts stay
+    the routed counts (the few-token fallback reads them)."""
+
+    def __init__(self, block: nn.Module, on: bool = True):
+        self.modules = [m for m in block.modules() if isinstance(m, RoutedExperts)] if on else []
+
+    def __enter__(self):
+        for m in self.modules:
+            m.weight_stats = True
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.weight_stats = False
 
 
 _EXPERT = re.compile(r"^(.*?)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
