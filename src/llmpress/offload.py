@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from llmpress.arch import adapter_for, check_supported
+from llmpress.arch.moe import from_hub_names, layout_of
 from llmpress.checkpoint import block_metadata, read_block, save_tensors
 from llmpress.errors import LLMPressError
 from llmpress.memory import trim_heap
@@ -127,7 +128,15 @@ class OffloadedCheckpoint:
             self._note(model)
             return
         prefix = f"{adapter.blocks_path}.{i}."
-        tensors = {k[len(prefix):]: v for k, v in self._read([prefix + k for k in block.state_dict()]).items()}
+        layout = layout_of(model.config)
+        if layout is not None and layout.hub != "per_expert":     # Hub names differ from the unfused experts'
+            tensors = from_hub_names(model.config, self._read([n for n in self.where if n.startswith(prefix)]))
+            missing = [prefix + k for k in block.state_dict() if prefix + k not in tensors]
+            if missing:
+                raise LLMPressError(f"{self.folder}: the checkpoint has no tensors {missing[:3]} that the model needs")
+            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+        else:
+            tensors = {k[len(prefix):]: v for k, v in self._read([prefix + k for k in block.state_dict()]).items()}
         block.to_empty(device="cpu")
         missing, unexpected = block.load_state_dict(tensors, strict=False)
         if missing or unexpected:

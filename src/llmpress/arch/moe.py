@@ -292,3 +292,39 @@ def hub_names(config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             [torch.cat([parts[("gate_proj", e)], parts[("up_proj", e)]]) for e in range(n)])
         out[f"{moe}.output_linear.weight"] = torch.stack([parts[("down_proj", e)] for e in range(n)])
     return out
+
+
+_MIXTRAL_BACK = {v: k for k, v in _MIXTRAL.items()}
+
+
+def from_hub_names(config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `hub_names`: a checkpoint's tensors under the architecture's Hub names ->
+    llmpress's per-expert names (mixtral's `block_sparse_moe.experts.{e}.w1|w3|w2` and its router;
+    granitemoe's stacked `input_linear` / `output_linear` split per expert, `router.layer`); what
+    reading a block of the checkpoint on its own (`--offload`) needs."""
+    layout = layout_of(config)
+    if layout is None or layout.hub == "per_expert":
+        return tensors
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if layout.hub == "mixtral":
+            m = re.match(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.(\w+)$", key)
+            if m:
+                key = f"{m.group(1)}.{layout.moe_path}.experts.{m.group(2)}.{_MIXTRAL_BACK[m.group(3)]}.{m.group(4)}"
+            else:
+                key = key.replace(f".block_sparse_moe.{layout.router}.", f".{layout.moe_path}.{layout.router}.")
+            out[key] = t
+        elif key.endswith(".input_linear.weight"):                     # (E, 2I, H)
+            moe, i = key[:-len(".input_linear.weight")], t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{moe}.experts.{e}.gate_proj.weight"] = t[e, :i]
+                out[f"{moe}.experts.{e}.up_proj.weight"] = t[e, i:]
+        elif key.endswith(".output_linear.weight"):                    # (E, H, I)
+            moe = key[:-len(".output_linear.weight")]
+            for e in range(t.shape[0]):
+                out[f"{moe}.experts.{e}.down_proj.weight"] = t[e]
+        elif key.endswith(f".{layout.router}.layer.weight"):
+            out[key[:-len("layer.weight")] + "weight"] = t
+        else:
+            out[key] = t
+    return out
