@@ -11,7 +11,7 @@ components), the block linears' stored bytes, and prefill (256 tokens) / decode 
 at batch 1 in llmpress's runtime (factors as two matmuls; PARSE gathers its prompt's components once
 and reuses them while decoding), against the dense model in the same process.
 
-    .venv/bin/python bench/parse.py [--ratios 0.6,0.7,0.8] [--windows 20] [--out bench/results/parse.json]
+    .venv/bin/python bench/parse.py [--ratios 0.6,0.8] [--windows 20] [--out bench/results/parse.json]
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from llmpress.pipeline import compress  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ratios", default="0.6,0.7,0.8")
+    ap.add_argument("--ratios", default="0.6,0.8")
     ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "bench/results/parse.json"))
     a = ap.parse_args()
