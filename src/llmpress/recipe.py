@@ -124,11 +124,11 @@ def add_options(c: argparse.ArgumentParser, planning: bool) -> None:
                         "KLs measured for every layer's neighbouring options (minutes per round)")
     c.add_argument("--sensitivity", help="sensitivity table JSON: read if it exists for this model, data and "
                                          "menu; written otherwise (default: under $LLMPRESS_CACHE or ~/.cache/llmpress)")
-    c.add_argument("--estimate-sensitivity", action="store_true",
+    c.add_argument("--estimate-sensitivity", action=argparse.BooleanOptionalAction, default=False,
                    help="measure each layer's cheapest menu option in full and estimate the others from their own "
                         "layer error (solved on 1/8 of the rows where a method's rows are independent) times that "
                         "option's ratio of loss to layer error: a table in a fraction of the time (bench/README.md "
-                        "\"Estimated sensitivity\")")
+                        "\"Estimated sensitivity\"; the llama.cpp target's default, --no-estimate-sensitivity to measure)")
     c.add_argument("--sample-windows", type=int, help="calibration windows the sensitivity is measured on "
                                                          "(default: 16, or all when there are fewer)")
     c.add_argument("--fuse", action="store_true",
@@ -264,7 +264,7 @@ def validate(fields: dict, actions: dict[str, argparse.Action], where: str) -> d
             raise LLMPressError(f"{where}: unknown field {key!r}{hint}; recipe fields: {', '.join(sorted(actions))}")
         a = actions[name]
         if value is not None:
-            if isinstance(a, argparse._StoreTrueAction):
+            if isinstance(a, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
                 ok = isinstance(value, bool)
             elif name == "plan":
                 ok = isinstance(value, (str, dict))          # a Plan file or the Plan itself
