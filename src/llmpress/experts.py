@@ -102,6 +102,19 @@ def experts_to_keep(model: nn.Module, ratio: float) -> int:
     return keep
 
 
+def _keep_router_rows(router: nn.Module, rows: list[int]) -> None:
+    """Cut a router to the experts `rows` (in that order): its weight (and bias, score correction)
+    rows and its expert count, so its softmax and top-k run over them only."""
+    router.weight = nn.Parameter(router.weight.data[rows].clone(), requires_grad=False)
+    if getattr(router, "bias", None) is not None:
+        router.bias = nn.Parameter(router.bias.data[rows].clone(), requires_grad=False)
+    for attr in ("num_experts", "n_routed_experts"):
+        if hasattr(router, attr):
+            setattr(router, attr, len(rows))
+    if hasattr(router, "e_score_correction_bias"):
+        router.e_score_correction_bias = router.e_score_correction_bias[rows]
+
+
 @torch.no_grad()
 def prune_experts(model: nn.Module, keep: list[list[int]]) -> dict:
     """Keep, in block i, only the experts keep[i] (same count in every block): their modules stay,
@@ -124,13 +137,7 @@ def prune_experts(model: nn.Module, keep: list[list[int]]) -> dict:
         if any(hasattr(experts[e].gate_proj, "dense_weight") for e in range(len(experts))):
             raise LLMPressError("prune experts before compressing them")
         moe.experts = RoutedExperts([experts[e] for e in kept])
-        router = getattr(moe, layout.router)
-        router.weight = nn.Parameter(router.weight.data[kept].clone(), requires_grad=False)
-        for attr in ("num_experts", "n_routed_experts"):
-            if hasattr(router, attr):
-                setattr(router, attr, len(kept))
-        if hasattr(router, "e_score_correction_bias"):
-            router.e_score_correction_bias = router.e_score_correction_bias[kept]
+        _keep_router_rows(getattr(moe, layout.router), kept)
     setattr(model.config, layout.experts_key, len(keep[0]))
     return {"experts_before": n, "experts_after": len(keep[0]), "kept": keep}
 
@@ -256,15 +263,6 @@ def merge_experts(model: nn.Module, groups: list[list[list[int]]], stats: list[d
                 linears[name] = lin
             merged.append(ExpertMLP(linears["gate_proj"], linears["up_proj"], linears["down_proj"], d.act_fn))
         moe.experts = RoutedExperts(merged)
-        dominants = [g[0] for g in layer]
-        router = getattr(moe, layout.router)
-        router.weight = nn.Parameter(router.weight.data[dominants].clone(), requires_grad=False)
-        if getattr(router, "bias", None) is not None:
-            router.bias = nn.Parameter(router.bias.data[dominants].clone(), requires_grad=False)
-        for attr in ("num_experts", "n_routed_experts"):
-            if hasattr(router, attr):
-                setattr(router, attr, len(dominants))
-        if hasattr(router, "e_score_correction_bias"):
-            router.e_score_correction_bias = router.e_score_correction_bias[dominants]
+        _keep_router_rows(getattr(moe, layout.router), [g[0] for g in layer])
     setattr(model.config, layout.experts_key, len(groups[0]))
     return {"method": "mc-smoe", "experts_before": n, "experts_after": len(groups[0]), "groups": groups}

@@ -486,9 +486,6 @@ class RoutedLowRankLinear(CompressedLinear):
                 y = torch.cat([self._run(x[b:b + 1], pattern[b]) for b in range(x.shape[0])])
         return y if bias is None else y + bias
 
-    def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
-
     def spec(self) -> dict:
         return {"type": "RoutedLowRankLinear", "in_features": self.in_features, "out_features": self.out_features,
                 "components": self.up.shape[1], "shared": self.shared, "groups": self.groups, "active": self.active,

@@ -253,8 +253,8 @@ def _compress_loaded(r: Recipe, job: _Job, model, tokenizer, source, plan, budge
     from llmpress.distributed import world
     if r.recover is not None and (r.recover < 1 or world()[1] > 1 or source is not None):
         raise LLMPressError("--recover takes a positive step count, one process and a model held in memory")
-    if any(c is not None and c.method == "parse" for c in layer_configs.values()) and (
-            world()[1] > 1 or source is not None):
+    routed_low_rank = any(c is not None and c.method == "parse" for c in layer_configs.values())
+    if routed_low_rank and (world()[1] > 1 or source is not None):
         raise LLMPressError("parse trains its routers on the whole compressed model: one process, the model in memory")
     substituted = {}
     if r.gguf_fallback:
@@ -301,7 +301,7 @@ def _compress_loaded(r: Recipe, job: _Job, model, tokenizer, source, plan, budge
               f"{recovery['heldout_loss_after']:.4f}" + ("" if recovery["kept"] else " (not lower: adapters put back)"),
               file=sys.stderr)
     routers = None
-    if any(c is not None and c.method == "parse" for c in layer_configs.values()):
+    if routed_low_rank:
         from llmpress.methods.parse import fit_routers       # PARSE's routers: trained on the compressed model
         routers = fit_routers(model, tokens, device=device)
     if calib:

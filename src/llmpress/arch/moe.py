@@ -189,42 +189,37 @@ def split_fused(gate_up: torch.Tensor, down: torch.Tensor, act_fn, gate_up_bias=
     return experts
 
 
-class all_experts_calibration:
-    """Within the `with`: every RoutedExperts of `block` runs all experts on all tokens (statistics
-    only; outputs unchanged up to float rounding:
-    a matmul over all tokens rounds a routed token's row differently from one over its subset)."""
+class _ExpertsFlag:
+    """Within the `with`: the attribute `flag` of every RoutedExperts of `block` is True."""
+    flag = ""
 
     def __init__(self, block: nn.Module, on: bool = True):
         self.modules = [m for m in block.modules() if isinstance(m, RoutedExperts)] if on else []
 
     def __enter__(self):
         for m in self.modules:
-            m.calibrate_all = True
+            setattr(m, self.flag, True)
         return self
 
     def __exit__(self, *exc):
         for m in self.modules:
-            m.calibrate_all = False
+            setattr(m, self.flag, False)
 
 
-class router_weighted_calibration:
+class all_experts_calibration(_ExpertsFlag):
+    """Within the `with`: every RoutedExperts of `block` runs all experts on all tokens (statistics
+    only; outputs unchanged up to float rounding:
+    a matmul over all tokens rounds a routed token's row differently from one over its subset)."""
+    flag = "calibrate_all"
+
+
+class router_weighted_calibration(_ExpertsFlag):
     """Within the `with`: the input statistics of every routed expert of `block` weigh each token by
     its router weight g (the statistics hook scales the input by g, so X^T X becomes sum g^2 x x^T):
     the expert's output enters the block's output times g, so its output error there is
     sum_t g_t^2 ||dW x_t||^2, the error GPTQ / SparseGPT / SVD-LLM then minimize. Token counts stay
     the routed counts (the few-token fallback reads them)."""
-
-    def __init__(self, block: nn.Module, on: bool = True):
-        self.modules = [m for m in block.modules() if isinstance(m, RoutedExperts)] if on else []
-
-    def __enter__(self):
-        for m in self.modules:
-            m.weight_stats = True
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.modules:
-            m.weight_stats = False
+    flag = "weight_stats"
 
 
 _EXPERT = re.compile(r"^(.*?)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
